@@ -1,9 +1,10 @@
-"""Shared fixtures: the real datasets in ../shared (skipped with a reason where absent)."""
+"""Shared fixtures: the real datasets in ../shared (skipped with a reason where absent), tiny scGPT checkpoints."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -48,3 +49,31 @@ def papalexi_h5ad() -> Path:
 def scgpt_pretraining_args() -> Path:
     """args.json of scGPT's whole-human pretraining run."""
     return _shared_file("scgpt_human_pretraining_args.json")
+
+
+@pytest.fixture()
+def umask_022() -> Iterator[None]:
+    """The usual umask of a shared cluster account (group and others may read), restored afterwards."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_scgpt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``build(seed, **sizes)``: a tiny random scGPT checkpoint directory named ``tiny``.
+
+    Each (seed, sizes) is built once per session; tests must not modify it (copy it first with
+    ``scgpt_test_data.copy_checkpoint``).
+    """
+    from ccfm.scgpt_model import build_tiny_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def build(seed: int, **sizes: int) -> Path:
+        key = (seed, tuple(sorted(sizes.items())))
+        if key not in built:
+            built[key] = build_tiny_checkpoint(tmp_path_factory.mktemp("scgpt") / "tiny", seed=seed, **sizes)
+        return built[key]
+
+    return build

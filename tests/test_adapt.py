@@ -270,7 +270,7 @@ def test_model_control_encoder_is_differentiable_and_frozen(tiny_run) -> None:
 
 
 def test_rule_entry_points_write_contract_files(tiny_run) -> None:
-    from ccfm.generation import GenerateSettings
+    from ccfm.generation import GenerateSettings, prepare_generation
 
     root = tiny_run
     out = root / "adapt"
@@ -286,8 +286,8 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
 
     generate = GenerateSettings(cells_per_perturbation=6, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
     paths = [out / n for n in ("target_pred.h5ad", "target_pred_means.csv", "target_pred_unadapted.h5ad", "target_pred_unadapted_means.csv")]
-    labels = adapt.predict_target_to_files(root / "model.pt", root / "target.h5ad", out / "shift.safetensors", *paths,
-                                           generate, seed=1, device="cpu")
+    generation = prepare_generation(root / "model.pt", generate, device="cpu")
+    labels = adapt.predict_target_to_files(generation, root / "target.h5ad", out / "shift.safetensors", *paths, seed=1)
     assert labels == ["G1", "G1+G2", "G11"]
     pred = ad.read_h5ad(paths[0])
     assert list(pred.var_names) == GENES

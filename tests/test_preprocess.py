@@ -210,7 +210,7 @@ def test_missing_perturbation_column_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_preprocess_target_aligns_genes(tmp_path: Path) -> None:
-    source = _counts_file(tmp_path / "src.h5ad", n_cells=120, n_genes=30, seed=3)
+    _counts_file(tmp_path / "src.h5ad", n_cells=120, n_genes=30, seed=3)
     preprocess_dataset(tmp_path / "src.h5ad", tmp_path / "processed.h5ad", dataset="t", n_top_genes=12, chunk_size=50)
     genes = list(ad.read_h5ad(tmp_path / "processed.h5ad", backed="r").var_names)
     target = _counts_file(tmp_path / "tmp.h5ad", n_cells=90, n_genes=30, seed=4)

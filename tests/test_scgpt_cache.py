@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 
 from ccfm.extractor import ScGPTFeatureExtractor
-from ccfm.feature_cache import CachedSource, OnTheFlySource, count_tokens, make_latent_source
-from ccfm.scgpt_model import build_tiny_checkpoint
+from ccfm import feature_cache
+from ccfm.feature_cache import (
+    CACHE_FILES,
+    MANIFEST,
+    CachedSource,
+    OnTheFlySource,
+    build_feature_cache,
+    count_tokens,
+    make_latent_source,
+)
+
+from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
 G, N = 50, 30
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +34,12 @@ def processed(tmp_path_factory) -> Path:
     rng = np.random.default_rng(8)
     counts = np.where(rng.random((N, G)) < 0.35, rng.poisson(3.0, (N, G)), 0)
     counts[4] = 0  # an empty cell
-    adata = ad.AnnData(
-        X=sp.csr_matrix(np.log1p(counts).astype(np.float32)),
-        obs=pd.DataFrame({"target_gene": ["A"] * N}, index=[f"c{i}" for i in range(N)]),
-        var=pd.DataFrame(index=[f"g{j}" for j in range(G)]),
-    )
-    path = tmp_path_factory.mktemp("data") / "processed.h5ad"
-    adata.write_h5ad(path)
-    return path
+    return write_log1p_h5ad(tmp_path_factory.mktemp("data") / "processed.h5ad", counts, ["A"] * N)
 
 
 @pytest.fixture(scope="module")
-def extractor(tiny_dir) -> ScGPTFeatureExtractor:
-    ids = np.random.default_rng(3).choice(60694, size=G, replace=False)
-    ids[[0, 7]] = -1
-    return ScGPTFeatureExtractor(tiny_dir, ids, seed=1)
+def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
+    return ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=2), random_vocab_ids(G, seed=3, unmapped=[0, 7]), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +93,17 @@ def test_auto_mode_decides_from_the_estimated_size(tmp_path, extractor, processe
     assert isinstance(make_latent_source("off", extractor, processed, np.arange(N), tmp_path / "c", 1.0), OnTheFlySource)
     with pytest.raises(ValueError, match="auto, on or off"):
         make_latent_source("yes", extractor, processed, np.arange(N), tmp_path / "d", 1.0)
+
+
+def test_cache_files_are_group_readable_and_a_failed_manifest_write_leaves_none(
+    tmp_path, extractor, processed, umask_022, monkeypatch
+):
+    cache = tmp_path / "cache"
+    build_feature_cache(extractor, processed, np.arange(6), cache)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in cache.iterdir()}
+    assert modes == {name: 0o644 for name in (*CACHE_FILES, MANIFEST)}
+    # A manifest value JSON cannot encode: the dump fails after writing the first entries.
+    monkeypatch.setattr(feature_cache, "cache_manifest", lambda *args: {"format_version": 1, "model": object()})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        build_feature_cache(extractor, processed, np.arange(6), cache)
+    assert sorted(path.name for path in cache.iterdir()) == sorted(CACHE_FILES)  # no manifest: the cache is invalid

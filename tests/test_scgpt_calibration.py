@@ -7,9 +7,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 
 from ccfm.calibration import (
@@ -20,36 +18,24 @@ from ccfm.calibration import (
     training_cell_indices,
 )
 from ccfm.extractor import ScGPTFeatureExtractor
-from ccfm.scgpt_model import build_tiny_checkpoint
+
+from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
 G, N = 60, 40
 LABELS = ["non-targeting", "A", "B", "A+B", "C+D"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=5)
-
-
-@pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:
     rng = np.random.default_rng(2)
     counts = np.where(rng.random((N, G)) < 0.4, rng.poisson(3.0, (N, G)), 0)
-    adata = ad.AnnData(
-        X=sp.csr_matrix(np.log1p(counts).astype(np.float32)),
-        obs=pd.DataFrame({"target_gene": [LABELS[i % 5] for i in range(N)]}, index=[f"c{i}" for i in range(N)]),
-        var=pd.DataFrame(index=[f"g{j}" for j in range(G)]),
-    )
-    path = tmp_path_factory.mktemp("data") / "processed.h5ad"
-    adata.write_h5ad(path)
-    return path
+    labels = [LABELS[i % 5] for i in range(N)]
+    return write_log1p_h5ad(tmp_path_factory.mktemp("data") / "processed.h5ad", counts, labels)
 
 
 @pytest.fixture(scope="module")
-def extractor(tiny_dir) -> ScGPTFeatureExtractor:
-    ids = np.random.default_rng(1).choice(60694, size=G, replace=False)
-    ids[:4] = -1
-    return ScGPTFeatureExtractor(tiny_dir, ids, seed=4)
+def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
+    return ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=5), random_vocab_ids(G, seed=1, unmapped=range(4)), seed=4)
 
 
 def test_running_stats_match_all_at_once_and_ignore_batching():
@@ -115,7 +101,7 @@ def test_saved_stats_load_weights_only_with_metadata(tmp_path, extractor, proces
     back.check_compatible(extractor.model_id, stats.metadata["genes_hash"])
     with pytest.raises(ValueError, match="rerun calibrate_latent"):
         back.check_compatible("whole-human", stats.metadata["genes_hash"])
-    assert not list(path.parent.glob(".*tmp"))  # no temporary file left behind
+    assert [p.name for p in path.parent.iterdir()] == ["latent_stats.pt"]  # no temporary file left behind
 
 
 def test_training_cells_exclude_held_out_perturbations(tmp_path, processed):

@@ -14,17 +14,18 @@ from ccfm.download import ChecksumError
 from ccfm.scgpt_model import (
     CHECKPOINT_FILES,
     CheckpointError,
-    build_tiny_checkpoint,
     download_whole_human,
     load_scgpt,
     verify_checkpoint_files,
 )
 
+from scgpt_test_data import copy_checkpoint
+
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_scgpt_checkpoint):
     """A local HTTP server whose root holds a (tiny) checkpoint; records requested paths."""
-    root = build_tiny_checkpoint(tmp_path_factory.mktemp("mirror"), seed=4)
+    root = tiny_scgpt_checkpoint(seed=4)
     requests: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -74,8 +75,7 @@ def test_checksum_failure_is_reported_and_nothing_is_left(tmp_path, served):
 
 def test_size_check_catches_truncated_files(tmp_path, served):
     _, root, _ = served
-    for name in CHECKPOINT_FILES:
-        (tmp_path / name).write_bytes((root / name).read_bytes())
+    copy_checkpoint(root, tmp_path)
     with pytest.raises(CheckpointError, match="incomplete download"):
         verify_checkpoint_files(tmp_path, {"best_model.pt": 10**9})
 
@@ -99,10 +99,7 @@ class _FakeGdown:
         self.calls.append((id, resume))
         if self.source is None:
             raise ConnectionError("Failed to retrieve folder contents (offline)")
-        target = Path(output) / "scGPT_human"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in CHECKPOINT_FILES:
-            (target / name).write_bytes((self.source / name).read_bytes())
+        copy_checkpoint(self.source, Path(output) / "scGPT_human")
 
 
 def test_drive_folder_download_assembles_and_verifies(tmp_path, served, monkeypatch):

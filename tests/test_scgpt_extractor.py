@@ -10,21 +10,20 @@ import pytest
 import torch
 
 from ccfm.extractor import ScGPTFeatureExtractor, quantile_bin, tie_break_draws
-from ccfm.scgpt_model import CHECKPOINT_FILES, build_tiny_checkpoint
+
+from scgpt_test_data import copy_checkpoint, random_vocab_ids
 
 G = 120
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=11)
+def tiny_dir(tiny_scgpt_checkpoint) -> Path:
+    return tiny_scgpt_checkpoint(seed=11)
 
 
 @pytest.fixture(scope="module")
 def vocab_ids() -> np.ndarray:
-    ids = np.random.default_rng(0).choice(60694, size=G, replace=False).astype(np.int64)
-    ids[[3, 50, 77]] = -1  # genes outside the vocabulary
-    return ids
+    return random_vocab_ids(G, seed=0, unmapped=[3, 50, 77])  # genes outside the vocabulary
 
 
 def _cells(n: int, seed: int) -> torch.Tensor:
@@ -102,8 +101,7 @@ def test_quantile_bins_without_ties_are_ranks_scaled_to_the_bins():
 
 
 def test_continuous_input_style_passes_expression_through(tmp_path, tiny_dir, vocab_ids):
-    for name in CHECKPOINT_FILES:
-        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    copy_checkpoint(tiny_dir, tmp_path)
     args = json.loads((tmp_path / "args.json").read_text())
     args["input_style"] = "log1p"
     (tmp_path / "args.json").write_text(json.dumps(args))

@@ -12,7 +12,6 @@ import torch
 
 from ccfm.scgpt_compat import census_vocab_path, scgpt_package_dir, transformer_model_class
 from ccfm.scgpt_model import (
-    CHECKPOINT_FILES,
     CheckpointError,
     build_model,
     build_tiny_checkpoint,
@@ -22,17 +21,12 @@ from ccfm.scgpt_model import (
     to_pytorch_attention_names,
 )
 
+from scgpt_test_data import copy_checkpoint
+
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=7)
-
-
-def _copy_checkpoint(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in CHECKPOINT_FILES:
-        (dst / name).write_bytes((src / name).read_bytes())
-    return dst
+def tiny_dir(tiny_scgpt_checkpoint) -> Path:
+    return tiny_scgpt_checkpoint(seed=7)
 
 
 def test_import_workaround_skips_package_init_in_a_fresh_interpreter():
@@ -107,7 +101,7 @@ def test_flash_format_checkpoint_gives_the_same_encoder_output(tmp_path):
     original = build_model(args, vocab).eval()
     flash_state = to_flash_attention_names(original.state_dict())
     assert sum(".Wqkv." in k for k in flash_state) == 2 * args["nlayers"]
-    ckpt = _copy_checkpoint(tmp_path / "ref", tmp_path / "flash")
+    ckpt = copy_checkpoint(tmp_path / "ref", tmp_path / "flash")
     torch.save(flash_state, ckpt / "best_model.pt")
     loaded, _, _ = load_scgpt(ckpt)
     src = torch.tensor([[60695, 5, 17, 60694], [60695, 9, 60694, 60694]])
@@ -121,18 +115,18 @@ def test_flash_format_checkpoint_gives_the_same_encoder_output(tmp_path):
 
 def test_missing_and_unexpected_keys_are_errors_naming_them(tmp_path, tiny_dir):
     state = torch.load(tiny_dir / "best_model.pt", weights_only=True)
-    broken = _copy_checkpoint(tiny_dir, tmp_path / "missing")
+    broken = copy_checkpoint(tiny_dir, tmp_path / "missing")
     torch.save({k: v for k, v in state.items() if k != "transformer_encoder.layers.1.linear2.bias"}, broken / "best_model.pt")
     with pytest.raises(CheckpointError, match="transformer_encoder.layers.1.linear2.bias"):
         load_scgpt(broken)
-    extra = _copy_checkpoint(tiny_dir, tmp_path / "extra")
+    extra = copy_checkpoint(tiny_dir, tmp_path / "extra")
     torch.save({**state, "value_encoder.surprise.weight": torch.zeros(2)}, extra / "best_model.pt")
     with pytest.raises(CheckpointError, match="value_encoder.surprise.weight"):
         load_scgpt(extra)
 
 
 def test_args_that_do_not_match_the_weights_are_an_error(tmp_path, tiny_dir):
-    wrong = _copy_checkpoint(tiny_dir, tmp_path / "wrong")
+    wrong = copy_checkpoint(tiny_dir, tmp_path / "wrong")
     args = json.loads((wrong / "args.json").read_text())
     args["embsize"], args["nheads"] = 64, 4
     (wrong / "args.json").write_text(json.dumps(args))
@@ -145,11 +139,11 @@ def test_args_that_do_not_match_the_weights_are_an_error(tmp_path, tiny_dir):
 
 
 def test_missing_file_and_pickled_objects_are_refused(tmp_path, tiny_dir):
-    partial = _copy_checkpoint(tiny_dir, tmp_path / "partial")
+    partial = copy_checkpoint(tiny_dir, tmp_path / "partial")
     (partial / "vocab.json").unlink()
     with pytest.raises(CheckpointError, match="lacks vocab.json"):
         load_scgpt(partial)
-    pickled = _copy_checkpoint(tiny_dir, tmp_path / "pickled")
+    pickled = copy_checkpoint(tiny_dir, tmp_path / "pickled")
     torch.save({"weights": Path("x")}, pickled / "best_model.pt")  # an arbitrary Python object
     with pytest.raises(CheckpointError, match="weights-only"):
         load_scgpt(pickled)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -29,9 +28,14 @@ def _cluster_is_up() -> bool:
 
 @pytest.mark.skipif(not _cluster_is_up(), reason="no SLURM cluster is running (start one with tests/slurm/start_local_slurm.sh)")
 def test_demo_runs_through_sbatch(tmp_path):
-    workdir = copy_pipeline(tmp_path / "pipeline", FAST_DEMO_OVERRIDES)
+    # train.gpus: 2 on a GPU-less cluster: each training job runs two data-parallel processes
+    # (torchrun, gloo on CPU) inside one SLURM allocation of two CPUs.
+    overrides = {**FAST_DEMO_OVERRIDES, "train": {**FAST_DEMO_OVERRIDES["train"], "gpus": 2}}
+    workdir = copy_pipeline(tmp_path / "pipeline", overrides)
     result = snakemake(workdir, "--profile", str(TEST_PROFILE), "demo", timeout=2400)
     assert result.returncode == 0, describe_failure(result, workdir)
+    train_log = (workdir / "logs/demo/fold1/ccfm/train_ccfm.log").read_text()
+    assert "distributed training: 2 processes, backend gloo" in train_log
 
     summary = pd.read_csv(workdir / "results/demo/metrics_summary.tsv", sep="\t")
     assert {"additive", "ccfm"} <= set(summary["method"])

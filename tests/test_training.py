@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.generation import GenerateSettings, perturbations_to_predict, predict_to_files
+from ccfm.generation import GenerateSettings, perturbations_to_predict, predict_to_files, prepare_generation
 from ccfm.perturbations import PerturbationVocab
 from ccfm.training import (
     LOSS_COLUMNS,
@@ -28,40 +28,13 @@ from ccfm.training import (
     warmup_cosine,
     write_loss_tsv,
 )
-
-N_GENES = 20
-SINGLES = ["G0", "G1", "G2", "G3"]
-MODEL = {"d_model": 32, "nhead": 4, "nlayers": 1, "bottleneck": 8, "dh_depth": 1}
-
-
-def _write_dataset(root: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Controls ~ Poisson(2) in log1p; each perturbation knocks its own gene down and one gene up."""
-    rng = np.random.default_rng(seed)
-    genes = [f"G{i}" for i in range(N_GENES)]
-    labels, blocks = [], []
-    for label, n in [("non-targeting", 120), ("G0", 40), ("G1", 40), ("G2", 40), ("G3", 40), ("G0+G1", 40), ("G2+G3", 40)]:
-        counts = rng.poisson(2.0, size=(n, N_GENES)).astype(np.float32)
-        for gene in label.split("+") if label != "non-targeting" else []:
-            g = int(gene[1:])
-            counts[:, g] = 0
-            counts[:, 10 + g] += 6
-        blocks.append(np.log1p(counts))
-        labels += [label] * n
-    adata = ad.AnnData(
-        X=sp.csr_matrix(np.vstack(blocks)),
-        obs=pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]),
-        var=pd.DataFrame(index=genes),
-    )
-    processed = root / "processed.h5ad"
-    adata.write_h5ad(processed)
-    split = root / "fold1.json"
-    split.write_text(json.dumps({"fold": 1, "seed": 43, "train": SINGLES + ["G0+G1"], "test": ["G2+G3"], "controls": "non-targeting"}))
-    return processed, split
+from scgpt_test_data import SMALL_SCGPT_SIZES
+from training_data import MODEL, N_GENES, SINGLES, tiny_scgpt_inputs, write_dataset
 
 
 @pytest.fixture()
 def dataset(tmp_path: Path) -> tuple[Path, Path]:
-    return _write_dataset(tmp_path)
+    return write_dataset(tmp_path)
 
 
 def _fake_latent(dim: int = 4):
@@ -159,8 +132,9 @@ def test_model_file_roundtrip_and_prediction(dataset, tmp_path) -> None:
     assert loaded.genes == trainer.data.genes and loaded.metadata == {"seed": 7}
 
     settings = GenerateSettings(cells_per_perturbation=6, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
+    generation = prepare_generation(model_pt, settings, device="cpu")
     out_h5ad, out_csv = tmp_path / "pred.h5ad", tmp_path / "pred_means.csv"
-    timing = predict_to_files(model_pt, processed, split, ["G3+G1", "G1+G3"], out_h5ad, out_csv, settings, seed=3)
+    timing = predict_to_files(generation, processed, split, ["G3+G1", "G1+G3"], out_h5ad, out_csv, seed=3)
     pred = ad.read_h5ad(out_h5ad)
     counts = pred.obs["target_gene"].astype(str).value_counts()
     assert counts["G2+G3"] == 6 and counts["G1+G3"] == 6 and counts["non-targeting"] == 120
@@ -169,11 +143,28 @@ def test_model_file_roundtrip_and_prediction(dataset, tmp_path) -> None:
     means = pd.read_csv(out_csv, index_col=0)
     assert list(means.index) == ["G2+G3", "G1+G3"]
     # the same seed reproduces the file; adding a perturbation leaves the others unchanged
-    predict_to_files(model_pt, processed, split, ["G1+G3"], tmp_path / "p2.h5ad", tmp_path / "m2.csv", settings, seed=3)
+    predict_to_files(generation, processed, split, ["G1+G3"], tmp_path / "p2.h5ad", tmp_path / "m2.csv", seed=3)
     again = ad.read_h5ad(tmp_path / "p2.h5ad")
     np.testing.assert_array_equal(again[again.obs["target_gene"] == "G2+G3"].X.toarray(), pred[pred.obs["target_gene"] == "G2+G3"].X.toarray())
     with pytest.raises(KeyError, match="not among"):
-        predict_to_files(model_pt, processed, split, ["G1+NOTAGENE"], tmp_path / "p3.h5ad", tmp_path / "m3.csv", settings, seed=3)
+        predict_to_files(generation, processed, split, ["G1+NOTAGENE"], tmp_path / "p3.h5ad", tmp_path / "m3.csv", seed=3)
+
+
+def test_prepare_generation_loads_the_model_with_the_rule_settings(dataset, tmp_path) -> None:
+    trainer = _trainer(*dataset, tmp_path / "resume", steps=1)
+    model_pt = tmp_path / "model.pt"
+    save_model(model_pt, trainer.denoiser, trainer.vocab)
+    threads_before = torch.get_num_threads()
+    try:
+        generation = prepare_generation(model_pt, {"cells_per_perturbation": 6, "method": "euler"}, threads=2, device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads_before)
+    # a partial config section: the rest are the sampler's defaults
+    assert generation.settings == GenerateSettings(cells_per_perturbation=6, method="euler", latent_steps=20, expr_steps=20, batch_size=256)
+    assert generation.device == torch.device("cpu") and generation.model_pt == model_pt
+    assert generation.model.genes == trainer.data.genes
+    assert all(p.device.type == "cpu" for p in generation.model.denoiser.parameters())
 
 
 def test_perturbations_to_predict_canonicalises() -> None:
@@ -187,46 +178,21 @@ def test_loss_tsv(tmp_path) -> None:
     assert list(frame.columns) == list(LOSS_COLUMNS) and frame["step"].tolist() == [5, 10]
 
 
-def test_train_from_files_with_tiny_scgpt(tmp_path) -> None:
+def test_train_from_files_with_tiny_scgpt(tmp_path, tiny_scgpt_checkpoint) -> None:
     """The real wiring: tiny scGPT checkpoint, gene vocab, calibrated stats, cache, model.pt."""
-    from ccfm.calibration import calibrate
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.scgpt_model import build_tiny_checkpoint, census_vocab_with_specials
-    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
-
-    processed, split = _write_dataset(tmp_path)
-    # rename the genes to real symbols so they map into the census vocabulary
-    vocab = census_vocab_with_specials()
-    symbols = [g for g in list(vocab)[:400] if not g.startswith("<")][::20][:N_GENES]
-    adata = ad.read_h5ad(processed)
-    rename = dict(zip(adata.var_names, symbols))
-    adata.var_names = symbols
-    adata.obs["target_gene"] = [("+".join(sorted(rename[p] for p in t.split("+"))) if t != "non-targeting" else t) for t in adata.obs["target_gene"].astype(str)]
-    adata.write_h5ad(processed)
-    info = json.loads(split.read_text())
-    for key in ("train", "test"):
-        info[key] = ["+".join(sorted(rename[p] for p in t.split("+"))) for t in info[key]]
-    split.write_text(json.dumps(info))
-
-    scgpt_dir = build_tiny_checkpoint(tmp_path / "scgpt", seed=0, embsize=16, nlayers=1, nheads=2, d_hid=16)
-    mapping = map_genes(symbols, vocab)
-    write_gene_vocab(mapping, tmp_path / "gene_vocab.tsv")
-    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", 1200, seed=1)
-    train_rows = np.flatnonzero(adata.obs["target_gene"].isin(info["train"]).to_numpy())
-    stats = calibrate(extractor, processed, train_rows, batch_size=32, max_cells=100, seed=1, genes=symbols)
-    stats.save(tmp_path / "latent_stats.pt")
-
+    inputs = tiny_scgpt_inputs(tmp_path, tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES))
     train = {"steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "infer_top_gene": 10, "checkpoint_every": 5, "log_every": 4}
     out = tmp_path / "ccfm"
     result = train_from_files(
-        processed, split, out / "model.pt", out / "loss.tsv", out / "resume", model_section=MODEL, train_section=train,
+        inputs["processed_h5ad"], inputs["split_json"], out / "model.pt", out / "loss.tsv", out / "resume",
+        model_section=MODEL, train_section=train,
         latent_section={"cache": "on", "cache_max_gb": 1, "max_tokens_per_cell": 1200}, seed=5, use_latent=True,
-        scgpt_dir=scgpt_dir, gene_vocab_tsv=tmp_path / "gene_vocab.tsv", latent_stats=tmp_path / "latent_stats.pt",
+        scgpt_dir=inputs["scgpt_dir"], gene_vocab_tsv=inputs["gene_vocab_tsv"], latent_stats=inputs["latent_stats"],
         device="cpu", progress=False,
     )
     assert result.steps_run == 12 and result.extract_seconds > 0
     loaded = load_model(out / "model.pt")
-    assert loaded.denoiser.model.config.latent_dim == 16 and loaded.genes == symbols
+    assert loaded.denoiser.model.config.latent_dim == 16 and loaded.genes == inputs["genes"]
     assert (out / "resume" / "feature_cache" / "manifest.json").exists()
     frame = pd.read_csv(out / "loss.tsv", sep="\t")
     assert frame["step"].tolist() == [4, 8, 12] and (frame["latent"] > 0).any()

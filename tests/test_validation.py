@@ -39,6 +39,8 @@ from ccfm.validation import (
     validate_predict_entries,
 )
 
+from scgpt_test_data import SMALL_SCGPT_SIZES, copy_checkpoint
+
 N_CELLS, N_GENES = 120, 30
 GENES = [f"G{i}" for i in range(N_GENES)]
 
@@ -260,17 +262,8 @@ def test_check_chunk_values_names_rows() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_scgpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ccfm.scgpt_model import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("scgpt") / "tiny", seed=0, embsize=16, nlayers=1, nheads=2, d_hid=16)
-
-
-def _copy_checkpoint(src: Path, dest: Path) -> Path:
-    dest.mkdir()
-    for name in ("best_model.pt", "vocab.json", "args.json"):
-        (dest / name).write_bytes((src / name).read_bytes())
-    return dest
+def tiny_scgpt(tiny_scgpt_checkpoint) -> Path:
+    return tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES)
 
 
 def _drop(name: str) -> Callable[[Path], None]:
@@ -315,7 +308,7 @@ def test_scgpt_checkpoint_faults(tiny_scgpt: Path, tmp_path: Path, case: str) ->
     from ccfm.scgpt_model import CheckpointError, load_scgpt
 
     fault, fragments = CHECKPOINT_FAULTS[case]
-    model_dir = _copy_checkpoint(tiny_scgpt, tmp_path / "ckpt")
+    model_dir = copy_checkpoint(tiny_scgpt, tmp_path / "ckpt")
     fault(model_dir)
     with pytest.raises(CheckpointError) as caught:
         load_scgpt(model_dir)

@@ -60,8 +60,8 @@ from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.baselines import condition_means, predict_baseline
 from ccfm.celleval import run_cell_eval
 from ccfm.conditions import parse_condition
-from ccfm.generation import GenerateSettings, predict_label
-from ccfm.h5io import atomic_output, iter_row_chunks, read_obs, read_var
+from ccfm.generation import GenerateSettings, GenerationSetup, default_device, predict_label
+from ccfm.h5io import LabelledRows, atomic_output, read_obs, read_rows_with_labels
 from ccfm.metrics import compact_metrics
 from ccfm.model import CascadedFlowModel
 from ccfm.perturbations import PerturbationVocab
@@ -586,37 +586,6 @@ def write_history(path: str | Path, result: ShiftResult) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LabelledRows:
-    """Rows of an h5ad file selected by label, kept as CSR (never dense as a whole)."""
-
-    matrix: sp.csr_matrix
-    genes: list[str]
-    labels: np.ndarray
-    cell_names: list[str]
-
-
-def read_rows_with_labels(
-    h5ad_path: str | Path,
-    keep: Callable[[np.ndarray], np.ndarray],
-    *,
-    pert_column: str = PERT_COLUMN,
-    chunk_size: int = 10000,
-) -> LabelledRows:
-    """Cells whose ``obs[pert_column]`` passes ``keep`` (labels -> bool mask), read in row chunks."""
-    obs = read_obs(h5ad_path)
-    if pert_column not in obs.columns:
-        raise KeyError(f"{h5ad_path}: obs has no column {pert_column!r} (columns: {list(obs.columns)})")
-    labels = obs[pert_column].astype(str).to_numpy()
-    rows = np.flatnonzero(keep(labels))
-    genes = [str(g) for g in read_var(h5ad_path).index]
-    if rows.size == 0:
-        return LabelledRows(sp.csr_matrix((0, len(genes)), dtype=np.float32), genes, labels[rows], [])
-    chunks = [chunk for _, chunk in iter_row_chunks(h5ad_path, chunk_size, rows=rows)]
-    matrix = sp.vstack(chunks, format="csr", dtype=np.float32)
-    return LabelledRows(matrix, genes, labels[rows], [str(n) for n in obs.index[rows]])
-
-
 def read_control_rows(
     h5ad_path: str | Path, *, control_label: str = CONTROL_LABEL, pert_column: str = PERT_COLUMN, chunk_size: int = 10000
 ) -> LabelledRows:
@@ -665,11 +634,6 @@ def model_control_encoder(model: CascadedFlowModel, *, encoding: str = "tokens",
         return model.control_stream(ids, expression)[1]
 
     return encode
-
-
-def default_device() -> torch.device:
-    """CUDA when available (adaptation and generation are GPU work), CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,18 +770,16 @@ def predict_target_cells(
 
 
 def predict_target_to_files(
-    model_pt: str | Path,
+    generation: GenerationSetup,
     target_h5ad: str | Path,
     shift_path: str | Path,
     out_pred: str | Path,
     out_means: str | Path,
     out_pred_unadapted: str | Path,
     out_means_unadapted: str | Path,
-    generate: GenerateSettings,
     *,
     requested: Sequence[str] = (),
     seed: int,
-    device: str | torch.device | None = None,
     control_label: str = CONTROL_LABEL,
     chunk_size: int = 10000,
 ) -> list[str]:
@@ -826,17 +788,18 @@ def predict_target_to_files(
     Both prediction files carry the real (unshifted) target controls under ``non-targeting``:
     cell-eval's deltas must be relative to the real target context. Returns the labels.
     """
-    device = torch.device(device) if device is not None else default_device()
-    model = load_model(model_pt, device)
+    model = generation.model
     controls = read_control_rows(target_h5ad, control_label=control_label, chunk_size=chunk_size)
-    _check_same_genes(model.genes, controls.genes, str(target_h5ad), model_pt)
+    _check_same_genes(model.genes, controls.genes, str(target_h5ad), generation.model_pt)
     shift, shift_genes, _ = load_shift(shift_path)
     shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
     observed = read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique()
     labels = target_labels_to_predict(observed, requested, model.vocab, control_label)
     log.info("predicting %d target perturbation(s) from %d target controls", len(labels), controls.matrix.shape[0])
     for shift_or_none, pred_path, means_path in ((shift_np, out_pred, out_means), (None, out_pred_unadapted, out_means_unadapted)):
-        predicted = predict_target_cells(model, controls.matrix, labels, generate, seed=seed, device=device, shift=shift_or_none)
+        predicted = predict_target_cells(
+            model, controls.matrix, labels, generation.settings, seed=seed, device=generation.device, shift=shift_or_none
+        )
         write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
     return labels
 

@@ -32,8 +32,8 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.conditions import parse_condition
-from ccfm.h5io import backed_matrix, read_obs, read_var
-from ccfm.predictions import build_prediction_anndata, prediction_means, write_h5ad_atomic, write_table_atomic
+from ccfm.h5io import backed_matrix, read_obs, read_var, write_h5ad_atomic
+from ccfm.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
 log = logging.getLogger(__name__)
 

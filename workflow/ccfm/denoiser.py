@@ -103,9 +103,33 @@ def mmd_rbf(x: Tensor, y: Tensor, scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.
     return term_xx + term_yy - 2 * k_xy.mean()
 
 
-def weighted_mean(per_sample: Tensor, weights: Tensor) -> Tensor:
-    """Mean of ``per_sample`` over the samples that train this stream (weight > 0)."""
-    return (per_sample * weights).sum() / weights.sum().clamp(min=1.0)
+def weighted_mean(per_sample: Tensor, weights: Tensor, total_weight: Tensor | None = None) -> Tensor:
+    """Mean of ``per_sample`` over the samples that train this stream (weight > 0).
+
+    ``total_weight`` is the weight of the whole global batch when ``per_sample`` holds one
+    process's shard: the result is then that shard's share of the global mean.
+    """
+    total = weights.sum() if total_weight is None else total_weight
+    return (per_sample * weights).sum() / total.clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """Rows ``[start, stop)`` of a global batch of ``total`` samples split over ``world_size`` processes.
+
+    ``gather`` concatenates every process's rows in rank order, passing gradients back to each
+    process's own rows (:func:`ccfm.distributed.gather_rows`).
+    """
+
+    start: int
+    stop: int
+    total: int
+    world_size: int
+    gather: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def whole(cls, size: int) -> "BatchShard":
+        return cls(0, size, size, 1, lambda rows: rows)
 
 
 class CascadedDenoiser(nn.Module):
@@ -173,6 +197,10 @@ class CascadedDenoiser(nn.Module):
 
     # -- training loss -----------------------------------------------------------------------
 
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """:meth:`loss` (so DistributedDataParallel can wrap the denoiser and sync its gradients)."""
+        return self.loss(*args, **kwargs)
+
     def loss(
         self,
         gene_ids: Tensor,
@@ -181,8 +209,9 @@ class CascadedDenoiser(nn.Module):
         pert_ids: Tensor,
         z_target: Tensor | None = None,
         generator: torch.Generator | None = None,
+        shard: BatchShard | None = None,
     ) -> dict[str, Tensor]:
-        """Flow-matching loss for one batch.
+        """Flow-matching loss for one batch (or one process's shard of it).
 
         Args:
             gene_ids: (B, G) gene indices of the window.
@@ -191,35 +220,47 @@ class CascadedDenoiser(nn.Module):
             pert_ids: (B, 2) perturbation ids.
             z_target: (B, G, D) normalised scGPT features of the target cells (latent models).
             generator: RNG for times and noise (seeded by the caller).
+            shard: which rows of the global batch these B samples are. Times and noise are drawn
+                for the whole global batch (every process draws the same) and sliced, so the
+                samples get the same randomness whatever the number of processes.
 
         Returns:
-            ``total`` (with grad) and detached ``expr``, ``latent``, ``mmd`` parts.
+            ``total`` (with grad) and detached ``expr``, ``latent``, ``mmd`` parts, each this
+            shard's share: summed over processes they give the global batch's values.
         """
         batch, device = target.shape[0], target.device
-        times = self.sample_t(batch, device, generator)
-        x0 = torch.randn(target.shape, generator=generator, device=device, dtype=target.dtype)
+        shard = shard or BatchShard.whole(batch)
+        if shard.stop - shard.start != batch:
+            raise ValueError(f"shard [{shard.start}, {shard.stop}) does not match a batch of {batch} samples")
+        rows = slice(shard.start, shard.stop)
+        every = self.sample_t(shard.total, device, generator)
+        times = TimeSample(every.t_expr[rows], every.t_latent[rows], every.w_expr[rows], every.w_latent[rows])
+        x0 = torch.randn((shard.total, *target.shape[1:]), generator=generator, device=device, dtype=target.dtype)[rows]
         x_t = self.interpolate(x0, target, times.t_expr)
         z_t = None
         if self.latent_enabled:
             if z_target is None:
                 raise ValueError("the latent stream is enabled: pass z_target, the target cells' normalised scGPT features")
-            z0 = torch.randn(z_target.shape, generator=generator, device=device, dtype=z_target.dtype)
+            z0 = torch.randn((shard.total, *z_target.shape[1:]), generator=generator, device=device, dtype=z_target.dtype)[rows]
             z_t = self.interpolate(z0, z_target, times.t_latent)
 
         v_expr, v_latent = self.velocities(gene_ids, source, x_t, z_t, times.t_expr, times.t_latent, pert_ids)
-        expr_loss = weighted_mean((v_expr.float() - (target - x0)).pow(2).mean(dim=1), times.w_expr)
+        expr_loss = weighted_mean((v_expr.float() - (target - x0)).pow(2).mean(dim=1), times.w_expr, every.w_expr.sum())
         latent_loss = torch.zeros((), device=device)
         if v_latent is not None and z_target is not None:
-            latent_loss = weighted_mean((v_latent.float() - (z_target - z0)).pow(2).mean(dim=(1, 2)), times.w_latent)
+            latent_loss = weighted_mean(
+                (v_latent.float() - (z_target - z0)).pow(2).mean(dim=(1, 2)), times.w_latent, every.w_latent.sum()
+            )
         total = expr_loss + self.settings.latent_weight * latent_loss
 
         mmd = torch.zeros((), device=device)
         if self.settings.mmd and self.settings.gamma > 0:
             # Only expression-branch samples have a meaningful x̂1 (in the latent branch t_expr = 0
-            # and the latent condition is still noisy).
-            trained = times.w_expr > 0
-            x1_hat = x_t + v_expr.float() * (1 - times.t_expr)[:, None]
-            mmd = mmd_rbf(x1_hat[trained], target[trained])
+            # and the latent condition is still noisy). The MMD compares distributions, so it is
+            # taken over the whole global batch; each process keeps a 1/world share.
+            trained = every.w_expr > 0
+            x1_hat = shard.gather(x_t + v_expr.float() * (1 - times.t_expr)[:, None])
+            mmd = mmd_rbf(x1_hat[trained], shard.gather(target)[trained]) / shard.world_size
             total = total + self.settings.gamma * mmd
         return {"total": total, "expr": expr_loss.detach(), "latent": latent_loss.detach(), "mmd": mmd.detach()}
 

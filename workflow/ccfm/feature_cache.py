@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,8 +30,9 @@ import scipy.sparse as sp
 import torch
 
 from ccfm.calibration import iter_expression_batches
+from ccfm.distributed import DistContext
 from ccfm.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
-from ccfm.h5io import backed_matrix
+from ccfm.h5io import atomic_output, backed_matrix
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,8 @@ def _manifest_matches(cache_dir: Path, manifest: dict[str, Any]) -> bool:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
+    with atomic_output(path) as tmp, open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def build_feature_cache(
@@ -198,23 +196,35 @@ def build_feature_cache(
     cache_dir: Path,
     counts: np.ndarray | None = None,
     batch_size: int = 64,
+    dist: DistContext | None = None,
 ) -> Path:
-    """Compute features of ``cell_indices`` once and store them (see the module docstring)."""
+    """Compute features of ``cell_indices`` once and store them (see the module docstring).
+
+    In a multi-process run every rank calls this and extracts its own contiguous part of the
+    cells into the shared memory-mapped arrays; rank 0 creates and finalises them.
+    """
+    dist = dist or DistContext()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cells = np.unique(np.asarray(cell_indices, dtype=np.int64))
     manifest = cache_manifest(extractor, processed_h5ad, cells)
-    (cache_dir / MANIFEST).unlink(missing_ok=True)  # invalidate first: a crash leaves no valid cache
     if counts is None or len(counts) != len(cells):
         counts = count_tokens(extractor, processed_h5ad, cells)
     offsets = np.zeros(len(cells) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     total = int(offsets[-1])
     tmp = {name: cache_dir / f".{name}.building.npy" for name in CACHE_FILES}
-    positions = np.lib.format.open_memmap(tmp["positions.npy"], mode="w+", dtype=np.int32, shape=(total,))
-    values = np.lib.format.open_memmap(tmp["features.npy"], mode="w+", dtype=np.float16, shape=(total, extractor.dim))
-    row = 0
-    for _, expr in iter_expression_batches(processed_h5ad, cells, batch_size, progress="building scGPT feature cache"):
+    if dist.is_main:
+        (cache_dir / MANIFEST).unlink(missing_ok=True)  # invalidate first: a crash leaves no valid cache
+        np.lib.format.open_memmap(tmp["positions.npy"], mode="w+", dtype=np.int32, shape=(total,)).flush()
+        np.lib.format.open_memmap(tmp["features.npy"], mode="w+", dtype=np.float16, shape=(total, extractor.dim)).flush()
+    dist.barrier()
+    positions = np.load(tmp["positions.npy"], mmap_mode="r+", allow_pickle=False)
+    values = np.load(tmp["features.npy"], mmap_mode="r+", allow_pickle=False)
+    first, last = dist.part(len(cells))
+    row = first
+    progress = "building scGPT feature cache" if dist.is_main else None
+    for _, expr in iter_expression_batches(processed_h5ad, cells[first:last], batch_size, progress=progress):
         tokenized, feats = extractor.extract_sparse(expr)
         for cell, feat in zip(tokenized, feats):
             start, stop = offsets[row], offsets[row + 1]
@@ -227,12 +237,15 @@ def build_feature_cache(
             row += 1
     positions.flush(); values.flush()
     del positions, values
-    np.save(tmp["cells.npy"], cells)
-    np.save(tmp["offsets.npy"], offsets)
-    for name in CACHE_FILES:
-        os.replace(tmp[name], cache_dir / name)
-    _write_json_atomic(cache_dir / MANIFEST, manifest)
-    log.info("feature cache for %d cells (%d tokens, %.3f GB) written to %s", len(cells), total, estimate_cache_gb(total, extractor.dim), cache_dir)
+    dist.barrier()  # every part written
+    if dist.is_main:
+        np.save(tmp["cells.npy"], cells)
+        np.save(tmp["offsets.npy"], offsets)
+        for name in CACHE_FILES:
+            os.replace(tmp[name], cache_dir / name)
+        _write_json_atomic(cache_dir / MANIFEST, manifest)
+        log.info("feature cache for %d cells (%d tokens, %.3f GB) written to %s", len(cells), total, estimate_cache_gb(total, extractor.dim), cache_dir)
+    dist.barrier()  # the cache is in place for every rank
     return cache_dir
 
 
@@ -243,8 +256,13 @@ def make_latent_source(
     cell_indices: np.ndarray,
     cache_dir: str | Path,
     max_gb: float,
+    dist: DistContext | None = None,
 ) -> OnTheFlySource | CachedSource:
-    """The trainer's feature source: ``off`` on the fly, ``on`` cached, ``auto`` cached if it fits ``max_gb``."""
+    """The trainer's feature source: ``off`` on the fly, ``on`` cached, ``auto`` cached if it fits ``max_gb``.
+
+    Multi-process runs: every rank calls this and gets the same answer; a cache is built jointly.
+    """
+    dist = dist or DistContext()
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"latent.cache must be auto, on or off, got {mode!r}")
     if mode == "off":
@@ -253,7 +271,9 @@ def make_latent_source(
     processed_h5ad, cache_dir = Path(processed_h5ad), Path(cache_dir)
     cells = np.unique(np.asarray(cell_indices, dtype=np.int64))
     manifest = cache_manifest(extractor, processed_h5ad, cells)
-    if _manifest_matches(cache_dir, manifest):
+    reusable = _manifest_matches(cache_dir, manifest)
+    dist.barrier()  # every rank has looked before rank 0 may invalidate the cache
+    if reusable:
         log.info("reusing scGPT feature cache in %s", cache_dir)
         return CachedSource(extractor, cache_dir)
     counts = count_tokens(extractor, processed_h5ad, cells)
@@ -265,5 +285,5 @@ def make_latent_source(
     if mode == "auto" and size_gb > max_gb:
         log.warning("feature cache would exceed latent.cache_max_gb: computing features on the fly instead")
         return OnTheFlySource(extractor)
-    build_feature_cache(extractor, processed_h5ad, cells, cache_dir, counts=counts)
+    build_feature_cache(extractor, processed_h5ad, cells, cache_dir, counts=counts, dist=dist)
     return CachedSource(extractor, cache_dir)

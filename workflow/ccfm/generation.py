@@ -5,7 +5,9 @@ entries, which may be combinations never measured), ``cells_per_perturbation`` c
 drawn as sources and pushed through the two-stage cascaded sampler over *all* genes. Each
 perturbation's draws come from a generator seeded by the run seed and the label itself, so a
 prediction does not change when other perturbations are added to the list. The real control
-cells are written beside the predictions (cell-eval computes deltas against them).
+cells are written beside the predictions (cell-eval computes deltas against them). They are
+also all that is read of ``processed.h5ad``: memory grows with the number of control cells,
+not with the whole file.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL
 from ccfm.baselines import conditions_to_predict
+from ccfm.h5io import read_rows_with_labels
 from ccfm.predictions import write_predictions
-from ccfm.training import ExpressionData, LoadedModel, load_expression, load_model, read_split
+from ccfm.training import ExpressionData, LoadedModel, load_model, read_split
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,42 @@ class GenerateSettings:
     def from_section(cls, section: Mapping[str, Any]) -> "GenerateSettings":
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in section.items() if key in known})
+
+
+def default_device() -> torch.device:
+    """CUDA when available (generation and adaptation are GPU work), CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class GenerationSetup:
+    """A trained model loaded on its device with the sampler settings: what every prediction rule starts from."""
+
+    model_pt: Path
+    model: LoadedModel
+    device: torch.device
+    settings: GenerateSettings
+
+
+def prepare_generation(
+    model_pt: str | Path,
+    settings: GenerateSettings | Mapping[str, Any],
+    *,
+    threads: int | None = None,
+    device: str | torch.device | None = None,
+) -> GenerationSetup:
+    """Load ``model_pt`` for generation; ``settings`` may be the ``generate`` config section.
+
+    ``threads`` caps torch's CPU threads (a rule's ``threads:``; torch would otherwise use every
+    core of a shared node); ``device`` defaults to :func:`default_device`.
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    device = torch.device(device) if device is not None else default_device()
+    if not isinstance(settings, GenerateSettings):
+        settings = GenerateSettings.from_section(settings)
+    log.info("generating on %s with %d CPU thread(s): %s", device, torch.get_num_threads(), settings)
+    return GenerationSetup(Path(model_pt), load_model(model_pt, device), device, settings)
 
 
 def label_seed(seed: int, label: str) -> list[int]:
@@ -80,34 +119,45 @@ def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.nda
     return np.concatenate(blocks, axis=0)
 
 
-def predict_to_files(model_pt: str | Path, processed_h5ad: str | Path, split_json: str | Path, extra_labels: Iterable[str],
-                     out_h5ad: str | Path, out_means_csv: str | Path, settings: GenerateSettings, seed: int,
-                     device: str | torch.device = "cpu", control_label: str = CONTROL_LABEL) -> dict[str, float]:
+def read_control_cells(processed_h5ad: str | Path, control_label: str = CONTROL_LABEL,
+                       chunk_size: int = 10000) -> ExpressionData:
+    """Only the control cells of ``processed.h5ad`` (CSR, read in row chunks), in file order.
+
+    They are the generation sources and the real controls of the prediction file; the other
+    cells are never loaded, so prediction memory does not grow with the perturbed cells.
+    """
+    rows = read_rows_with_labels(processed_h5ad, lambda labels: labels == control_label, chunk_size=chunk_size)
+    return ExpressionData(rows.matrix, rows.genes, rows.labels)
+
+
+def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, split_json: str | Path,
+                     extra_labels: Iterable[str], out_h5ad: str | Path, out_means_csv: str | Path, *, seed: int,
+                     control_label: str = CONTROL_LABEL) -> dict[str, float]:
     """Predict every held-out and extra perturbation; write ``pred.h5ad`` and ``pred_means.csv``.
 
     Returns timing numbers (``seconds``, ``cells``, ``cells_per_second``) for the log/benchmark.
     """
-    device = torch.device(device)
-    model = load_model(model_pt, device)
-    data = load_expression(processed_h5ad)
-    if data.genes != model.genes:
+    model, device, settings = generation.model, generation.device, generation.settings
+    controls = read_control_cells(processed_h5ad, control_label)
+    if controls.genes != model.genes:
         raise ValueError(
-            f"{model_pt} was trained on {len(model.genes)} genes that differ from the {data.n_genes} genes of "
+            f"{generation.model_pt} was trained on {len(model.genes)} genes that differ from the {controls.n_genes} genes of "
             f"{processed_h5ad}; retrain the model after re-preprocessing"
         )
     split = read_split(split_json)
     labels = perturbations_to_predict(split["test"], extra_labels, control_label)
     for label in labels:
         model.vocab.ids(label)  # fail before any generation on a gene the model cannot embed
-    control_rows = data.rows_of(control_label)
-    if control_rows.size == 0:
+    if controls.matrix.shape[0] == 0:
         raise ValueError(f"{processed_h5ad}: no control cells labelled {control_label!r} to use as sources")
+    # Positions among the controls: draws the same cells as the controls' row numbers in the file would.
+    control_rows = np.arange(controls.matrix.shape[0])
     started = time.perf_counter()
     predicted: dict[str, np.ndarray] = {}
     for label in tqdm(labels, desc="predict", mininterval=5.0):
-        predicted[label] = predict_label(model, data, control_rows, label, settings, seed, device)
+        predicted[label] = predict_label(model, controls, control_rows, label, settings, seed, device)
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())
     log.info("generated %d cells for %d perturbations in %.1f s (%.1f cells/s)", n_cells, len(labels), seconds, n_cells / seconds)
-    write_predictions(out_h5ad, out_means_csv, data.genes, predicted, data.matrix[control_rows], control_label)
+    write_predictions(out_h5ad, out_means_csv, controls.genes, predicted, controls.matrix, control_label)
     return {"seconds": seconds, "cells": float(n_cells), "cells_per_second": n_cells / max(seconds, 1e-9)}

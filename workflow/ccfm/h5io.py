@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from ccfm import PERT_COLUMN
 
 # HDF5 chunk of the nnz-long datasets: big enough for fast appends, small enough to index.
 _NNZ_CHUNK = 1 << 18
@@ -170,6 +173,40 @@ def iter_row_chunks(
             yield position, block[rows[lo:hi] - block_start].astype(np.float32, copy=False)
             position += int(hi - lo)
 
+
+
+@dataclass
+class LabelledRows:
+    """Rows of an h5ad file selected by their label, kept as CSR float32 (never dense as a whole)."""
+
+    matrix: sp.csr_matrix
+    genes: list[str]
+    labels: np.ndarray
+    cell_names: list[str]
+
+
+def read_rows_with_labels(
+    h5ad_path: str | Path,
+    keep: Callable[[np.ndarray], np.ndarray],
+    *,
+    pert_column: str = PERT_COLUMN,
+    chunk_size: int = 10000,
+) -> LabelledRows:
+    """Cells whose ``obs[pert_column]`` passes ``keep`` (labels -> bool mask), read in row chunks.
+
+    Only the selected rows are kept: memory is their CSR plus one chunk, not the whole file.
+    """
+    obs = read_obs(h5ad_path)
+    if pert_column not in obs.columns:
+        raise KeyError(f"{h5ad_path}: obs has no column {pert_column!r} (columns: {list(obs.columns)})")
+    labels = obs[pert_column].astype(str).to_numpy()
+    rows = np.flatnonzero(keep(labels))
+    genes = [str(g) for g in read_var(h5ad_path).index]
+    if rows.size == 0:
+        return LabelledRows(sp.csr_matrix((0, len(genes)), dtype=np.float32), genes, labels[rows], [])
+    chunks = [chunk for _, chunk in iter_row_chunks(h5ad_path, chunk_size, rows=rows)]
+    matrix = sp.vstack(chunks, format="csr", dtype=np.float32)
+    return LabelledRows(matrix, genes, labels[rows], [str(n) for n in obs.index[rows]])
 
 class CSRH5adWriter:
     """Write an AnnData h5ad whose X (and layers) are CSR matrices appended row chunk by chunk.

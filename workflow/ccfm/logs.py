@@ -19,7 +19,10 @@ def setup_rule_logging(log_path: str | Path | None, level: int = logging.INFO) -
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        # Truncate, then append (O_APPEND): worker processes started by the rule (multi-GPU
+        # training) write to the same file without overwriting each other.
+        Path(log_path).write_text("")
+        handlers.append(logging.FileHandler(log_path, mode="a"))
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)

@@ -258,15 +258,16 @@ def mlp(d_model: int, ratio: float, dropout: float = 0.0) -> nn.Sequential:
 class AdaLNZeroBlock(nn.Module):
     """DiT block: adaLN-zero modulated attention + MLP, conditioned on the (B, d) vector ``c``.
 
-    ``attention`` is differential or plain; ``context=None`` means self-attention. The
-    modulation is zero-initialised by :meth:`CascadedFlowModel.initialize_weights`, so a fresh
-    block is the identity.
+    ``attention`` is differential or plain. A ``cross`` block attends to a context (normalised
+    by its own LayerNorm); a self-attention block has no such norm, so every parameter is used
+    (DistributedDataParallel requires it). The modulation is zero-initialised by
+    :meth:`CascadedFlowModel.initialize_weights`, so a fresh block is the identity.
     """
 
-    def __init__(self, d_model: int, attention: nn.Module, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, d_model: int, attention: nn.Module, mlp_ratio: float, dropout: float, cross: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
-        self.context_norm = nn.LayerNorm(d_model)
+        self.context_norm = nn.LayerNorm(d_model) if cross else None
         self.attention = attention
         self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.mlp = mlp(d_model, mlp_ratio, dropout)
@@ -275,7 +276,9 @@ class AdaLNZeroBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_a, scale_a)
-        x = x + gate_a.unsqueeze(1) * self.attention(h, h if context is None else self.context_norm(context))
+        if (context is None) != (self.context_norm is None):
+            raise ValueError("a cross-attention block needs a context and a self-attention block takes none")
+        x = x + gate_a.unsqueeze(1) * self.attention(h, h if self.context_norm is None else self.context_norm(context))
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -286,7 +289,7 @@ class DiffPerceiverBlock(nn.Module):
     def __init__(self, d_model: int, nhead: int, depth: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         self.self_block = AdaLNZeroBlock(d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout)
-        self.cross_block = AdaLNZeroBlock(d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout)
+        self.cross_block = AdaLNZeroBlock(d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout, cross=True)
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor) -> Tensor:
         return self.cross_block(self.self_block(x, c), c, context)

@@ -8,8 +8,6 @@ are fixed per method so one method looks the same in every figure.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +21,7 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
+from ccfm.h5io import atomic_output  # noqa: E402
 from ccfm.metrics import pearson  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
@@ -50,18 +49,26 @@ def _color(method: str) -> str:
     return METHOD_COLORS.get(method, "#8c564b")
 
 
+def _panel_grid(n_panels: int, panel_width: float, panel_height: float) -> tuple[plt.Figure, np.ndarray]:
+    """A figure with up to three panels per row; the spare axes of the last row are hidden.
+
+    Returns the figure and all its axes, flat, in reading order (at least one).
+    """
+    ncols = min(3, max(1, n_panels))
+    nrows = int(np.ceil(n_panels / ncols)) or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, panel_height * nrows), squeeze=False)
+    for ax in axes.ravel()[n_panels:]:
+        ax.axis("off")
+    return fig, axes.ravel()
+
+
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> None:
     """Save ``fig`` as PNG through a temporary file in the same directory, then close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_metric_comparison(summary: pd.DataFrame, out_png: str | Path, dataset: str) -> None:
@@ -73,12 +80,8 @@ def plot_metric_comparison(summary: pd.DataFrame, out_png: str | Path, dataset: 
     per_fold = summary[summary["fold"].astype(str) != "all"]
     metrics = [m for m in COMPARISON_METRICS if m in summary.columns]
     methods = list(dict.fromkeys(per_fold["method"]))
-    ncols = min(3, max(1, len(metrics)))
-    nrows = int(np.ceil(len(metrics) / ncols)) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.ravel()[len(metrics):]:
-        ax.axis("off")
-    for ax, metric in zip(axes.ravel(), metrics):
+    fig, axes = _panel_grid(len(metrics), 3.4, 3.4)
+    for ax, metric in zip(axes, metrics):
         for i, method in enumerate(methods):
             values = per_fold.loc[per_fold["method"] == method, metric].astype(float).to_numpy()
             ax.bar(i, np.nanmean(values) if values.size else np.nan, color=_color(method), alpha=0.85)
@@ -169,12 +172,8 @@ def plot_prediction_pca(
     pred_labels = pred.obs[pert_col].astype(str).to_numpy()
     controls = _dense_sample(real, real_labels == control_label, max_cells, rng)
     perts = [p for p in choose_perturbations(real, n_perturbations, control_label, pert_col) if p in set(pred_labels)]
-    ncols = min(3, max(1, len(perts)))
-    nrows = int(np.ceil(len(perts) / ncols)) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
-    for ax in axes.ravel()[len(perts):]:
-        ax.axis("off")
-    for ax, pert in zip(axes.ravel(), perts):
+    fig, axes = _panel_grid(len(perts), 3.3, 3.1)
+    for ax, pert in zip(axes, perts):
         real_cells = _dense_sample(real, real_labels == pert, max_cells, rng)
         pred_cells = _dense_sample(pred, pred_labels == pert, max_cells, rng)
         pca = PCA(n_components=2, random_state=seed).fit(np.vstack([controls, real_cells]))
@@ -189,7 +188,7 @@ def plot_prediction_pca(
         ax.set_xlabel("PC1", fontsize=8)
         ax.set_ylabel("PC2", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes.ravel()[0].legend(fontsize=7, markerscale=2, loc="best")
+    axes[0].legend(fontsize=7, markerscale=2, loc="best")
     fig.suptitle(f"{method}: predicted vs real cells (PCA of real perturbed + control cells per panel)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_png)

@@ -7,15 +7,13 @@ against each file's own controls, so the prediction must carry the real ones). B
 ``pred_means.csv`` holds one row per predicted perturbation (mean log1p expression per gene), the
 small file figures and quick checks read without loading cells.
 
-Writers are atomic (temporary file in the same directory, then :func:`os.replace`) so an
-interrupted job never leaves a truncated file that Snakemake would take as finished.
+Writers are atomic (:func:`ccfm.h5io.atomic_output`) so an interrupted job never leaves a
+truncated file that Snakemake would take as finished.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.h5io import atomic_output, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +59,10 @@ def _check_matrix(name: str, matrix: np.ndarray | sp.spmatrix, n_genes: int) -> 
         )
 
 
-def _atomic_target(path: Path, suffix: str) -> Path:
-    """A fresh temporary path in the directory of ``path`` (same filesystem, so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    return Path(tmp)
-
-
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
-    """Write ``adata`` to ``path`` through a temporary file and :func:`os.replace`."""
-    path = Path(path)
-    tmp = _atomic_target(path, ".h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_table_atomic(frame: pd.DataFrame, path: str | Path, sep: str = ",", index: bool = True) -> None:
-    """Write a CSV/TSV through a temporary file and :func:`os.replace`."""
-    path = Path(path)
-    tmp = _atomic_target(path, ".tmp")
-    try:
+    """Write a CSV/TSV through :func:`ccfm.h5io.atomic_output`."""
+    with atomic_output(path) as tmp:
         frame.to_csv(tmp, sep=sep, index=index)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_prediction_anndata(

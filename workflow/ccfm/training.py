@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +34,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.denoiser import CascadedDenoiser, FlowSettings
+from ccfm.denoiser import BatchShard, CascadedDenoiser, FlowSettings
+from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
+from ccfm.h5io import atomic_output
 from ccfm.model import CascadedFlowModel, ModelConfig
 from ccfm.perturbations import PerturbationVocab
 
@@ -190,14 +190,8 @@ def build_denoiser(n_genes: int, model_section: Mapping[str, Any], train_section
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def save_model(path: str | Path, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
@@ -274,10 +268,22 @@ class Trainer:
     def __init__(self, denoiser: CascadedDenoiser, data: ExpressionData, train_labels: Sequence[str],
                  vocab: PerturbationVocab, settings: TrainSettings, seed: int, resume_dir: str | Path,
                  latent_targets: LatentTargets | None = None, device: str | torch.device = "cpu",
-                 run_fingerprint: str = "", control_label: str = CONTROL_LABEL) -> None:
+                 run_fingerprint: str = "", control_label: str = CONTROL_LABEL,
+                 dist: DistContext | None = None) -> None:
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
+        self.dist = dist or DistContext(device=torch.device(device))
+        if self.dist.distributed:
+            device = self.dist.device
+            # Fail before any work if the global batch cannot be split evenly.
+            self.dist.shard(settings.batch_size)
         self.denoiser = denoiser.to(device)
+        # The module whose call computes the loss: DDP syncs gradients of the ranks in backward.
+        self.loss_module: torch.nn.Module = self.denoiser
+        if self.dist.distributed:
+            self.loss_module = torch.nn.parallel.DistributedDataParallel(
+                self.denoiser, device_ids=[device] if torch.device(device).type == "cuda" else None
+            )
         self.data = data
         self.vocab = vocab
         self.settings = settings
@@ -299,6 +305,9 @@ class Trainer:
         self.history: list[list[float]] = []
         self._pending: list[list[float]] = []  # per-step losses since the last log row
         self.extract_seconds = 0.0
+        # Set to [] to record the target-cell rows this process trains on at each step (tests
+        # check that ranks see disjoint shards); off by default, it grows with the steps.
+        self.rows_seen: list[np.ndarray] | None = None
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -318,8 +327,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        _atomic_torch_save(self._state(), self.resume_path)
-        log.info("checkpoint at step %d -> %s", self.step, self.resume_path)
+        """Rank 0 writes (all ranks hold the same state); the others wait until it is in place."""
+        if self.dist.is_main:
+            _atomic_torch_save(self._state(), self.resume_path)
+            log.info("checkpoint at step %d -> %s", self.step, self.resume_path)
+        self.dist.barrier()
 
     def try_resume(self) -> int:
         """Load ``resume/checkpoint.pt`` if it belongs to this run; return the step reached."""
@@ -362,20 +374,37 @@ class Trainer:
         target = torch.from_numpy(target_full[:, window]).to(self.device)
         return gene_ids, torch.from_numpy(source).to(self.device), target, pert_ids, z_target
 
+    def _local_part(self, batch: Batch) -> tuple[Batch, BatchShard]:
+        """This process's contiguous slice of the global batch (all of it in a single process)."""
+        total = len(batch.target_rows)
+        if not self.dist.distributed:
+            return batch, BatchShard.whole(total)
+        rows = self.dist.shard(total)
+        local = Batch(batch.label, batch.target_rows[rows], batch.control_rows[rows], batch.gene_window)
+        return local, BatchShard(rows.start, rows.stop, total, self.dist.world_size, gather_rows)
+
     def train_step(self) -> dict[str, float]:
         self.denoiser.train()
-        gene_ids, source, target, pert_ids, z_target = self._tensors(self.sampler.sample())
+        # Every rank draws the same global batch (same sampler state), then keeps its own shard.
+        local, shard = self._local_part(self.sampler.sample())
+        if self.rows_seen is not None:
+            self.rows_seen.append(local.target_rows)
+        gene_ids, source, target, pert_ids, z_target = self._tensors(local)
         use_bf16 = self.settings.bf16 and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = self.denoiser.loss(gene_ids, source, target, pert_ids, z_target, self.torch_gen)
+            losses = self.loss_module(gene_ids, source, target, pert_ids, z_target, self.torch_gen, shard)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        # The shares sum to the global loss over ranks and DDP averages gradients: scale back by
+        # the world size so the update equals the single-process one.
+        (losses["total"] * shard.world_size).backward()
         torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.settings.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        values = {name: float(value.detach()) for name, value in losses.items()}
+        names = list(losses)
+        shares = [float(losses[name].detach()) for name in names]
+        values = dict(zip(names, sum_over_ranks(shares, self.device) if self.dist.distributed else shares))
         if not math.isfinite(values["total"]):
             raise FloatingPointError(
                 f"training loss became {values['total']} at step {self.step}; lower train.lr or raise train.grad_clip"
@@ -395,7 +424,8 @@ class Trainer:
         started = time.perf_counter()
         resumed = self.try_resume()
         last = self.settings.steps if stop_at_step is None else min(stop_at_step, self.settings.steps)
-        bar = tqdm(total=self.settings.steps, initial=self.step, desc="train_ccfm", disable=not progress, mininterval=5.0)
+        bar = tqdm(total=self.settings.steps, initial=self.step, desc="train_ccfm",
+                   disable=not (progress and self.dist.is_main), mininterval=5.0)
         while self.step < last:
             values = self.train_step()
             self._pending.append([values[name] for name in LOSS_COLUMNS[1:]])
@@ -415,15 +445,8 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
     """Loss log, columns :data:`LOSS_COLUMNS`, written atomically."""
     frame = pd.DataFrame([list(row) for row in history], columns=list(LOSS_COLUMNS))
     frame["step"] = frame["step"].astype(int)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
@@ -461,6 +484,24 @@ def pick_device(gpus: int) -> torch.device:
     return device
 
 
+def train_distributed(n_processes: int, log_path: str | Path | None, threads_per_process: int = 1,
+                      **train_kwargs: Any) -> None:
+    """Run :func:`train_from_files` in ``n_processes`` torchrun workers (``train.gpus`` > 1).
+
+    The keyword arguments travel as a JSON request file in the resume directory (no pickle, no
+    shell string); rank 0 writes the outputs as in a single-process run.
+    """
+    from ccfm.distributed import launch
+
+    resume_dir = Path(train_kwargs["resume_dir"])
+    request = {key: (str(value) if isinstance(value, Path) else value) for key, value in train_kwargs.items()}
+    request["threads_per_process"] = int(threads_per_process)
+    request_json = resume_dir / "launch.json"
+    with atomic_output(request_json) as tmp:
+        tmp.write_text(json.dumps(request, indent=2, default=str))
+    launch(n_processes, request_json, log_path)
+
+
 def train_from_files(
     processed_h5ad: str | Path,
     split_json: str | Path,
@@ -480,13 +521,23 @@ def train_from_files(
     extra_labels: Sequence[str] = (),
     device: str | torch.device | None = None,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> TrainResult:
-    """Everything the ``train_ccfm`` rule does: data, optional scGPT targets, loop, outputs."""
+    """Everything the ``train_ccfm`` rule does: data, optional scGPT targets, loop, outputs.
+
+    In a multi-process run (``dist`` from :func:`ccfm.distributed.init_from_env`) every rank
+    calls this; only rank 0 writes the model and the loss log.
+    """
     data = load_expression(processed_h5ad)
     split = read_split(split_json)
     train_labels = [str(label) for label in split["train"]]
     settings = TrainSettings.from_train_section(train_section)
-    device = torch.device(device) if device is not None else pick_device(int(train_section.get("gpus", 1)))
+    if dist is not None and dist.distributed:
+        device = dist.device
+    elif device is not None:
+        device = torch.device(device)
+    else:
+        device = pick_device(int(train_section.get("gpus", 1)))
     if perturbation_type == "drug":
         vocab = PerturbationVocab.for_drugs(data.genes, [*train_labels, *split["test"], *extra_labels])
     else:
@@ -498,17 +549,21 @@ def train_from_files(
     if use_latent:
         latent_targets, latent_dim, stats_meta = _scgpt_targets(
             data, train_labels, scgpt_dir, gene_vocab_tsv, latent_stats, latent_section, processed_h5ad, resume_dir, seed, device,
-            draws=settings.steps * settings.batch_size,
+            draws=settings.steps * settings.batch_size, dist=dist,
         )
     denoiser = build_denoiser(data.n_genes, model_section, train_section, latent_dim, vocab, seed)
     n_params = sum(p.numel() for p in denoiser.parameters())
     log.info("model: %d parameters, latent stream %s (D=%d), %d genes, %d training perturbations",
              n_params, "on" if latent_dim else "off", latent_dim, data.n_genes, len(train_labels))
     trainer = Trainer(denoiser, data, train_labels, vocab, settings, seed, resume_dir, latent_targets, device,
-                      run_fingerprint(settings, denoiser, vocab, train_labels, seed))
+                      run_fingerprint(settings, denoiser, vocab, train_labels, seed), dist=dist)
     result = trainer.run(progress=progress)
     log.info("trained %d steps (resumed from %d) in %.1f s, %.1f%% in scGPT feature extraction",
              result.steps_run, result.resumed_from, result.seconds, 100 * result.extract_seconds / max(result.seconds, 1e-9))
+    if trainer.device.type == "cuda":
+        log.info("peak GPU memory: %.2f GiB", torch.cuda.max_memory_allocated(trainer.device) / 2**30)
+    if not trainer.dist.is_main:
+        return result
     write_loss_tsv(result.history, out_loss)
     save_model(out_model, trainer.denoiser, vocab, {
         "seed": seed, "steps": settings.steps, "train_labels": train_labels, "latent": bool(latent_dim),
@@ -520,7 +575,8 @@ def train_from_files(
 def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir: str | Path | None,
                    gene_vocab_tsv: str | Path | None, latent_stats: str | Path | None, latent_section: Mapping[str, Any],
                    processed_h5ad: str | Path, resume_dir: str | Path, seed: int,
-                   device: torch.device, draws: int) -> tuple[LatentTargets, int, dict[str, Any]]:
+                   device: torch.device, draws: int,
+                   dist: DistContext | None = None) -> tuple[LatentTargets, int, dict[str, Any]]:
     """Frozen scGPT extractor + feature source + fold statistics -> the latent-target callable."""
     from ccfm.calibration import LatentStats, genes_hash
     from ccfm.extractor import ScGPTFeatureExtractor
@@ -545,6 +601,6 @@ def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir:
         log.info("feature cache skipped: %d cell draws < %d training cells", draws, target_rows.size)
         mode = "off"
     source = make_latent_source(mode, extractor, processed_h5ad, target_rows,
-                                Path(resume_dir) / "feature_cache", float(latent_section.get("cache_max_gb", 20)))
+                                Path(resume_dir) / "feature_cache", float(latent_section.get("cache_max_gb", 20)), dist=dist)
     meta = {key: stats.metadata.get(key) for key in ("model_id", "genes_hash", "n_cells")}
     return scgpt_latent_targets(source, stats), extractor.dim, meta

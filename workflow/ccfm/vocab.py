@@ -10,14 +10,14 @@ Genes that match nothing get no id: they receive zero features downstream.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from ccfm.h5io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,8 @@ def write_coverage_table(mapping: pd.DataFrame, path: str | Path, dataset: str) 
 
 
 def _write_tsv_atomic(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep="")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_gene_vocab(mapping: pd.DataFrame, path: str | Path) -> None:

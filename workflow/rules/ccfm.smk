@@ -39,16 +39,19 @@ rule train_ccfm:
         # Undeclared on purpose: checkpoints survive a killed job so a rerun resumes.
         resume_dir=lambda wc: f"results/{wc.ds}/fold{wc.fold}/{wc.variant}/resume",
         seed=config["seed"],
+        # train.gpus > 1: that many data-parallel processes (torchrun); see ccfm.distributed.
+        processes=lambda wc: training_processes(wc.ds),
     log:
         "logs/{ds}/fold{fold}/{variant}/train_ccfm.log",
-    # One thread: the per-step matrices are small, so two intra-op threads gain little on CPU and
-    # oversubscribe badly when shared; one thread per job lets both variants train side by side.
-    threads: 1
+    # One thread per training process: the per-step matrices are small, so more intra-op threads
+    # gain little on CPU and oversubscribe badly when shared; both variants train side by side.
+    threads: lambda wc: training_processes(wc.ds)
     resources:
-        mem_mb=16000,
+        # Every process holds its own copy of the processed matrix and model.
+        mem_mb=lambda wc: 16000 * training_processes(wc.ds),
         # ~10 steps/s on a GPU at the default size; generous so a cluster job is not cut short.
         runtime=lambda wc: max(30, int(section(wc.ds, "train")["steps"]) // 300),
-        gpu=1,
+        gpu=lambda wc: int(section(wc.ds, "train")["gpus"]),
     conda:
         ENV
     script:

@@ -31,6 +31,11 @@ def section(ds, name):
     return dataset_section(config, ds, name)
 
 
+def training_processes(ds):
+    """Processes of one train_ccfm job: train.gpus when above 1 (data parallel), else 1."""
+    return max(1, int(section(ds, "train")["gpus"]))
+
+
 def folds(ds):
     return section(ds, "split")["folds"]
 

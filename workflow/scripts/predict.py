@@ -1,20 +1,16 @@
 """Rule predict: two-stage cascaded generation for a fold's held-out and `predict:` perturbations."""
 
-import torch
-
-from ccfm.generation import GenerateSettings, predict_to_files
+from ccfm.generation import predict_to_files, prepare_generation
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)
 predict_to_files(
-    snakemake.input.model,
+    generation,
     snakemake.input.processed,
     snakemake.input.split,
     snakemake.params.extra,
     snakemake.output.pred,
     snakemake.output.means,
-    GenerateSettings.from_section(snakemake.params.generate),
     seed=snakemake.params.seed,
-    device="cuda" if torch.cuda.is_available() else "cpu",
 )
