@@ -12,7 +12,6 @@ below the dense size. The process-wide peak RSS is printed too (it includes buil
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 import tracemalloc
 
@@ -21,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from ccfm.adapt import learn_shift
+from rss import peak_rss_mb
 
 
 def _controls(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
@@ -28,10 +28,6 @@ def _controls(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_m
     matrix = sp.random(n_cells, n_genes, density=density, format="csr", random_state=rng, dtype=np.float32)
     matrix.data = np.log1p(matrix.data * 20).astype(np.float32)
     return matrix
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -63,7 +59,7 @@ def main() -> None:
         tracemalloc.stop()
         seconds = time.perf_counter() - started
         print(
-            f"{n_cells:>8} {csr_mb:>8.0f} {dense_mb:>9.0f} {learner_peak / 2**20:>16.1f} {_peak_rss_mb():>15.0f} {seconds:>8.1f}"
+            f"{n_cells:>8} {csr_mb:>8.0f} {dense_mb:>9.0f} {learner_peak / 2**20:>16.1f} {peak_rss_mb():>15.0f} {seconds:>8.1f}"
         )
 
 

@@ -1,28 +1,40 @@
-"""Peak RSS of the data, calibration, baseline and adaptation stages at two dataset sizes.
+"""Peak RSS of every data, model and adaptation stage at two dataset sizes (issue 8).
 
 Usage::
 
     python benchmarks/memory_scaling.py [--cells 50000 200000] [--genes 5000] [--density 0.05]
-        [--workdir /tmp/ccfm-mem] [--stages preprocess,preprocess_target,split,calibration,baseline,adaptation]
+        [--repeats 3] [--workdir /tmp/ccfm-memory-scaling] [--stages preprocess,...,adapt_model]
 
 For each size a synthetic CSR raw-counts h5ad (real gene symbols from the scGPT census vocab,
 ~``density`` non-zero, 20 conditions incl. controls and doubles) is generated chunk by chunk.
 Each stage then runs in a fresh child process (``--child``) that reports its own peak resident
-set size (``VmHWM`` of /proc/self/status, reset by exec; ``ru_maxrss`` off Linux) and wall
-time. Stages feed each other (processed.h5ad -> split -> ...), as in the pipeline. The
-criterion (issue 8): peak RSS must not grow with the number of cells beyond the processed
-output held by the stage itself. The table is printed and written to
+set size and wall time (:mod:`rss`), ``--repeats`` times: the peak of the model stages varies by
+tens of MB from run to run (the allocator's heap layout), so the table gives the median and the
+range. Stages feed each other as in the pipeline::
+
+    raw -> preprocess -> processed -> split -> real, split.json
+        -> calibration (tiny scGPT)          -> latent_stats.pt
+        -> baseline (additive)               -> pred.h5ad
+        -> adaptation (fixed random encoder) -> nothing; the data path of learn_shift alone
+        -> train (small CCFM, no latent)     -> ccfm/model.pt
+        -> predict (rule `predict`)          -> ccfm/pred.h5ad
+        -> adapt_model (rule `adapt_mmd`)    -> ccfm/shift.safetensors
+    raw -> preprocess_target (on processed's genes) -> target_processed.h5ad
+
+The criterion (issue 8): peak RSS must not grow with the number of cells beyond what the stage
+must hold. Besides the peak, the table gives the stage's output size on disk (``output_mb``) and
+the in-memory size of processed.h5ad's X as CSR (``processed_x_mb``) as the yardstick. Work per
+stage is fixed (not proportional to the cells) so that differences between sizes are memory
+scaling, not more work. The table is printed and written to
 ``benchmarks/results/memory_scaling.tsv`` (atomically).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
-import resource
-import subprocess
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,18 +43,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-STAGES = ("preprocess", "preprocess_target", "split", "calibration", "baseline", "adaptation")
+from rss import print_report, python_child, report_work, run_child
+
 SEED = 0
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MiB (VmHWM; ru_maxrss where /proc is absent)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+# The CCFM model of the train/predict/adapt_model stages: small, no scGPT latent stream (its
+# memory is the model's, independent of the cells; the data paths are what is measured).
+CCFM_MODEL = {"d_model": 32, "nhead": 4, "nlayers": 1, "bottleneck": 8, "dh_depth": 1}
+CCFM_TRAIN = {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "infer_top_gene": 256,
+              "checkpoint_every": 10, "log_every": 5}
+# Prediction over all genes costs ~2 s per 32-cell Euler step on one core: few cells, few steps
+# (the peak is set by one batch's forward pass, not by the number of steps).
+CCFM_GENERATE = {"cells_per_perturbation": 32, "method": "euler", "latent_steps": 1, "expr_steps": 2, "batch_size": 32}
+CCFM_ADAPT = {"steps": 40, "batch_size": 64, "eval_every": 20, "eval_cells": 256, "patience": 2, "encoding": "tokens"}
 
 
 def gene_symbols(n_genes: int) -> list[str]:
@@ -128,8 +140,8 @@ def _baseline(work: Path) -> None:
 def _adaptation(work: Path) -> None:
     """The adaptation data path (ccfm.adapt.read_control_rows + learn_shift) with a fixed encoder.
 
-    ``adapt_to_files`` additionally loads a trained CCFM model (a few MB, independent of the
-    number of cells); a fixed random projection stands in for its control encoder here.
+    A fixed random projection stands in for the model's control encoder, so this isolates the
+    control-cell reading and the learner; ``adapt_model`` runs the rule with a trained model.
     """
     import torch
 
@@ -146,6 +158,36 @@ def _adaptation(work: Path) -> None:
     learn_shift(encode, target.matrix, source.matrix, steps=50, batch_size=128, eval_every=25, seed=SEED, progress=False)
 
 
+def _train(work: Path) -> None:
+    """A few steps of the train_ccfm rule (latent stream off: no scGPT), from scratch."""
+    from ccfm.training import train_from_files
+
+    out = work / "ccfm"
+    shutil.rmtree(out / "resume", ignore_errors=True)  # a finished checkpoint would skip the loop
+    train_from_files(work / "processed.h5ad", work / "split.json", out / "model.pt", out / "loss.tsv", out / "resume",
+                     model_section=CCFM_MODEL, train_section=CCFM_TRAIN, latent_section={}, seed=SEED,
+                     use_latent=False, device="cpu", progress=False)
+
+
+def _predict(work: Path) -> None:
+    """The predict rule: every held-out perturbation of the fold from the trained model."""
+    from ccfm.generation import predict_to_files, prepare_generation
+
+    out = work / "ccfm"
+    generation = prepare_generation(out / "model.pt", CCFM_GENERATE, threads=1, device="cpu")
+    predict_to_files(generation, work / "processed.h5ad", work / "split.json", [], out / "pred.h5ad",
+                     out / "pred_means.csv", seed=SEED)
+
+
+def _adapt_model(work: Path) -> None:
+    """The adapt_mmd rule: MMD shift of the target controls through the trained model's control encoder."""
+    from ccfm.adapt import AdaptSettings, adapt_to_files
+
+    out = work / "ccfm"
+    adapt_to_files(out / "model.pt", work / "processed.h5ad", work / "target_processed.h5ad", out / "shift.safetensors",
+                   out / "mmd.tsv", out / "history.tsv", AdaptSettings(**CCFM_ADAPT), seed=SEED, device="cpu")
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Path], None]] = {
     "preprocess": _preprocess,
     "preprocess_target": _preprocess_target,
@@ -153,29 +195,50 @@ STAGE_FUNCTIONS: dict[str, Callable[[Path], None]] = {
     "calibration": _calibration,
     "baseline": _baseline,
     "adaptation": _adaptation,
+    "train": _train,
+    "predict": _predict,
+    "adapt_model": _adapt_model,
+}
+STAGES = tuple(STAGE_FUNCTIONS)
+STAGE_MODULES = ("torch", "ccfm.adapt", "ccfm.baselines", "ccfm.calibration", "ccfm.extractor", "ccfm.generation",
+                 "ccfm.preprocess", "ccfm.splits", "ccfm.training")
+# What each stage writes, relative to the size's work directory.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "preprocess": ("processed.h5ad",),
+    "preprocess_target": ("target_processed.h5ad",),
+    "split": ("real.h5ad", "split.json"),
+    "calibration": ("latent_stats.pt",),
+    "baseline": ("pred.h5ad", "pred_means.csv"),
+    "adaptation": (),
+    "train": ("ccfm/model.pt", "ccfm/loss.tsv"),
+    "predict": ("ccfm/pred.h5ad", "ccfm/pred_means.csv"),
+    "adapt_model": ("ccfm/shift.safetensors", "ccfm/mmd.tsv", "ccfm/history.tsv"),
 }
 
 
-def run_child(stage: str, work: Path) -> dict[str, Any]:
-    """Run one stage in this (fresh) process; return its peak RSS (with and without imports)."""
-    import torch  # noqa: F401 - imported before the baseline reading, as every stage may use it
+def run_stage_here(stage: str, work: Path) -> dict[str, float]:
+    """Run one stage in this (fresh) process and return its report."""
+    # Every stage's libraries are imported before the first reading, so import_rss_mb is the
+    # same for all stages and peak - import is the stage's own memory.
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    import torch
 
-    import ccfm.adapt, ccfm.baselines, ccfm.calibration, ccfm.extractor, ccfm.preprocess, ccfm.splits  # noqa: E401,F401
-
-    baseline = peak_rss_mb()
-    start = time.perf_counter()
-    STAGE_FUNCTIONS[stage](work)
-    return {"stage": stage, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": baseline, "wall_s": time.perf_counter() - start}
+    torch.set_num_threads(1)
+    return report_work(lambda: STAGE_FUNCTIONS[stage](work))
 
 
-def measure(stage: str, work: Path) -> dict[str, Any]:
-    """Run ``stage`` in a child process and return its report."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, __file__, "--child", stage, "--workdir", str(work)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed in {work}:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def output_mb(stage: str, work: Path) -> float:
+    """Size on disk of what ``stage`` wrote."""
+    return sum((work / name).stat().st_size for name in STAGE_OUTPUTS[stage]) / 2**20
+
+
+def csr_x_mb(h5ad: Path) -> float:
+    """In-memory size of the file's X as a CSR matrix (data + indices + indptr, stored dtypes)."""
+    import h5py
+
+    with h5py.File(h5ad, "r") as file:
+        return sum(file["X"][name].size * file["X"][name].dtype.itemsize for name in ("data", "indices", "indptr")) / 2**20
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -191,13 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[50000, 200000])
     parser.add_argument("--genes", type=int, default=5000)
     parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=3, help="child runs per stage and size (median reported)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ccfm-memory-scaling"))
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "memory_scaling.tsv")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child, args.workdir)))
+        print_report(run_stage_here(args.child, args.workdir))
         return
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
@@ -213,9 +277,13 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic(raw, n_cells, args.genes, args.density, SEED)
             print(f"generated {raw} ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s", flush=True)
         for stage in stages:
-            report = measure(stage, work)
-            row = {"stage": stage, "cells": n_cells, "genes": args.genes, "peak_rss_mb": report["peak_rss_mb"],
-                   "import_rss_mb": report["import_rss_mb"], "wall_s": report["wall_s"]}
+            command = python_child(__file__, "--child", stage, "--workdir", str(work))
+            reports = pd.DataFrame([run_child(command, f"stage {stage} in {work}") for _ in range(args.repeats)])
+            peaks = reports["peak_rss_mb"]
+            row = {"stage": stage, "cells": n_cells, "genes": args.genes, "repeats": args.repeats,
+                   "peak_rss_mb": peaks.median(), "peak_rss_min_mb": peaks.min(), "peak_rss_max_mb": peaks.max(),
+                   "import_rss_mb": reports["import_rss_mb"].median(), "wall_s": reports["wall_s"].median(),
+                   "output_mb": output_mb(stage, work), "processed_x_mb": csr_x_mb(work / "processed.h5ad")}
             rows.append(row)
             print("\t".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()), flush=True)
             write_table(rows, args.out)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.conditions import parse_condition
-from ccfm.h5io import backed_matrix, read_obs, read_var, write_h5ad_atomic
+from ccfm.h5io import backed_matrix, read_obs_labels, read_rows_with_labels, read_var, write_h5ad_atomic
 from ccfm.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,12 @@ def condition_means(
     """
     h5ad_path = Path(h5ad_path)
     wanted = list(dict.fromkeys(conditions))
-    obs = read_obs(h5ad_path)
-    if pert_col not in obs.columns:
-        raise KeyError(f"{h5ad_path}: obs has no {pert_col!r} column; run preprocess to create the canonical labels")
-    labels = obs[pert_col].astype(str).to_numpy()
+    try:
+        labels = read_obs_labels(h5ad_path, pert_col)
+    except KeyError:
+        raise KeyError(f"{h5ad_path}: obs has no {pert_col!r} column; run preprocess to create the canonical labels") from None
     genes = [str(g) for g in read_var(h5ad_path).index]
-    position = {name: i for i, name in enumerate(wanted)}
-    row_condition = np.array([position.get(label, -1) for label in labels])
+    row_condition = pd.Index(wanted).get_indexer(labels)  # -1: a row of no wanted condition
     sums = np.zeros((len(wanted), len(genes)), dtype=np.float64)
     # X only: anndata's backed mode would read layers["counts"] into memory.
     with backed_matrix(h5ad_path) as matrix:
@@ -214,19 +213,11 @@ def read_split(path: str | Path) -> dict:
 
 
 def read_control_cells(real_path: str | Path, control_label: str = CONTROL_LABEL, pert_col: str = PERT_COLUMN) -> tuple[list[str], sp.csr_matrix]:
-    """Gene names and the control cells (CSR float32) of a fold's ``real.h5ad``, read backed."""
-    adata = ad.read_h5ad(real_path, backed="r")
-    try:
-        mask = (adata.obs[pert_col].astype(str) == control_label).to_numpy()
-        if not mask.any():
-            raise ValueError(
-                f"{real_path}: no control cells labelled {control_label!r}; real.h5ad must carry all controls"
-            )
-        controls = sp.csr_matrix(adata[mask].to_memory().X, dtype=np.float32)
-        genes = [str(g) for g in adata.var_names]
-    finally:
-        adata.file.close()
-    return genes, controls
+    """Gene names and the control cells (CSR float32) of a fold's ``real.h5ad``; other cells are not read."""
+    controls = read_rows_with_labels(real_path, lambda labels: labels == control_label, pert_column=pert_col)
+    if controls.matrix.shape[0] == 0:
+        raise ValueError(f"{real_path}: no control cells labelled {control_label!r}; real.h5ad must carry all controls")
+    return controls.genes, controls.matrix
 
 
 def run_baseline(

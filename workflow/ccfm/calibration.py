@@ -233,7 +233,7 @@ def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pe
 
     Held-out (``test``) perturbations are never included; a label in both lists is an error.
     """
-    from ccfm.h5io import read_obs  # local import: h5io pulls in h5py-specific helpers
+    from ccfm.h5io import read_obs_labels  # local import: h5io pulls in h5py-specific helpers
 
     split = json.loads(Path(split_json).read_text())
     for key in ("train", "test", "controls"):
@@ -243,9 +243,9 @@ def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pe
     leaked = sorted(train & test)
     if leaked:
         raise ValueError(f"{split_json}: labels in both train and test: {leaked[:10]}")
-    obs = read_obs(processed_h5ad)
-    if pert_col not in obs.columns:
-        raise ValueError(f"{processed_h5ad} has no obs column '{pert_col}' (expected from the preprocess rule)")
-    labels = obs[pert_col].astype(str).to_numpy()
+    try:
+        labels = read_obs_labels(processed_h5ad, pert_col)  # the label column only: not names, not other columns
+    except KeyError as error:
+        raise ValueError(f"{processed_h5ad} has no obs column '{pert_col}' (expected from the preprocess rule)") from error
     allowed = train | {str(split["controls"])}
     return np.flatnonzero(np.isin(labels, sorted(allowed))).astype(np.int64)

@@ -63,6 +63,82 @@ def read_obs(path: str | Path) -> pd.DataFrame:
         return ad.io.read_elem(_require(file, "obs", path))
 
 
+def _dataframe_group(file: h5py.File, key: str, path: Path) -> h5py.Group | None:
+    """The group of a dataframe element in anndata's current layout; None for older layouts."""
+    element = _require(file, key, path)
+    if isinstance(element, h5py.Group) and element.attrs.get("encoding-type") == "dataframe":
+        return element
+    return None
+
+
+def read_obs_labels(path: str | Path, column: str) -> np.ndarray:
+    """``obs[column]`` as an object array of str, without reading the rest of ``obs``.
+
+    Labels are stored as a categorical, so the result holds one pointer per cell to its
+    category's string (8 bytes a cell); reading the whole ``obs`` and ``astype(str)`` would
+    also build the cell-name index and a new string per cell (~130 bytes a cell together).
+    Missing values read as ``"nan"``, as ``astype(str)`` writes them.
+    """
+    path = Path(path)
+    with h5py.File(path, "r") as file:
+        obs = _dataframe_group(file, "obs", path)
+        if obs is None:
+            values = None
+        elif column not in obs:
+            columns = [str(c) for c in obs.attrs.get("column-order", [])]
+            raise KeyError(f"{path}: obs has no column {column!r} (columns: {columns})")
+        else:
+            values = ad.io.read_elem(obs[column])
+    if values is None:  # an old layout: anndata decodes the whole table
+        values = read_obs(path)[column].array
+    if isinstance(values, pd.Categorical):
+        # Code -1 (missing) indexes the appended last entry.
+        categories = np.append(np.asarray(values.categories.astype(str), dtype=object), "nan")
+        return categories[values.codes]
+    return pd.Series(values).astype(str).to_numpy(dtype=object)
+
+
+def obs_columns(path: str | Path) -> list[str]:
+    """The column names of ``obs``, without reading the columns."""
+    path = Path(path)
+    with h5py.File(path, "r") as file:
+        obs = _dataframe_group(file, "obs", path)
+        if obs is not None:
+            return [str(c) for c in obs.attrs.get("column-order", [])]
+    return [str(c) for c in read_obs(path).columns]
+
+
+def read_obs_subset(path: str | Path, rows: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """``obs[columns]`` of strictly increasing ``rows``, as str categoricals indexed by cell name.
+
+    Columns the file lacks are left out. Each column is read as one pointer per cell
+    (:func:`read_obs_labels`) and names only for ``rows``, so the whole table never exists.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    available = set(obs_columns(path))
+    present = [column for column in columns if column in available]
+    return pd.DataFrame(
+        {column: pd.Categorical(read_obs_labels(path, column)[rows]) for column in present},
+        index=pd.Index(read_obs_names(path, rows), dtype=str),
+    )
+
+
+def read_obs_names(path: str | Path, rows: np.ndarray) -> list[str]:
+    """The cell names (``obs`` index) of strictly increasing ``rows``; other names are never read.
+
+    Reading all names and keeping a scattered few would leave every name's memory pinned.
+    """
+    path = Path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    with h5py.File(path, "r") as file:
+        obs = _dataframe_group(file, "obs", path)
+        index = obs[obs.attrs["_index"]] if obs is not None else None
+        if isinstance(index, h5py.Dataset) and h5py.check_string_dtype(index.dtype) is not None:
+            rows = _checked_rows(rows, index.shape[0], "read_obs_names")
+            return index.asstr()[rows].tolist() if rows.size else []
+    return [str(name) for name in read_obs(path).index[rows]]
+
+
 def read_var(path: str | Path) -> pd.DataFrame:
     """The ``var`` table of an h5ad file, without reading X."""
     path = Path(path)
@@ -137,6 +213,13 @@ def _row_reader(element: Any, path: Path):
     raise H5adFormatError(f"{path}: matrix element has unsupported encoding {encoding!r}")
 
 
+def _checked_rows(rows: np.ndarray, n_obs: int, caller: str) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n_obs):
+        raise ValueError(f"{caller}: 'rows' must be strictly increasing indices in [0, {n_obs})")
+    return rows
+
+
 def iter_row_chunks(
     path: str | Path, chunk_size: int, layer: str | None = None, *, rows: np.ndarray | None = None
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -158,9 +241,7 @@ def iter_row_chunks(
             for start in range(0, n_obs, chunk_size):
                 yield start, read(start, min(start + chunk_size, n_obs)).astype(np.float32, copy=False)
             return
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n_obs):
-            raise ValueError(f"iter_row_chunks: 'rows' must be strictly increasing indices in [0, {n_obs})")
+        rows = _checked_rows(rows, n_obs, "iter_row_chunks")
         # Walk the file in chunk_size blocks and keep the wanted rows of each block, so a
         # scattered selection never reads more than one block at a time.
         position = 0
@@ -173,6 +254,56 @@ def iter_row_chunks(
             yield position, block[rows[lo:hi] - block_start].astype(np.float32, copy=False)
             position += int(hi - lo)
 
+
+def read_csr_rows(path: str | Path, rows: np.ndarray, chunk_size: int = 10000, layer: str | None = None) -> sp.csr_matrix:
+    """The strictly increasing ``rows`` of X (or ``layers[layer]``) as one CSR float32 matrix.
+
+    Memory is the result plus one ``chunk_size``-row block of the file. For a CSR element the
+    result is sized up front from ``indptr`` and every block is read into one reused buffer:
+    stacking per-block pieces instead interleaves small kept arrays with large freed ones, and
+    the heap they fragment (never returned to the system) grew with the number of blocks, that
+    is with the cells of the file. Dense and CSC elements are gathered through
+    :func:`iter_row_chunks`.
+    """
+    path = Path(path)
+    with h5py.File(path, "r") as file:
+        element = _matrix_element(file, layer, path)
+        if isinstance(element, h5py.Dataset) or element.attrs.get("encoding-type") != "csr_matrix":
+            n_vars = matrix_shape(path, layer)[1]
+            pieces = [chunk for _, chunk in iter_row_chunks(path, chunk_size, layer, rows=rows)]
+            return sp.vstack(pieces, format="csr", dtype=np.float32) if pieces else sp.csr_matrix((0, n_vars), dtype=np.float32)
+        n_obs, n_vars = (int(n) for n in element.attrs["shape"])
+        rows = _checked_rows(rows, n_obs, "read_csr_rows")
+        indptr = element["indptr"][:].astype(np.int64, copy=False)  # one integer per cell
+        lengths = indptr[rows + 1] - indptr[rows]
+        total = int(lengths.sum())
+        index_dtype = np.int32 if max(total, n_vars) < 2**31 else np.int64
+        out_indptr = np.zeros(rows.size + 1, dtype=index_dtype)
+        np.cumsum(lengths, out=out_indptr[1:])
+        data = np.empty(total, dtype=np.float32)
+        indices = np.empty(total, dtype=index_dtype)
+        # Per block: the selected rows [lo, hi) and the stored span [first, last) that holds them.
+        blocks = []
+        for block_start in range(0, n_obs, chunk_size):
+            lo, hi = (int(i) for i in np.searchsorted(rows, [block_start, min(block_start + chunk_size, n_obs)]))
+            if hi > lo:
+                blocks.append((lo, hi, int(indptr[rows[lo]]), int(indptr[rows[hi - 1] + 1])))
+        widest = max((last - first for _, _, first, last in blocks), default=0)
+        stored_data, stored_indices = element["data"], element["indices"]
+        data_buffer = np.empty(widest, dtype=stored_data.dtype)
+        indices_buffer = np.empty(widest, dtype=stored_indices.dtype)
+        for lo, hi, first, last in blocks:
+            if last == first:
+                continue
+            stored_data.read_direct(data_buffer, np.s_[first:last], np.s_[0 : last - first])
+            stored_indices.read_direct(indices_buffer, np.s_[first:last], np.s_[0 : last - first])
+            out_lo, out_hi = int(out_indptr[lo]), int(out_indptr[hi])
+            # Buffer position of every stored entry of rows lo..hi-1, in output order.
+            offsets = np.repeat(indptr[rows[lo:hi]] - first - (out_indptr[lo:hi] - out_lo), lengths[lo:hi])
+            positions = np.arange(out_hi - out_lo, dtype=np.int64) + offsets
+            data[out_lo:out_hi] = data_buffer[positions]
+            indices[out_lo:out_hi] = indices_buffer[positions]
+    return sp.csr_matrix((data, indices, out_indptr), shape=(rows.size, n_vars))
 
 
 @dataclass
@@ -194,19 +325,18 @@ def read_rows_with_labels(
 ) -> LabelledRows:
     """Cells whose ``obs[pert_column]`` passes ``keep`` (labels -> bool mask), read in row chunks.
 
-    Only the selected rows are kept: memory is their CSR plus one chunk, not the whole file.
+    Only the selected rows are kept: memory is their CSR (:func:`read_csr_rows`) plus one chunk
+    and one label pointer per cell of the file (:func:`read_obs_labels`), not the whole file or
+    its ``obs`` table.
     """
-    obs = read_obs(h5ad_path)
-    if pert_column not in obs.columns:
-        raise KeyError(f"{h5ad_path}: obs has no column {pert_column!r} (columns: {list(obs.columns)})")
-    labels = obs[pert_column].astype(str).to_numpy()
+    labels = read_obs_labels(h5ad_path, pert_column)
     rows = np.flatnonzero(keep(labels))
     genes = [str(g) for g in read_var(h5ad_path).index]
     if rows.size == 0:
         return LabelledRows(sp.csr_matrix((0, len(genes)), dtype=np.float32), genes, labels[rows], [])
-    chunks = [chunk for _, chunk in iter_row_chunks(h5ad_path, chunk_size, rows=rows)]
-    matrix = sp.vstack(chunks, format="csr", dtype=np.float32)
-    return LabelledRows(matrix, genes, labels[rows], [str(n) for n in obs.index[rows]])
+    matrix = read_csr_rows(h5ad_path, rows, chunk_size)
+    return LabelledRows(matrix, genes, labels[rows], read_obs_names(h5ad_path, rows))
+
 
 class CSRH5adWriter:
     """Write an AnnData h5ad whose X (and layers) are CSR matrices appended row chunk by chunk.

@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ccfm.conditions import CONTROL, condition_type
-from ccfm.h5io import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs, read_var
+from ccfm.h5io import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
 from ccfm.validation import warn_doubles_missing_singles
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,9 @@ def load_split(path: str | Path) -> dict[str, Any]:
 
 
 def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None) -> dict[str, Any]:
-    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads obs only)."""
-    obs = read_obs(processed)
-    split = make_split(obs["target_gene"].astype(str).unique(), fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds)
-    counts = obs["target_gene"].astype(str).value_counts()
+    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the label column only)."""
+    counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts()
+    split = make_split(counts.index, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds)
     split["n_cells"] = {
         "train": int(counts.reindex(split["train"]).fillna(0).sum()),
         "test": int(counts.reindex(split["test"]).fillna(0).sum()),
@@ -122,20 +121,15 @@ def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, ch
     label columns of ``obs`` are kept, so the file matches the predictions' layout.
     """
     processed, out = Path(processed), Path(out)
-    obs = read_obs(processed)
-    labels = obs["target_gene"].astype(str)
-    wanted = labels.isin(set(split["test"]) | {CONTROL}).to_numpy()
-    rows = np.flatnonzero(wanted)
+    labels = read_obs_labels(processed, "target_gene")
+    rows = np.flatnonzero(pd.Series(labels).isin(set(split["test"]) | {CONTROL}).to_numpy())
     var = read_var(processed)
-    columns = [c for c in ("target_gene", "condition_type", "original_condition") if c in obs.columns]
-    out_obs = obs.iloc[rows][columns].copy()
-    for column in columns:
-        out_obs[column] = pd.Categorical(out_obs[column].astype(str))
+    out_obs = read_obs_subset(processed, rows, ["target_gene", "condition_type", "original_condition"])
     n_chunks = -(-matrix_shape(processed)[0] // chunk_size)
     with atomic_output(out) as tmp:
         with CSRH5adWriter(tmp, var) as writer:
             for _, chunk in tqdm(iter_row_chunks(processed, chunk_size, rows=rows), total=n_chunks, desc="real cells", unit="chunk"):
                 writer.append(chunk)
             writer.finish(out_obs, uns={"ccfm": {"fold": split["fold"], "test": list(split["test"]), "controls": CONTROL}})
-    log.info("wrote %s: %d held-out cells + %d control cells", out, int((labels.iloc[rows] != CONTROL).sum()), int((labels == CONTROL).sum()))
+    log.info("wrote %s: %d held-out cells + %d control cells", out, int((labels[rows] != CONTROL).sum()), int((labels == CONTROL).sum()))
     return int(rows.size)
