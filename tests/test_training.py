@@ -196,3 +196,17 @@ def test_train_from_files_with_tiny_scgpt(tmp_path, tiny_scgpt_checkpoint) -> No
     assert (out / "resume" / "feature_cache" / "manifest.json").exists()
     frame = pd.read_csv(out / "loss.tsv", sep="\t")
     assert frame["step"].tolist() == [4, 8, 12] and (frame["latent"] > 0).any()
+
+
+def test_training_reads_only_training_and_control_cells(dataset) -> None:
+    processed, split = dataset
+    full = load_expression(processed)
+    kept = load_expression(processed, keep_labels=["G0", "non-targeting"])
+    assert kept.matrix.shape == (160, N_GENES) and full.matrix.shape == (360, N_GENES)
+    # rows keep their file numbering: the same cells give the same values
+    rows = kept.rows_of("G0")
+    np.testing.assert_array_equal(rows, full.rows_of("G0"))
+    np.testing.assert_array_equal(kept.dense_rows(rows[[3, 0, 7]]), full.dense_rows(rows[[3, 0, 7]]))
+    assert kept.rows_of("G1").size == 0
+    with pytest.raises(IndexError, match="not loaded"):
+        kept.dense_rows(full.rows_of("G1")[:2])

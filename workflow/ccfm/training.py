@@ -24,19 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from anndata.io import read_elem
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.denoiser import BatchShard, CascadedDenoiser, FlowSettings
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
-from ccfm.h5io import atomic_output
+from ccfm.h5io import atomic_output, read_csr_rows, read_obs_labels, read_var
 from ccfm.model import CascadedFlowModel, ModelConfig
 from ccfm.perturbations import PerturbationVocab
 
@@ -57,43 +55,59 @@ LatentTargets = Callable[[np.ndarray, np.ndarray], Tensor]
 
 @dataclass
 class ExpressionData:
-    """The processed log1p matrix (CSR, never densified whole) with its labels."""
+    """Rows of the processed log1p matrix (CSR, never densified whole) with every cell's label.
+
+    ``matrix`` may hold only some cells of the file (``file_rows``, sorted); rows are always
+    addressed by their row number in ``processed.h5ad``, so feature caches and samplers agree.
+    """
 
     matrix: sp.csr_matrix
     genes: list[str]
-    labels: np.ndarray  # canonical target_gene per cell
+    labels: np.ndarray  # canonical target_gene of every cell of the file
+    file_rows: np.ndarray | None = None  # rows of the file held in `matrix`; None: all of them
 
     @property
     def n_genes(self) -> int:
         return len(self.genes)
 
     def rows_of(self, label: str) -> np.ndarray:
-        return np.flatnonzero(self.labels == label)
+        """File rows of ``label``'s cells (only those held in ``matrix``)."""
+        rows = np.flatnonzero(self.labels == label)
+        if self.file_rows is not None:
+            rows = rows[np.isin(rows, self.file_rows)]
+        return rows
 
     def dense_rows(self, rows: np.ndarray) -> np.ndarray:
         """Dense float32 (len(rows), G) block of the requested cells (one batch at a time)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.file_rows is not None:
+            positions = np.searchsorted(self.file_rows, rows)
+            if np.any(positions >= self.file_rows.size) or np.any(self.file_rows[np.minimum(positions, self.file_rows.size - 1)] != rows):
+                raise IndexError("requested cells that were not loaded (only training perturbations and controls are)")
+            rows = positions
         return np.asarray(self.matrix[rows].toarray(), dtype=np.float32)
 
 
-def load_expression(processed_h5ad: str | Path, pert_col: str = PERT_COLUMN) -> ExpressionData:
-    """Read only ``X`` (CSR), ``obs[pert_col]`` and ``var_names`` of ``processed.h5ad``.
+def load_expression(processed_h5ad: str | Path, pert_col: str = PERT_COLUMN,
+                    keep_labels: Sequence[str] | None = None) -> ExpressionData:
+    """Read ``X`` (CSR), ``obs[pert_col]`` and ``var_names`` of ``processed.h5ad``.
 
-    Layers (raw counts) are not touched, so memory is one CSR copy of the log1p matrix.
+    With ``keep_labels`` only the cells of those perturbations are read (training reads its
+    training perturbations and the controls, not the held-out cells). Layers (raw counts) are
+    not touched, so memory is one CSR copy of the kept cells' log1p rows.
     """
     path = Path(processed_h5ad)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the preprocess rule first")
-    with h5py.File(path, "r") as handle:
-        matrix = read_elem(handle["X"])
-        obs = read_elem(handle["obs"])
-        var = read_elem(handle["var"])
-    if not sp.issparse(matrix):
-        # A dense X (small user file) is accepted but stored sparse like everything else.
-        matrix = sp.csr_matrix(matrix)
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    if pert_col not in obs.columns:
-        raise KeyError(f"{path}: obs has no {pert_col!r} column (columns: {list(obs.columns)}); rerun preprocess")
-    return ExpressionData(matrix, [str(g) for g in var.index], obs[pert_col].astype(str).to_numpy())
+    try:
+        labels = read_obs_labels(path, pert_col).astype(str)
+    except KeyError as error:
+        raise KeyError(f"{error.args[0]}; rerun preprocess") from None
+    genes = [str(g) for g in read_var(path).index]
+    if keep_labels is None:
+        return ExpressionData(read_csr_rows(path, np.arange(labels.size)), genes, labels)
+    rows = np.flatnonzero(np.isin(labels, np.asarray(list(keep_labels), dtype=str)))
+    return ExpressionData(read_csr_rows(path, rows), genes, labels, rows)
 
 
 def read_split(split_json: str | Path) -> dict[str, Any]:
@@ -528,9 +542,10 @@ def train_from_files(
     In a multi-process run (``dist`` from :func:`ccfm.distributed.init_from_env`) every rank
     calls this; only rank 0 writes the model and the loss log.
     """
-    data = load_expression(processed_h5ad)
     split = read_split(split_json)
     train_labels = [str(label) for label in split["train"]]
+    # Held-out cells are never drawn in training: not reading them saves their share of X.
+    data = load_expression(processed_h5ad, keep_labels=[*train_labels, CONTROL_LABEL])
     settings = TrainSettings.from_train_section(train_section)
     if dist is not None and dist.distributed:
         device = dist.device
