@@ -760,7 +760,7 @@ def predict_target_cells(
     adapted and unadapted predictions start from the same cells and the same noise: they differ
     only by the shift.
     """
-    data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift)
+    data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=shift)
     control_rows = np.arange(controls.shape[0])
     what = "adapted" if shift is not None else "unadapted"
     return {

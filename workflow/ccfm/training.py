@@ -64,7 +64,8 @@ class ExpressionData:
     matrix: sp.csr_matrix
     genes: list[str]
     labels: np.ndarray  # canonical target_gene of every cell of the file
-    file_rows: np.ndarray | None = None  # rows of the file held in `matrix`; None: all of them
+    # Rows of the file held in `matrix` (None: all); keyword-only so subclasses add fields freely.
+    file_rows: np.ndarray | None = field(default=None, kw_only=True)
 
     @property
     def n_genes(self) -> int:
@@ -107,7 +108,7 @@ def load_expression(processed_h5ad: str | Path, pert_col: str = PERT_COLUMN,
     if keep_labels is None:
         return ExpressionData(read_csr_rows(path, np.arange(labels.size)), genes, labels)
     rows = np.flatnonzero(np.isin(labels, np.asarray(list(keep_labels), dtype=str)))
-    return ExpressionData(read_csr_rows(path, rows), genes, labels, rows)
+    return ExpressionData(read_csr_rows(path, rows), genes, labels, file_rows=rows)
 
 
 def read_split(split_json: str | Path) -> dict[str, Any]:
