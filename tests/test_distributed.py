@@ -27,7 +27,7 @@ from ccfm.training import (
     train_from_files,
 )
 from scgpt_test_data import SMALL_SCGPT_SIZES
-from training_data import MODEL, tiny_scgpt_inputs, write_dataset
+from training_data import MODEL, FakeLatent, tiny_scgpt_inputs, write_dataset
 
 TRAIN = {"steps": 24, "batch_size": 16, "lr": 2e-3, "warmup_steps": 4, "infer_top_gene": 12,
          "checkpoint_every": 8, "log_every": 4, "mmd": True, "gamma": 0.5}
@@ -63,17 +63,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class FakeLatent:
-    """Deterministic, picklable stand-in for scGPT features (depends on the cell's expression)."""
-
-    def __init__(self, dim: int) -> None:
-        self.proj = torch.linspace(-1, 1, dim)
-
-    def __call__(self, rows: np.ndarray, expr: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(expr)
-        return 3.0 * torch.tanh(x[..., None] * self.proj - 1.0) * (x[..., None] > 0)
 
 
 def _trainer(processed: Path, split: Path, resume: Path, latent_dim: int, context: DistContext | None) -> Trainer:

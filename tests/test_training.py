@@ -29,23 +29,12 @@ from ccfm.training import (
     write_loss_tsv,
 )
 from scgpt_test_data import SMALL_SCGPT_SIZES
-from training_data import MODEL, N_GENES, SINGLES, tiny_scgpt_inputs, write_dataset
+from training_data import MODEL, N_GENES, SINGLES, FakeLatent, tiny_scgpt_inputs, write_dataset
 
 
 @pytest.fixture()
 def dataset(tmp_path: Path) -> tuple[Path, Path]:
     return write_dataset(tmp_path)
-
-
-def _fake_latent(dim: int = 4):
-    """Deterministic stand-in for scGPT: per-gene features that depend on the cell's expression."""
-    proj = torch.linspace(-1, 1, dim)
-
-    def targets(rows: np.ndarray, expr: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(expr)
-        return 3.0 * torch.tanh(x[..., None] * proj - 1.0) * (x[..., None] > 0)
-
-    return targets
 
 
 def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim: int = 0, **train) -> Trainer:
@@ -57,7 +46,7 @@ def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim:
     settings = TrainSettings.from_train_section(train_section)
     den = build_denoiser(data.n_genes, MODEL, train_section, latent_dim, vocab, seed=7)
     return Trainer(den, data, labels, vocab, settings, seed=7, resume_dir=resume,
-                   latent_targets=_fake_latent(latent_dim) if latent_dim else None,
+                   latent_targets=FakeLatent(latent_dim) if latent_dim else None,
                    run_fingerprint=run_fingerprint(settings, den, vocab, labels, 7))
 
 

@@ -10,10 +10,22 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 N_GENES = 20
 SINGLES = ["G0", "G1", "G2", "G3"]
 MODEL = {"d_model": 32, "nhead": 4, "nlayers": 1, "bottleneck": 8, "dh_depth": 1}
+
+
+class FakeLatent:
+    """Deterministic, picklable stand-in for scGPT: per-gene features that depend on the cell's expression."""
+
+    def __init__(self, dim: int = 4) -> None:
+        self.proj = torch.linspace(-1, 1, dim)
+
+    def __call__(self, rows: np.ndarray, expr: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(expr)
+        return 3.0 * torch.tanh(x[..., None] * self.proj - 1.0) * (x[..., None] > 0)
 
 
 def write_dataset(root: Path, seed: int = 0) -> tuple[Path, Path]:

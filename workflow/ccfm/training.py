@@ -508,12 +508,10 @@ def train_distributed(n_processes: int, log_path: str | Path | None, threads_per
     """
     from ccfm.distributed import launch
 
-    resume_dir = Path(train_kwargs["resume_dir"])
-    request = {key: (str(value) if isinstance(value, Path) else value) for key, value in train_kwargs.items()}
-    request["threads_per_process"] = int(threads_per_process)
-    request_json = resume_dir / "launch.json"
+    request = {**train_kwargs, "threads_per_process": int(threads_per_process)}
+    request_json = Path(train_kwargs["resume_dir"]) / "launch.json"
     with atomic_output(request_json) as tmp:
-        tmp.write_text(json.dumps(request, indent=2, default=str))
+        tmp.write_text(json.dumps(request, indent=2, default=str))  # default=str: paths as strings
     launch(n_processes, request_json, log_path)
 
 
