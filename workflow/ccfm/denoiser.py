@@ -31,6 +31,9 @@ from ccfm.model import CascadedFlowModel
 
 ODE_METHODS = ("rk4", "euler", "midpoint", "dopri5")
 TIME_SCHEDULES = ("uniform", "logit_normal")
+# Where the expression flow starts: Gaussian noise (the plan) or the control cell moved by the
+# mean model's predicted shift (``model.anchor: additive``; see ccfm.mean_model).
+SOURCES = ("gaussian", "control")
 
 
 @dataclass
@@ -53,8 +56,11 @@ class FlowSettings:
     # "velocity": the network output is the velocity; "x": it is x̂1, converted to velocity.
     prediction: str = "velocity"
     x_pred_min_denominator: float = 0.05
+    source: str = "gaussian"
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"flow source {self.source!r} is unknown: use one of {SOURCES}")
         if self.time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"train.time_schedule {self.time_schedule!r} is unknown: use one of {TIME_SCHEDULES}")
         if self.prediction not in ("velocity", "x"):
@@ -210,6 +216,7 @@ class CascadedDenoiser(nn.Module):
         z_target: Tensor | None = None,
         generator: torch.Generator | None = None,
         shard: BatchShard | None = None,
+        x_start: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Flow-matching loss for one batch (or one process's shard of it).
 
@@ -223,6 +230,8 @@ class CascadedDenoiser(nn.Module):
             shard: which rows of the global batch these B samples are. Times and noise are drawn
                 for the whole global batch (every process draws the same) and sliced, so the
                 samples get the same randomness whatever the number of processes.
+            x_start: (B, G) starting points of the expression flow when ``settings.source`` is
+                ``control`` (the anchored control cells); ignored for a Gaussian source.
 
         Returns:
             ``total`` (with grad) and detached ``expr``, ``latent``, ``mmd`` parts, each this
@@ -236,6 +245,10 @@ class CascadedDenoiser(nn.Module):
         every = self.sample_t(shard.total, device, generator)
         times = TimeSample(every.t_expr[rows], every.t_latent[rows], every.w_expr[rows], every.w_latent[rows])
         x0 = torch.randn((shard.total, *target.shape[1:]), generator=generator, device=device, dtype=target.dtype)[rows]
+        if self.settings.source == "control":
+            if x_start is None:
+                raise ValueError("a control-anchored flow needs x_start, the anchored control cells")
+            x0 = x_start.to(target.dtype)
         x_t = self.interpolate(x0, target, times.t_expr)
         z_t = None
         if self.latent_enabled:
@@ -284,13 +297,20 @@ class CascadedDenoiser(nn.Module):
         steps: int = 20,
         method: str = "rk4",
         generator: torch.Generator | None = None,
+        x_start: Tensor | None = None,
     ) -> Tensor:
-        """Stage 1: integrate the latent ODE from Gaussian noise with ``t_expr = 0``."""
+        """Stage 1: integrate the latent ODE from Gaussian noise with ``t_expr = 0``.
+
+        The expression input is the expression flow's starting point, as in training: noise, or
+        the (anchored) control cells for a control-anchored flow.
+        """
         batch, n_genes = source.shape
         dim = self.model.config.latent_dim
         device = source.device
         z_noise = torch.randn((batch, n_genes, dim), generator=generator, device=device)
         x_noise = torch.randn(source.shape, generator=generator, device=device)
+        if self.settings.source == "control":
+            x_noise = source.float() if x_start is None else x_start.float()
         t_expr = torch.zeros(batch, device=device)
 
         def latent_field(t: Tensor, z_t: Tensor) -> Tensor:
@@ -310,11 +330,18 @@ class CascadedDenoiser(nn.Module):
         steps: int = 20,
         method: str = "rk4",
         generator: torch.Generator | None = None,
+        x_start: Tensor | None = None,
     ) -> Tensor:
-        """Stage 2: integrate the expression ODE with ``latent`` held clean (``t_latent = 1``)."""
+        """Stage 2: integrate the expression ODE with ``latent`` held clean (``t_latent = 1``).
+
+        The ODE starts from Gaussian noise, or from ``x_start`` (default: the control cells
+        themselves) for a control-anchored flow.
+        """
         batch = source.shape[0]
         device = source.device
         x_noise = torch.randn(source.shape, generator=generator, device=device)
+        if self.settings.source == "control":
+            x_noise = source.float() if x_start is None else x_start.float()
         t_latent = torch.ones(batch, device=device)
 
         def expr_field(t: Tensor, x_t: Tensor) -> Tensor:
@@ -334,14 +361,16 @@ class CascadedDenoiser(nn.Module):
         method: str = "rk4",
         generator: torch.Generator | None = None,
         latent: Tensor | None = None,
+        x_start: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Two-stage cascaded generation -> (expression ≥ 0 (B, G), latent (B, G, D) or None).
 
-        ``latent`` may be given to skip stage 1 (used to test that stage 2 reads it).
+        ``latent`` may be given to skip stage 1 (used to test that stage 2 reads it);
+        ``x_start`` is where a control-anchored expression flow starts (see :meth:`generate_expression`).
         """
         if self.latent_enabled and latent is None:
-            latent = self.generate_latent(gene_ids, source, pert_ids, latent_steps, method, generator)
+            latent = self.generate_latent(gene_ids, source, pert_ids, latent_steps, method, generator, x_start)
         if not self.latent_enabled:
             latent = None
-        expression = self.generate_expression(gene_ids, source, pert_ids, latent, expr_steps, method, generator)
+        expression = self.generate_expression(gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start)
         return expression.clamp(min=0.0), latent

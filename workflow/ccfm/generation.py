@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ccfm import CONTROL_LABEL
 from ccfm.baselines import conditions_to_predict
 from ccfm.h5io import read_rows_with_labels
+from ccfm.mean_model import match_mean
 from ccfm.predictions import write_predictions
 from ccfm.training import ExpressionData, LoadedModel, load_model, read_split
 
@@ -99,24 +100,36 @@ def perturbations_to_predict(test_labels: Sequence[str], extra: Iterable[str], c
 
 def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.ndarray, label: str,
                   settings: GenerateSettings, seed: int, device: torch.device) -> np.ndarray:
-    """Generate ``cells_per_perturbation`` cells (n, G) for one perturbation, log1p ≥ 0."""
+    """Generate ``cells_per_perturbation`` cells (n, G) for one perturbation, log1p ≥ 0.
+
+    A control-anchored model starts each cell's flow at its control cell moved by the mean
+    model's predicted shift and re-centres the generated cells on the predicted mean; labels the
+    mean model cannot anchor (unseen singles) start at the control cell unmoved.
+    """
     rng = np.random.default_rng(label_seed(seed, label))
     n_cells = settings.cells_per_perturbation
     sources = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
     generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**63 - 1)))
     pert_row = model.vocab.batch_ids([label]).to(device)
     all_genes = torch.arange(data.n_genes, device=device)
+    anchored = model.denoiser.settings.source == "control" and model.mean_model is not None
+    shift = model.mean_model.delta(label) if anchored else None
     blocks = []
     for start in range(0, n_cells, settings.batch_size):
         rows = sources[start : start + settings.batch_size]
         source = torch.from_numpy(data.dense_rows(rows)).to(device)
         batch = source.shape[0]
+        x_start = None if shift is None else source + shift.to(device)
         expression, _ = model.denoiser.generate(
             all_genes.expand(batch, -1), source, pert_row.expand(batch, -1),
             latent_steps=settings.latent_steps, expr_steps=settings.expr_steps, method=settings.method, generator=generator,
+            x_start=x_start,
         )
         blocks.append(expression.float().cpu().numpy())
-    return np.concatenate(blocks, axis=0)
+    cells = np.concatenate(blocks, axis=0)
+    if shift is not None:
+        cells = match_mean(cells, (model.mean_model.control_mean + shift).numpy())
+    return cells
 
 
 def read_control_cells(processed_h5ad: str | Path, control_label: str = CONTROL_LABEL,

@@ -52,6 +52,9 @@ class ModelConfig:
     n_drugs: int = 0
     mlp_ratio: float = 4.0
     max_value: float = 512.0  # value-encoder input clamp, as in scDFM
+    # Zero the expression head's output layer: a fresh control-anchored flow then leaves its
+    # starting point (the anchored control cell) unchanged.
+    zero_init_expr_head: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -420,6 +423,9 @@ class CascadedFlowModel(nn.Module):
         if self.config.latent_enabled:
             nn.init.zeros_(self.latent_decoder.final.linear.weight)
             nn.init.zeros_(self.latent_decoder.final.linear.bias)
+        if self.config.zero_init_expr_head:
+            nn.init.zeros_(self.expr_decoder.net[-1].weight)
+            nn.init.zeros_(self.expr_decoder.net[-1].bias)
 
     # -- pieces reused outside the forward pass ------------------------------------------------
 

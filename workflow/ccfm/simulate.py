@@ -11,10 +11,18 @@ Generative model (all draws from one ``numpy.random.Generator`` seeded by the ca
   log-shift on its gene (CRISPRa-like activation for most, knock-down for some) that
   propagates downstream: ``s = d + W^T s`` (finite because W is nilpotent), then saturates
   (``c * tanh(s / c)``), so even "additive" doubles are mildly sub-additive.
-* **Doubles** get an explicit interaction type: ``additive`` (network only), ``synergy`` (genes
-  moved by both partners move further), ``buffering`` (the joint effect is damped) or
-  ``epistasis`` (one partner masks the other). The interaction vector
-  ``shift(A+B) - shift(A) - shift(B)`` is recorded.
+* **Pathway modules** (``interaction_model: pathway``, the default): every perturbed gene
+  belongs to one of ``n_modules`` modules; hitting a gene activates its module's downstream
+  program (a signed gene set) through a saturating response ``L·tanh(a/L)``, so singles of one
+  module share a program (discoverable from the singles) and module members are co-expressed in
+  control cells (a module activity program). A double's interaction is a function of the pair:
+  ``same_module`` (the shared program saturates: far less than the sum), ``cooperating`` (two
+  modules listed as cooperating switch on a joint program that neither does alone) or
+  ``independent`` (additive). Pairs of interacting types are drawn preferentially.
+* **Random interactions** (``interaction_model: random``, the earlier simulator): each double's
+  type is drawn independently of its genes from ``interaction_mix``: ``additive``, ``synergy``,
+  ``buffering`` or ``epistasis``. Additive is near-optimal for its means.
+* The interaction vector ``shift(A+B) - shift(A) - shift(B)`` is recorded either way.
 * **Cells**: library sizes log-normal; per-cell perturbation efficiency (Beta); two shared
   cell-state programs adding gene-gene correlation; counts ~ NB(mean = library * softmax(rates)).
 * **Target context** (H1-like): same network and responses, a per-gene baseline log-shift
@@ -67,6 +75,10 @@ OTHER_SYMBOLS = (
 )
 
 
+INTERACTION_MODELS = ("pathway", "random")
+PAIR_TYPES = ("same_module", "cooperating", "independent")
+
+
 @dataclass
 class SimulationSizes:
     """Sizes of the demo simulation (the dataset's ``simulate:`` config block overrides these)."""
@@ -84,9 +96,22 @@ class SimulationSizes:
     mean_library_size: float = 1500.0
     target_library_scale: float = 1.3
     knockdown_fraction: float = 0.25
+    interaction_model: str = "pathway"  # "pathway" (interactions follow modules) or "random"
     interaction_mix: dict[str, float] = field(
         default_factory=lambda: {"additive": 0.25, "synergy": 0.3, "buffering": 0.3, "epistasis": 0.15}
     )
+    # Pathway model: modules, their downstream programs and the saturation of a program's response.
+    n_modules: int = 6
+    program_genes: int = 30
+    joint_program_genes: int = 25
+    cooperating_fraction: float = 0.4
+    program_saturation: float = 1.0
+    program_scale: float = 1.5  # SD of a programme gene's log-rate loading
+    # Relative odds of drawing a double of each pair type (interacting pairs are oversampled).
+    pair_type_odds: dict[str, float] = field(
+        default_factory=lambda: {"same_module": 3.0, "cooperating": 3.0, "independent": 1.0}
+    )
+    coexpression_sd: float = 0.35
 
     def validate(self) -> None:
         """Raise ValueError when sizes are inconsistent, naming the key to change."""
@@ -105,6 +130,15 @@ class SimulationSizes:
             raise ValueError("simulate.n_target_singles/n_target_doubles exceed the source conditions")
         if abs(sum(self.interaction_mix.values()) - 1.0) > 1e-6:
             raise ValueError("simulate.interaction_mix fractions must sum to 1")
+        if self.interaction_model not in INTERACTION_MODELS:
+            raise ValueError(f"simulate.interaction_model must be one of {INTERACTION_MODELS}, got {self.interaction_model!r}")
+        if self.interaction_model == "pathway":
+            if not 1 <= self.n_modules <= self.n_singles:
+                raise ValueError(f"simulate.n_modules must be in 1..n_singles ({self.n_singles}), got {self.n_modules}")
+            if self.program_genes + self.joint_program_genes > self.n_genes - self.n_singles:
+                raise ValueError("simulate.program_genes + joint_program_genes exceed the genes that are not perturbed")
+            if set(self.pair_type_odds) != set(PAIR_TYPES) or min(self.pair_type_odds.values()) < 0:
+                raise ValueError(f"simulate.pair_type_odds needs non-negative odds for exactly {PAIR_TYPES}")
 
 
 @dataclass
@@ -126,6 +160,9 @@ class SimulatedWorld:
     programs: np.ndarray  # 2 x genes loadings of shared cell-state programs
     target_baseline_shift: np.ndarray
     target_conditions: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))
+    # Pathway model only (empty otherwise): module of each perturbed gene, cooperating module pairs.
+    module_of: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int64))
+    cooperating_modules: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
 
 def _gene_panel(sizes: SimulationSizes, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,6 +235,103 @@ def _double_shift(
     raise ValueError(f"unknown interaction type {kind!r}")
 
 
+@dataclass
+class _Doubles:
+    names: list[str]
+    kinds: list[str]
+    shifts: list[np.ndarray]
+
+
+def _random_doubles(sizes: SimulationSizes, perturbed: np.ndarray, linear: dict[str, np.ndarray],
+                    single_shift: dict[str, np.ndarray], rng: np.random.Generator) -> _Doubles:
+    """Doubles whose interaction type is drawn independently of their genes (the earlier model)."""
+    pairs = [(a, b) for i, a in enumerate(perturbed) for b in perturbed[i + 1 :]]
+    chosen = rng.choice(len(pairs), size=sizes.n_doubles, replace=False)
+    kinds_list = list(sizes.interaction_mix)
+    kinds = rng.choice(kinds_list, size=sizes.n_doubles, p=[sizes.interaction_mix[k] for k in kinds_list])
+    out = _Doubles([], [], [])
+    for pair_index, kind in zip(sorted(chosen), kinds):
+        a, b = pairs[pair_index]
+        out.names.append(f"{a}+{b}"), out.kinds.append(str(kind))
+        out.shifts.append(_double_shift(str(kind), linear[a] + linear[b], single_shift[a], single_shift[b], rng))
+    return out
+
+
+@dataclass
+class _Pathways:
+    module_of: dict[str, int]
+    activation: dict[str, float]
+    programs: np.ndarray  # modules x genes
+    joint: dict[tuple[int, int], np.ndarray]  # cooperating (m1 < m2) -> joint program
+
+    def response(self, activation: float, saturation: float) -> float:
+        return saturation * float(np.tanh(activation / saturation))
+
+    def pair_type(self, a: str, b: str) -> str:
+        ma, mb = self.module_of[a], self.module_of[b]
+        if ma == mb:
+            return "same_module"
+        return "cooperating" if (min(ma, mb), max(ma, mb)) in self.joint else "independent"
+
+
+def _signed_program(n: int, candidates: np.ndarray, size: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    program = np.zeros(n)
+    members = rng.choice(candidates, size=size, replace=False)
+    program[members] = rng.normal(0.0, scale, size=size)
+    return program
+
+
+def _pathways(sizes: SimulationSizes, genes: np.ndarray, perturbed: np.ndarray, sign: np.ndarray,
+              rng: np.random.Generator) -> _Pathways:
+    """Modules of the perturbed genes, their programs and the cooperating module pairs."""
+    n = genes.size
+    order = rng.permutation(perturbed.size)
+    module_of = {str(perturbed[i]): rank % sizes.n_modules for rank, i in enumerate(order)}
+    activation = {str(g): float(s * rng.uniform(0.8, 1.25)) for g, s in zip(perturbed, sign)}
+    downstream = np.flatnonzero(~np.isin(genes, perturbed))
+    programs = np.stack([_signed_program(n, downstream, sizes.program_genes, sizes.program_scale, rng) for _ in range(sizes.n_modules)])
+    module_pairs = [(i, j) for i in range(sizes.n_modules) for j in range(i + 1, sizes.n_modules)]
+    n_coop = int(round(sizes.cooperating_fraction * len(module_pairs)))
+    picked = rng.choice(len(module_pairs), size=n_coop, replace=False) if n_coop else []
+    joint = {module_pairs[k]: _signed_program(n, downstream, sizes.joint_program_genes, sizes.program_scale, rng) for k in sorted(picked)}
+    return _Pathways(module_of, activation, programs, joint)
+
+
+def _pathway_single(p: _Pathways, gene: str, saturation: float) -> np.ndarray:
+    return p.response(p.activation[gene], saturation) * p.programs[p.module_of[gene]]
+
+
+def _pathway_double(p: _Pathways, a: str, b: str, saturation: float) -> np.ndarray:
+    """Programme part of a double's shift: a function of the pair's modules only."""
+    ma, mb = p.module_of[a], p.module_of[b]
+    if ma == mb:  # one shared programme, driven by both: it saturates
+        return p.response(p.activation[a] + p.activation[b], saturation) * p.programs[ma]
+    shift = _pathway_single(p, a, saturation) + _pathway_single(p, b, saturation)
+    joint = p.joint.get((min(ma, mb), max(ma, mb)))
+    if joint is not None:  # both modules on: the joint programme, as strong as the weaker partner
+        weaker = min(abs(p.activation[a]), abs(p.activation[b]))
+        shift = shift + p.response(weaker, saturation) * joint
+    return shift
+
+
+def _pathway_doubles(sizes: SimulationSizes, perturbed: np.ndarray, linear: dict[str, np.ndarray],
+                     pathways: _Pathways, rng: np.random.Generator) -> _Doubles:
+    """Doubles drawn with odds by pair type; shift = network part + programme part."""
+    pairs = [(str(a), str(b)) for i, a in enumerate(perturbed) for b in perturbed[i + 1 :]]
+    kinds = [pathways.pair_type(a, b) for a, b in pairs]
+    odds = np.array([sizes.pair_type_odds[k] for k in kinds], dtype=np.float64)
+    if np.count_nonzero(odds) < sizes.n_doubles:
+        raise ValueError("simulate.pair_type_odds leave fewer possible pairs than n_doubles")
+    chosen = np.sort(rng.choice(len(pairs), size=sizes.n_doubles, replace=False, p=odds / odds.sum()))
+    out = _Doubles([], [], [])
+    for index in chosen:
+        a, b = pairs[index]
+        network = _saturate(linear[a] + linear[b])
+        out.names.append(f"{a}+{b}"), out.kinds.append(kinds[index])
+        out.shifts.append(network + _pathway_double(pathways, a, b, sizes.program_saturation))
+    return out
+
+
 def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWorld:
     """Draw genes, network, baselines and the true shift of every condition."""
     sizes.validate()
@@ -208,31 +342,44 @@ def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWo
     weights = _network(genes, perturbed, rng)
     sign = np.where(rng.random(perturbed.size) < sizes.knockdown_fraction, -1.0, 1.0)
     gene_index = {g: i for i, g in enumerate(genes)}
+    pathway = sizes.interaction_model == "pathway"
+    # The pathway model moves most of a perturbation's effect into its module programme, so its
+    # private network effect is smaller.
+    direct_size = (1.0, 2.0) if pathway else (2.0, 3.5)
 
     linear: dict[str, np.ndarray] = {}
     single_shift: dict[str, np.ndarray] = {}
     for gene, direction in zip(perturbed, sign):
         direct = np.zeros(n)
-        direct[gene_index[gene]] = direction * rng.uniform(2.0, 3.5)
+        direct[gene_index[gene]] = direction * rng.uniform(*direct_size)
         linear[gene] = _propagate(direct, weights)
         single_shift[gene] = _saturate(linear[gene])
 
-    pairs = [(a, b) for i, a in enumerate(perturbed) for b in perturbed[i + 1 :]]
-    chosen = rng.choice(len(pairs), size=sizes.n_doubles, replace=False)
-    kinds_list = list(sizes.interaction_mix)
-    kinds = rng.choice(kinds_list, size=sizes.n_doubles, p=[sizes.interaction_mix[k] for k in kinds_list])
-
-    names, types, interactions, shifts, additive = [], [], [], [], []
-    for gene in perturbed:
-        names.append(gene), types.append("single"), interactions.append("none")
-        shifts.append(single_shift[gene]), additive.append(single_shift[gene])
-    for pair_index, kind in zip(sorted(chosen), kinds):
-        a, b = pairs[pair_index]
-        shift = _double_shift(str(kind), linear[a] + linear[b], single_shift[a], single_shift[b], rng)
-        names.append(f"{a}+{b}"), types.append("double"), interactions.append(str(kind))
-        shifts.append(shift), additive.append(single_shift[a] + single_shift[b])
-
     programs = rng.normal(0.0, 0.25, size=(2, n)) * (rng.random((2, n)) < 0.3)
+    module_of = np.array([], dtype=np.int64)
+    cooperating = np.zeros((0, 2), dtype=np.int64)
+    if pathway:
+        paths = _pathways(sizes, genes, perturbed, sign, rng)
+        for gene in perturbed:
+            single_shift[str(gene)] = single_shift[str(gene)] + _pathway_single(paths, str(gene), sizes.program_saturation)
+        doubles = _pathway_doubles(sizes, perturbed, linear, paths, rng)
+        # Module members co-vary in control cells: one activity programme per module.
+        membership = np.zeros((sizes.n_modules, n))
+        for gene, module in paths.module_of.items():
+            membership[module, gene_index[gene]] = sizes.coexpression_sd
+        programs = np.concatenate([programs, membership])
+        module_of = np.array([paths.module_of[str(g)] for g in perturbed], dtype=np.int64)
+        cooperating = np.array(sorted(paths.joint), dtype=np.int64).reshape(-1, 2)
+    else:
+        doubles = _random_doubles(sizes, perturbed, linear, single_shift, rng)
+
+    names = [str(g) for g in perturbed] + doubles.names
+    types = ["single"] * perturbed.size + ["double"] * len(doubles.names)
+    interactions = ["none"] * perturbed.size + doubles.kinds
+    shifts = [single_shift[str(g)] for g in perturbed] + doubles.shifts
+    additive = [single_shift[str(g)] for g in perturbed] + [
+        single_shift[name.split("+")[0]] + single_shift[name.split("+")[1]] for name in doubles.names
+    ]
     return SimulatedWorld(
         genes=genes,
         is_real_symbol=is_real,
@@ -248,6 +395,8 @@ def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWo
         additive_shifts=np.asarray(additive),
         programs=programs,
         target_baseline_shift=rng.normal(0.0, 0.5, size=n),
+        module_of=module_of,
+        cooperating_modules=cooperating,
     )
 
 
@@ -263,7 +412,7 @@ def _sample_cells(
     """Integer counts (n_cells x genes) of one condition."""
     n_genes = world.genes.size
     efficiency = rng.beta(6.0, 2.0, size=(n_cells, 1)) if perturbed else np.zeros((n_cells, 1))
-    state = rng.normal(size=(n_cells, 2)) @ world.programs
+    state = rng.normal(size=(n_cells, world.programs.shape[0])) @ world.programs
     log_rate = world.log_base + baseline_shift + efficiency * shift + state
     fraction = np.exp(log_rate - log_rate.max(axis=1, keepdims=True))
     fraction /= fraction.sum(axis=1, keepdims=True)
@@ -307,7 +456,9 @@ def simulate_demo(out_dir: str | Path, seed: int, **sizes: Any) -> dict[str, Pat
     -1 knock-down), ``conditions``, ``condition_type``, ``interaction_type`` (``none`` for
     singles), ``shifts`` and ``additive_shifts`` (conditions x genes, log-rate shift vs control),
     ``interaction`` (= shifts - additive_shifts), ``target_baseline_shift`` (genes),
-    ``target_conditions`` (conditions observed in the target), ``seed``. Keyword arguments
+    ``target_conditions`` (conditions observed in the target), ``module_of`` (module of each
+    perturbed gene) and ``cooperating_modules`` (pairs of module ids; both empty for the random
+    model), ``seed``. Keyword arguments
     override :class:`SimulationSizes` fields. Same seed and sizes -> identical files.
     """
     unknown = set(sizes) - set(SimulationSizes.__dataclass_fields__)
@@ -372,6 +523,8 @@ def write_ground_truth(world: SimulatedWorld, seed: int, path: Path) -> Path:
         "interaction": world.shifts - world.additive_shifts,
         "target_baseline_shift": world.target_baseline_shift,
         "target_conditions": world.target_conditions,
+        "module_of": world.module_of,
+        "cooperating_modules": world.cooperating_modules,
         "seed": np.array(seed),
     }
     with atomic_output(path, suffix=".tmp.npz") as tmp:
@@ -384,3 +537,21 @@ def load_ground_truth(path: str | Path) -> dict[str, np.ndarray]:
     """Read ``ground_truth.npz`` (no pickle) into a dict of arrays."""
     with np.load(Path(path), allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def expected_log1p_mean(world: SimulatedWorld, shift: np.ndarray, *, n_cells: int, library_mean: float,
+                        rng: np.random.Generator, target_sum: float = 1e4, perturbed: bool = True,
+                        chunk: int = 2000) -> np.ndarray:
+    """Monte-Carlo estimate of a condition's mean log1p-normalised profile (the oracle's prediction).
+
+    Draws ``n_cells`` fresh cells of the condition from the simulator and averages
+    ``log1p(counts / library * target_sum)``, the scale the pipeline scores on.
+    """
+    total = np.zeros(world.genes.size)
+    zero = np.zeros(world.genes.size)
+    for start in range(0, n_cells, chunk):
+        size = min(chunk, n_cells - start)
+        counts = _sample_cells(world, shift, size, library_mean, zero, perturbed, rng).astype(np.float64)
+        library = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+        total += np.log1p(counts / library * target_sum).sum(axis=0)
+    return total / n_cells

@@ -35,6 +35,7 @@ from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.denoiser import BatchShard, CascadedDenoiser, FlowSettings
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
 from ccfm.h5io import atomic_output, read_csr_rows, read_obs_labels, read_var
+from ccfm.mean_model import MeanModel, MeanModelSettings, build_mean_model
 from ccfm.model import CascadedFlowModel, ModelConfig
 from ccfm.perturbations import PerturbationVocab
 
@@ -194,14 +195,21 @@ class TrainSettings:
 
 def build_denoiser(n_genes: int, model_section: Mapping[str, Any], train_section: Mapping[str, Any],
                    latent_dim: int, vocab: PerturbationVocab, seed: int) -> CascadedDenoiser:
-    """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent)."""
-    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "perturbation_type", "extra"}
+    """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent).
+
+    ``model.anchor: additive`` (the default) makes the expression flow start from the anchored
+    control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
+    """
+    anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
+    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "perturbation_type", "extra",
+                                                     "zero_init_expr_head"}
     config = ModelConfig(
         n_genes=n_genes, latent_dim=latent_dim, perturbation_type=vocab.kind, n_drugs=vocab.n_drugs,
-        **{key: value for key, value in model_section.items() if key in known},
+        zero_init_expr_head=anchored, **{key: value for key, value in model_section.items() if key in known},
     )
     torch.manual_seed(seed)
-    return CascadedDenoiser(CascadedFlowModel(config), FlowSettings.from_train_section(train_section))
+    flow = FlowSettings.from_train_section({**train_section, "source": "control" if anchored else "gaussian"})
+    return CascadedDenoiser(CascadedFlowModel(config), flow)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -210,9 +218,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_model(path: str | Path, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-               metadata: Mapping[str, Any] | None = None) -> None:
-    """Write ``model.pt``: weights + model config + flow settings + genes + vocabulary (JSON-able)."""
-    payload = {
+               metadata: Mapping[str, Any] | None = None, mean_model: MeanModel | None = None) -> None:
+    """Write ``model.pt``: weights + model config + flow settings + genes + vocabulary (JSON-able),
+    and the mean model (tensors + JSON) of an anchored flow."""
+    payload: dict[str, Any] = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in denoiser.model.state_dict().items()},
         "model_config": json.dumps(denoiser.model.config.to_dict()),
@@ -220,6 +229,8 @@ def save_model(path: str | Path, denoiser: CascadedDenoiser, vocab: Perturbation
         "vocab": json.dumps(vocab.to_dict()),
         "metadata": json.dumps(dict(metadata or {})),
     }
+    if mean_model is not None:
+        payload["mean_model"] = mean_model.to_payload()
     _atomic_torch_save(payload, Path(path))
 
 
@@ -228,6 +239,7 @@ class LoadedModel:
     denoiser: CascadedDenoiser
     vocab: PerturbationVocab
     metadata: dict[str, Any] = field(default_factory=dict)
+    mean_model: MeanModel | None = None
 
     @property
     def genes(self) -> list[str]:
@@ -247,7 +259,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     denoiser = CascadedDenoiser(CascadedFlowModel(config), settings)
     denoiser.model.load_state_dict(payload["state_dict"])
     denoiser.to(device).eval()
-    return LoadedModel(denoiser, PerturbationVocab.from_dict(json.loads(payload["vocab"])), json.loads(payload["metadata"]))
+    mean_model = MeanModel.from_payload(payload["mean_model"]) if "mean_model" in payload else None
+    return LoadedModel(denoiser, PerturbationVocab.from_dict(json.loads(payload["vocab"])), json.loads(payload["metadata"]),
+                       mean_model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +298,7 @@ class Trainer:
                  vocab: PerturbationVocab, settings: TrainSettings, seed: int, resume_dir: str | Path,
                  latent_targets: LatentTargets | None = None, device: str | torch.device = "cpu",
                  run_fingerprint: str = "", control_label: str = CONTROL_LABEL,
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None, mean_model: MeanModel | None = None) -> None:
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
         self.dist = dist or DistContext(device=torch.device(device))
@@ -307,6 +321,9 @@ class Trainer:
         self.resume_path = Path(resume_dir) / CHECKPOINT_NAME
         self.latent_targets = latent_targets if denoiser.latent_enabled else None
         self.run_fingerprint = run_fingerprint
+        # Anchored flow: each label's predicted mean shift (fixed during training), cached.
+        self.mean_model = mean_model
+        self._anchor_cache: dict[str, np.ndarray | None] = {}
         self.np_rng = np.random.default_rng(seed)
         self.sampler = PerturbationBatchSampler(data, train_labels, settings.batch_size, settings.infer_top_gene,
                                                 self.np_rng, control_label)
@@ -373,10 +390,23 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _tensors(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    def anchor_shift(self, label: str) -> np.ndarray | None:
+        """The mean model's predicted shift (G,) of ``label``; None when it has no anchor."""
+        if self.mean_model is None:
+            return None
+        if label not in self._anchor_cache:
+            shift = self.mean_model.delta(label)
+            self._anchor_cache[label] = None if shift is None else shift.numpy().astype(np.float32)
+        return self._anchor_cache[label]
+
+    def _tensors(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         window = batch.gene_window
         target_full = self.data.dense_rows(batch.target_rows)
         source = self.data.dense_rows(batch.control_rows)[:, window]
+        x_start = None
+        if self.denoiser.settings.source == "control":
+            shift = self.anchor_shift(batch.label)
+            x_start = torch.from_numpy(source if shift is None else source + shift[window]).to(self.device)
         z_target = None
         if self.latent_targets is not None:
             started = time.perf_counter()
@@ -387,7 +417,7 @@ class Trainer:
         gene_ids = torch.as_tensor(window, device=self.device).expand(len(batch.target_rows), -1)
         pert_ids = self.vocab.batch_ids([batch.label] * len(batch.target_rows)).to(self.device)
         target = torch.from_numpy(target_full[:, window]).to(self.device)
-        return gene_ids, torch.from_numpy(source).to(self.device), target, pert_ids, z_target
+        return gene_ids, torch.from_numpy(source).to(self.device), target, pert_ids, z_target, x_start
 
     def _local_part(self, batch: Batch) -> tuple[Batch, BatchShard]:
         """This process's contiguous slice of the global batch (all of it in a single process)."""
@@ -404,10 +434,10 @@ class Trainer:
         local, shard = self._local_part(self.sampler.sample())
         if self.rows_seen is not None:
             self.rows_seen.append(local.target_rows)
-        gene_ids, source, target, pert_ids, z_target = self._tensors(local)
+        gene_ids, source, target, pert_ids, z_target, x_start = self._tensors(local)
         use_bf16 = self.settings.bf16 and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = self.loss_module(gene_ids, source, target, pert_ids, z_target, self.torch_gen, shard)
+            losses = self.loss_module(gene_ids, source, target, pert_ids, z_target, self.torch_gen, shard, x_start)
         self.optimizer.zero_grad(set_to_none=True)
         # The shares sum to the global loss over ranks and DDP averages gradients: scale back by
         # the world size so the update equals the single-process one.
@@ -465,12 +495,42 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
 
 
 def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-                    train_labels: Sequence[str], seed: int) -> str:
-    """Fingerprint of a training run for :meth:`Trainer.try_resume`."""
+                    train_labels: Sequence[str], seed: int, extra: Mapping[str, Any] | None = None) -> str:
+    """Fingerprint of a training run for :meth:`Trainer.try_resume` (``extra``: e.g. mean-model settings)."""
     return fingerprint({
         "train": asdict(settings), "flow": denoiser.settings.to_dict(), "model": denoiser.model.config.to_dict(),
         "genes": vocab.genes, "drugs": vocab.drugs, "train_labels": sorted(train_labels), "seed": seed,
+        **dict(extra or {}),
     })
+
+
+def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048) -> dict[str, np.ndarray]:
+    """Pseudobulk mean log1p profile (G,) of each label's loaded cells, read ``chunk`` rows at a time."""
+    means: dict[str, np.ndarray] = {}
+    for label in labels:
+        rows = data.rows_of(label)
+        if rows.size == 0:
+            continue
+        total = np.zeros(data.n_genes, dtype=np.float64)
+        for start in range(0, rows.size, chunk):
+            total += data.dense_rows(rows[start : start + chunk]).sum(axis=0, dtype=np.float64)
+        means[label] = total / rows.size
+    return means
+
+
+def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: MeanModelSettings, seed: int,
+                   control_label: str = CONTROL_LABEL, coexpression_cells: int = 2000) -> MeanModel:
+    """The anchored flow's mean model from the training cells (see :mod:`ccfm.mean_model`)."""
+    means = label_means(data, [*train_labels, control_label])
+    if control_label not in means:
+        raise ValueError(f"no control cells labelled {control_label!r} in the processed data")
+    control_mean = means.pop(control_label)
+    control_rows = data.rows_of(control_label)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x6D65616E])  # 'mean': its own stream of the run seed
+    sample = np.sort(rng.choice(control_rows, size=min(coexpression_cells, control_rows.size), replace=False))
+    model, _ = build_mean_model(data.genes, control_mean, means, data.dense_rows(sample), settings, seed)
+    log.info("mean model: %d singles with observed effects, interaction learner %r", len(model.singles), settings.interaction)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,11 +626,14 @@ def train_from_files(
             draws=settings.steps * settings.batch_size, dist=dist,
         )
     denoiser = build_denoiser(data.n_genes, model_section, train_section, latent_dim, vocab, seed)
+    mean_settings = MeanModelSettings.from_sections(model_section, train_section)
+    mean_model = fit_mean_model(data, train_labels, mean_settings, seed) if mean_settings.anchor == "additive" else None
     n_params = sum(p.numel() for p in denoiser.parameters())
     log.info("model: %d parameters, latent stream %s (D=%d), %d genes, %d training perturbations",
              n_params, "on" if latent_dim else "off", latent_dim, data.n_genes, len(train_labels))
     trainer = Trainer(denoiser, data, train_labels, vocab, settings, seed, resume_dir, latent_targets, device,
-                      run_fingerprint(settings, denoiser, vocab, train_labels, seed), dist=dist)
+                      run_fingerprint(settings, denoiser, vocab, train_labels, seed, {"mean": mean_settings.to_dict()}),
+                      dist=dist, mean_model=mean_model)
     result = trainer.run(progress=progress)
     log.info("trained %d steps (resumed from %d) in %.1f s, %.1f%% in scGPT feature extraction",
              result.steps_run, result.resumed_from, result.seconds, 100 * result.extract_seconds / max(result.seconds, 1e-9))
@@ -581,8 +644,9 @@ def train_from_files(
     write_loss_tsv(result.history, out_loss)
     save_model(out_model, trainer.denoiser, vocab, {
         "seed": seed, "steps": settings.steps, "train_labels": train_labels, "latent": bool(latent_dim),
-        "latent_stats": stats_meta, "n_parameters": n_params,
-    })
+        "latent_stats": stats_meta, "n_parameters": n_params, "anchor": mean_settings.anchor,
+        "interaction": mean_settings.interaction if mean_model is not None else "off",
+    }, mean_model=mean_model)
     return result
 
 
