@@ -495,7 +495,7 @@ def check_gene_labels(labels: pd.Series, column: str, control_label: str, path: 
     numeric = [label for label in distinct if _NUMBER.match(label)]
     if numeric:
         raise NotGeneSymbolsError(
-            f"{path}: obs[{column!r}] holds numbers ({_preview(sorted(numeric, key=len))}; {len(numeric)} "
+            f"{path}: obs[{column!r}] holds numbers ({_preview(sorted(numeric, key=lambda v: (len(v), v)))}; {len(numeric)} "
             f"of {len(distinct)} perturbation labels): the column is not gene symbols. With "
             f"'perturbation_type: gene' every label names the perturbed gene(s), e.g. 'KLF1' or "
             f"'KLF1+MAP2K6'. Fix: set 'perturbation_column' to the column that holds the target gene "
