@@ -19,7 +19,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.y
 # Sections a dataset may override, with built-in defaults (config.yaml may change them).
 SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "preprocess": {"n_top_genes": 5000, "target_sum": 10000, "chunk_size": 10000},
-    "split": {"n_folds": 5, "folds": [1], "heldout_fraction": 0.3},
+    "split": {"n_folds": 5, "folds": [1], "heldout_fraction": 0.3, "min_cells_per_perturbation": 1},
     "latent": {
         "enabled": True,
         "cache": "auto",

@@ -40,6 +40,7 @@ from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
 from ccfm.h5io import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
 from ccfm.model import CascadedFlowModel, ModelConfig
 from ccfm.perturbations import PerturbationVocab
+from ccfm.validation import check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -616,6 +617,9 @@ def train_from_files(
     # Held-out cells are never drawn in training: not reading them saves their share of X.
     data = load_expression(processed_h5ad, keep_labels=[*train_labels, CONTROL_LABEL])
     settings = TrainSettings.from_train_section(train_section)
+    # Checked by the split rule too; again here for a batch size changed after the split.
+    check_batch_size(pd.Series(data.labels).value_counts().to_dict(), train_labels, settings.batch_size,
+                     f"{processed_h5ad} (split {split_json})", log)
     if dist is not None and dist.distributed:
         device = dist.device
     elif device is not None:

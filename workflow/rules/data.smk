@@ -151,6 +151,7 @@ rule split:
         seed=config["seed"],
         heldout_fraction=lambda wc: section(wc.ds, "split")["heldout_fraction"],
         n_folds=lambda wc: section(wc.ds, "split")["n_folds"],
+        min_cells=lambda wc: section(wc.ds, "split")["min_cells_per_perturbation"],
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
     log:
         "logs/split/{ds}_fold{fold}.log",
