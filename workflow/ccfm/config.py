@@ -110,6 +110,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key(s) {', '.join(map(repr, extra))} under '{where}'{hint}"
     if error.validator == "required":
         return f"'{where}' is missing a required key: {error.message}"
+    if error.validator == "not" and isinstance(error.instance, str) and "enum" in (error.validator_value or {}):
+        # propertyNames of `datasets`: a name that is also a rule of the workflow
+        return (
+            f"dataset name {error.instance!r} under '{where}' is the name of a rule of the workflow "
+            f"(Snakemake creates a target rule named after each dataset, and the two would clash). "
+            f"Rename the dataset, e.g. '{error.instance}_data', in 'datasets' and 'run'. Reserved "
+            f"names: {', '.join(error.validator_value['enum'])}"
+        )
     return f"config key '{where}': {error.message}"
 
 
