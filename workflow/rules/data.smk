@@ -19,7 +19,6 @@ WITH_TARGET = "|".join(ds for ds, spec in config["datasets"].items() if "target"
 LABEL_KEYS = ("perturbation_column", "control_label", "combo_separator", "input_scale")
 # Guide indices ("ZAP70_1") are stripped from gene labels; drug names may be numbers: keep them.
 GUIDE_TOKEN = {"gene": r"^\d+$", "drug": None}
-DOWNLOAD_KEYS = ("url", "md5", "sha256", "allow_unverified")
 
 
 rule simulate_demo:
@@ -50,7 +49,11 @@ rule download_dataset:
     wildcard_constraints:
         ds=DOWNLOADED,
     params:
-        download=lambda wc: {k: config["datasets"][wc.ds].get(k) for k in DOWNLOAD_KEYS},
+        # Only the source is a param. md5/sha256/allow_unverified are read from the config by the
+        # script: as params, pinning a checksum on a downloaded file would rerun the download and
+        # everything after it (Snakemake deletes the outputs of a job it reruns).
+        url=lambda wc: config["datasets"][wc.ds].get("url"),
+        block="dataset",
     log:
         "logs/download_dataset/{ds}.log",
     threads: 1
@@ -69,7 +72,8 @@ use rule download_dataset as download_target with:
     wildcard_constraints:
         ds=TARGET_DOWNLOADED,
     params:
-        download=lambda wc: {k: config["datasets"][wc.ds]["target"].get(k) for k in DOWNLOAD_KEYS},
+        url=lambda wc: config["datasets"][wc.ds]["target"].get("url"),
+        block="target",
     log:
         "logs/download_target/{ds}.log",
 

@@ -29,10 +29,9 @@ rule scgpt_download:
         model="resources/scgpt/whole-human/best_model.pt",
         vocab="resources/scgpt/whole-human/vocab.json",
         args="resources/scgpt/whole-human/args.json",
-    params:
-        gdrive_folder=config.get("scgpt", {}).get("whole_human_gdrive_folder", "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y"),
-        mirror_url=config.get("scgpt", {}).get("whole_human_url"),
-        sha256=config.get("scgpt", {}).get("whole_human_sha256"),
+    # No params: the Drive folder, the mirror and the sha256 digests are read from the config by
+    # the script. As params, pinning a digest or adding a mirror would delete and re-download
+    # the 200 MB checkpoint and retrain every model built on it.
     log:
         "logs/scgpt/download_whole_human.log",
     threads: 1
