@@ -52,3 +52,32 @@ def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path) -> Non
     dry = _snakemake(work, "-n", target)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "Nothing to be done" in dry.stdout + dry.stderr, (dry.stdout + dry.stderr)[-3000:]
+
+
+def _rule_blocks() -> dict[str, str]:
+    """Rule name -> its text, from the workflow's rule files."""
+    import re
+
+    text = "\n".join(path.read_text() for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    parts = re.split(r"^(?:use )?rule (\w+)", text, flags=re.M)
+    return {name: body for name, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_every_memory_request_grows_with_the_retry_attempt() -> None:
+    import re
+
+    blocks = _rule_blocks()
+    fixed = {name: line.strip() for name, body in blocks.items() for line in body.splitlines()
+             if re.match(r"\s+mem_mb=", line) and "attempt" not in line}
+    assert fixed == {}, "a retry after an OOM kill would get the same memory"
+
+
+def test_gpu_rules_declare_a_gpu_and_the_gpu_profile_names_them() -> None:
+    blocks = _rule_blocks()
+    with_gpu = {name for name, body in blocks.items() if "\n        gpu=" in body}
+    assert {"calibrate_latent", "train_ccfm", "predict", "adapt_mmd", "predict_target"} <= with_gpu
+    profile = yaml.safe_load((ROOT / "profiles" / "gpu" / "config.v8+.yaml").read_text())
+    # train_ccfm takes train.gpus from the config; every other GPU rule is pinned to one GPU
+    assert {name for name, res in profile["set-resources"].items() if res.get("gpu") == 1} == with_gpu - {"train_ccfm"}
+    slurm = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.v8+.yaml").read_text())
+    assert all(slurm["set-resources"][name]["slurm_partition"] == "gpu" for name in with_gpu)

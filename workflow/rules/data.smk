@@ -35,7 +35,7 @@ rule simulate_demo:
         "logs/simulate_demo/{ds}.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -58,7 +58,7 @@ rule download_dataset:
         "logs/download_dataset/{ds}.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=240,
     conda:
         ENV
@@ -97,7 +97,8 @@ rule preprocess:
         "logs/preprocess/{ds}.log",
     threads: 1
     resources:
-        mem_mb=8000,
+        # Streaming passes keep memory flat in the cells; a retry after an OOM kill gets more.
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=120,
     conda:
         ENV
@@ -131,7 +132,7 @@ rule preprocess_target:
         "logs/preprocess_target/{ds}.log",
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=120,
     conda:
         ENV
@@ -161,7 +162,7 @@ rule split:
         "logs/split/{ds}_fold{fold}.log",
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=30,
     conda:
         ENV

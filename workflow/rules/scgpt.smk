@@ -16,7 +16,7 @@ rule scgpt_build_tiny:
         "logs/scgpt/build_tiny.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -36,7 +36,7 @@ rule scgpt_download:
         "logs/scgpt/download_whole_human.log",
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=60,
     conda:
         ENV
@@ -65,7 +65,7 @@ rule gene_vocab_map:
         "logs/{ds}/gene_vocab_map.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -90,8 +90,11 @@ rule calibrate_latent:
         "logs/{ds}/fold{fold}/calibrate_latent.log",
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=240,
+        # Runs frozen scGPT on CUDA when a GPU is visible: one GPU, so that under profiles/gpu
+        # it never shares the card with a training job.
+        gpu=1,
     conda:
         ENV
     script:
