@@ -121,7 +121,8 @@ def classify_values(values: np.ndarray, where: str, configured: str = "auto") ->
             f"{where}: {evidence}. This looks like non-integer counts (ambient-RNA corrected, e.g. "
             f"SoupX/DecontX), not log1p data (log1p-normalised values are almost never whole "
             f"numbers); with input_scale: auto they would be taken for log1p and never normalised. "
-            f"Fix: set 'input_scale: counts' for this dataset in config/config.yaml to normalise them "
+            f"Fix: set 'input_scale: counts' for this dataset in config/config.yaml (in its 'target:' "
+            f"block for a target file) to normalise them "
             f"as counts (better: provide the raw integer counts, e.g. in layers['counts']), or "
             f"'input_scale: log1p' if they really are log1p values."
         )

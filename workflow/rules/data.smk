@@ -120,7 +120,8 @@ rule preprocess_target:
             **{k: ds_cfg(wc.ds)[k] for k in LABEL_KEYS},
             # the target context may name its own label column and control label
             **{k: v for k, v in config["datasets"][wc.ds]["target"].items() if k in LABEL_KEYS},
-            "input_scale": "auto",
+            # the target's own scale setting (not the source's): detected unless given
+            "input_scale": config["datasets"][wc.ds]["target"].get("input_scale", "auto"),
             "guide_token_pattern": GUIDE_TOKEN[ds_cfg(wc.ds)["perturbation_type"]],
             **{k: section(wc.ds, "preprocess")[k] for k in ("target_sum", "chunk_size")},
             "predict": list(config["datasets"][wc.ds]["target"].get("predict", [])),
