@@ -12,8 +12,9 @@ configuration continues from there, and on CPU the result is bit-identical to an
 run. "Same configuration" is the run fingerprint: settings, genes, labels, seed and the identity
 of every input (data, split, latent stats, scGPT checkpoint, latent settings); a checkpoint of
 another run is discarded with a log line naming what changed, and a finished run's checkpoint is
-removed once ``model.pt`` is written, so a rerun trains from step 0. The final ``model.pt`` carries the model config, gene list and perturbation vocabulary, so
-prediction needs nothing else. Everything is loaded with ``torch.load(weights_only=True)``.
+removed once ``model.pt`` is written, so a rerun trains from step 0. The final ``model.pt``
+carries the model config, gene list and perturbation vocabulary, so prediction needs nothing else.
+Everything is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
