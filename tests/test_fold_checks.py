@@ -95,3 +95,11 @@ def test_perturbations_with_one_or_two_cells_warn_and_a_minimum_leaves_them_out(
     assert strict["excluded_few_cells"] == ["A+D", "D"]
     assert not {"D", "A+D"} & (set(strict["train"]) | set(strict["test"]))
     assert "left out of training and scoring" in caplog.text and "have only 1-2 cells" not in caplog.text
+
+
+def test_target_context_with_too_few_scored_perturbations_names_the_target_fix() -> None:
+    with pytest.raises(TooFewPerturbationsError) as caught:
+        check_enough_perturbations(2, "full", "results/x/target_processed.h5ad", target=True)
+    message = str(caught.value)
+    assert "target context has 2 perturbation(s) both predicted and observed" in message
+    assert "'target:' block" in message and "split.heldout_fraction" not in message

@@ -37,18 +37,27 @@ class TooFewPerturbationsError(ValueError):
     """A fold holds out fewer perturbations than the configured cell-eval profile can score."""
 
 
-def check_enough_perturbations(n_perturbations: int, profile: str, where: str) -> None:
-    """Raise :class:`TooFewPerturbationsError` before any work if ``profile`` cannot score the fold."""
+def check_enough_perturbations(n_perturbations: int, profile: str, where: str, *, target: bool = False) -> None:
+    """Raise :class:`TooFewPerturbationsError` before any work if ``profile`` cannot score the fold.
+
+    ``target``: the perturbations are the scored ones of the ``target:`` context, not a fold's.
+    """
     needed = MIN_PERTURBATIONS.get(profile, 1)
     if n_perturbations >= needed:
         return
     others = ", ".join(p for p in CELL_EVAL_PROFILES if MIN_PERTURBATIONS.get(p, 1) <= max(n_perturbations, 1))
+    if target:
+        what = f"the target context has {n_perturbations} perturbation(s) both predicted and observed"
+        more = ("predict more observed target perturbations (the 'predict:' list of the dataset's "
+                "'target:' block; empty means every observed one)")
+    else:
+        what = f"the fold holds out {n_perturbations} perturbation(s)"
+        more = (f"raise split.heldout_fraction for this dataset in config/config.yaml so that at least "
+                f"{needed} are held out")
     raise TooFewPerturbationsError(
-        f"{where}: the fold holds out {n_perturbations} perturbation(s), but cell-eval's {profile!r} "
-        f"profile needs at least {needed} (its clustering_agreement and pearson_edistance metrics "
-        f"compare held-out perturbations with each other). Fix: raise split.heldout_fraction for "
-        f"this dataset in config/config.yaml so that at least {needed} are held out, or set "
-        f"score.profile to one that scores any number ({others})."
+        f"{where}: {what}, but cell-eval's {profile!r} profile needs at least {needed} (its "
+        f"clustering_agreement and pearson_edistance metrics compare perturbations with each "
+        f"other). Fix: {more}, or set score.profile to one that scores any number ({others})."
     )
 
 
