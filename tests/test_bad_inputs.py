@@ -223,3 +223,24 @@ def test_empty_target_says_the_file_is_empty(tmp_path: Path) -> None:
     target = _empty(tmp_path / "target_raw.h5ad")
     with pytest.raises(EmptyInputError, match="target_raw.h5ad: the file is empty"):
         preprocess_target(target, processed, tmp_path / "out" / "t.h5ad", dataset="ds", chunk_size=32)
+
+
+def test_float16_counts_layer_is_refused_but_an_unused_float16_layer_is_not(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.h5ad"
+    adata = ad.AnnData(X=sp.csr_matrix(np.log1p(_counts())), obs=pd.DataFrame({"target_gene": _labels()}, index=[f"c{i}" for i in range(N_CELLS)]),
+                       var=pd.DataFrame(index=GENES), layers={"counts": sp.csr_matrix(_counts()), "spliced": sp.csr_matrix(_counts())})
+    adata.write_h5ad(raw)
+    with h5py.File(raw, "r+") as file:  # an unused layer in float16: irrelevant
+        values = file["layers/spliced/data"][...]
+        del file["layers/spliced/data"]
+        file["layers/spliced/data"] = values.astype(np.float16)
+    summary = preprocess_dataset(raw, tmp_path / "ok.h5ad", dataset="ds", n_top_genes=10, chunk_size=32)
+    assert summary["input_scale"] == "counts"  # read from layers['counts']
+    with h5py.File(raw, "r+") as file:
+        values = file["layers/counts/data"][...]
+        del file["layers/counts/data"]
+        file["layers/counts/data"] = values.astype(np.float16)
+    out = tmp_path / "out" / "processed.h5ad"
+    with pytest.raises(UnsupportedDtypeError, match=r"layers/counts is stored as float16.*adata.layers\['counts'\] = "):
+        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -145,14 +145,19 @@ def check_readable_h5ad(path: Path) -> None:
     check_matrix_dtypes(path)
 
 
+# The matrices preprocessing reads: X, and the raw counts layer when X is log1p.
+_READ_ELEMENTS = ("X", "layers/counts")
+
+
 def _matrix_elements(path: Path) -> dict[str, Any]:
-    """X and every layer of an h5ad file, as ``name -> (shape, dtype)`` read from the metadata."""
+    """The matrices preprocessing reads, as ``name -> (shape, dtype)`` from the metadata."""
     import h5py
 
     found: dict[str, Any] = {}
     with h5py.File(path, "r") as file:
-        names = ["X"] + [f"layers/{name}" for name in (file["layers"].keys() if "layers" in file else [])]
-        for name in names:
+        for name in _READ_ELEMENTS:
+            if name not in file:
+                continue
             element = file[name]
             if isinstance(element, h5py.Dataset):
                 found[name] = (tuple(int(n) for n in element.shape), element.dtype)
@@ -174,7 +179,9 @@ def check_not_empty(path: Path) -> None:
 
 
 def check_matrix_dtypes(path: Path) -> None:
-    """Raise :class:`UnsupportedDtypeError` if X or a layer is float16, complex or non-numeric.
+    """Raise :class:`UnsupportedDtypeError` if X or layers['counts'] is float16, complex or non-numeric.
+
+    Other layers are never read, so their dtype does not matter.
 
     Checked from the metadata, before any row is read: scipy.sparse cannot hold float16, so the
     streaming passes would otherwise stop with a scipy trace at their first chunk.
