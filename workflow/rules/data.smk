@@ -91,7 +91,6 @@ rule preprocess:
             **{k: section(wc.ds, "preprocess")[k] for k in ("n_top_genes", "target_sum", "chunk_size")},
             # validated against the data's genes (drugs: its drugs) before any work; genes are kept
             "predict": list(ds_cfg(wc.ds).get("predict", [])),
-            "perturbation_type": ds_cfg(wc.ds)["perturbation_type"],
         },
     log:
         "logs/preprocess/{ds}.log",
@@ -125,9 +124,6 @@ rule preprocess_target:
             "guide_token_pattern": GUIDE_TOKEN[ds_cfg(wc.ds)["perturbation_type"]],
             **{k: section(wc.ds, "preprocess")[k] for k in ("target_sum", "chunk_size")},
             "predict": list(config["datasets"][wc.ds]["target"].get("predict", [])),
-            "perturbation_type": ds_cfg(wc.ds)["perturbation_type"],
-            # fraction of the source genes the target must measure (fewer: adaptation is meaningless)
-            "min_shared_genes": config["datasets"][wc.ds]["target"].get("min_shared_genes", 0.5),
         },
     log:
         "logs/preprocess_target/{ds}.log",
