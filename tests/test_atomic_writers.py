@@ -87,3 +87,21 @@ def test_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(
     with pytest.raises(OSError, match="simulated"):
         write(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_temporaries_of_a_killed_writer_are_removed_before_the_output_is_written(tmp_path: Path) -> None:
+    """SIGKILL skips atomic_output's cleanup: the next write of that output removes the leftovers."""
+    from ccfm.h5io import atomic_output, stale_temporaries
+
+    out = tmp_path / "processed.h5ad"
+    # names atomic_output gives its temporaries, as a killed job (or two SLURM attempts) left them
+    stale = [tmp_path / ".processed.h5ad.0123456789ab.tmp.h5ad", tmp_path / ".processed.h5ad.ba9876543210.tmp.h5ad"]
+    # not temporaries of this output: another output's, a download's .part, a user's hidden file
+    kept = [tmp_path / ".pred.h5ad.0123456789ab.tmp.h5ad", tmp_path / "processed.h5ad.part", tmp_path / ".processed.h5ad.notes"]
+    for path in stale + kept:
+        path.write_bytes(b"x" * 10)
+    assert stale_temporaries(out) == sorted(stale)
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(b"complete")
+    assert out.read_bytes() == b"complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in kept)])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccfm.config import ConfigError, dataset_config, dataset_section, load_config, validate_config
+from ccfm.config import SCHEMA_PATH, ConfigError, dataset_config, dataset_section, load_config, validate_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
@@ -73,3 +73,27 @@ def test_dataset_config_fills_defaults(config):
     assert merged["control_label"] == "non-targeting"
     with pytest.raises(ConfigError, match="not declared"):
         dataset_config(config, "nope")
+
+
+def _workflow_rule_names() -> set[str]:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = "\n".join(path.read_text() for path in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))])
+    return set(re.findall(r"^rule (\w+):", text, re.M)) | set(re.findall(r"^use rule \w+ as (\w+)", text, re.M))
+
+
+@pytest.mark.parametrize("name", ["split", "predict", "all", "train_ccfm", "download_target"])
+def test_dataset_named_like_a_rule_is_rejected(config, name):
+    config["datasets"][name] = config["datasets"].pop("demo")
+    config["run"] = [name]
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    message = str(caught.value)
+    assert f"dataset name {name!r}" in message and "is the name of a rule" in message and "Rename the dataset" in message
+
+
+def test_reserved_dataset_names_are_exactly_the_rules():
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    reserved = set(schema["properties"]["datasets"]["propertyNames"]["not"]["enum"])
+    assert reserved == _workflow_rule_names()

@@ -138,10 +138,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
         torch.testing.assert_close(b.denoiser.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
     text = log_path.read_text()
     assert "distributed training: 2 processes, backend gloo" in text and "[rank 0]" in text
-    # the request file travels as JSON, and rank 0 alone wrote the checkpoint
+    # the request file travels as JSON; the finished run's checkpoint is gone (a rerun starts at 0)
     request = json.loads((tmp_path / "two" / "resume" / "launch.json").read_text())
     assert request["train_section"]["gpus"] == 2 and request["seed"] == 5
-    assert sorted(p.name for p in (tmp_path / "two" / "resume").iterdir()) == ["checkpoint.pt", "launch.json"]
+    assert sorted(p.name for p in (tmp_path / "two" / "resume").iterdir()) == ["launch.json"]
 
 
 def test_torchrun_failure_names_the_log(tmp_path) -> None:

@@ -117,3 +117,15 @@ def test_offline_drive_download_fails_fast_and_keeps_partial_files(tmp_path, mon
     with pytest.raises(RuntimeError, match="put best_model.pt, vocab.json and args.json into"):
         download_whole_human(tmp_path / "whole-human", "folder123")
     assert (tmp_path / "whole-human" / ".gdrive-download").is_dir()
+
+
+def test_without_gdown_the_message_gives_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gdown", None)
+    with pytest.raises(RuntimeError) as error:
+        download_whole_human(tmp_path / "whole-human", "folder123")
+    assert "pip install 'ccfm[download]'" in str(error.value) and "gdown>=5" in str(error.value)
+    # the extra it names is declared
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert any(req.startswith("gdown") for req in pyproject["project"]["optional-dependencies"]["download"])

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.baselines import condition_means, predict_baseline
-from ccfm.celleval import run_cell_eval
+from ccfm.celleval import check_enough_perturbations, run_cell_eval
 from ccfm.conditions import parse_condition
 from ccfm.generation import GenerateSettings, GenerationSetup, default_device, predict_label
 from ccfm.h5io import LabelledRows, atomic_output, read_obs, read_rows_with_labels
@@ -888,6 +888,9 @@ def score_target_to_files(
     unscored = sorted(set(labels) - set(scored))
     if unscored:
         log.info("%d predicted target perturbation(s) have no observed cells and are not scored: %s", len(unscored), unscored[:10])
+    if cell_eval_profile:
+        # before any scoring: cell-eval would otherwise fail in its last metrics, after the others
+        check_enough_perturbations(len(scored), cell_eval_profile, str(target_h5ad), target=True)
     genes = [str(g) for g in real.var_names]
     controls = real.X[np.flatnonzero(real.obs[PERT_COLUMN].astype(str).to_numpy() == CONTROL_LABEL)]
     predictions = {"ccfm_adapted": predicted, "ccfm_unadapted": read_expression_h5ad(pred_unadapted)}

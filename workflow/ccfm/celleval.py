@@ -27,6 +27,38 @@ from ccfm.predictions import align_prediction_to_real, read_expression_h5ad, wri
 log = logging.getLogger(__name__)
 
 CELL_EVAL_PROFILES = ("full", "minimal", "vcc", "de", "anndata", "pds")
+# Held-out perturbations a profile needs: clustering_agreement builds a neighbour graph over the
+# perturbation centroids and pearson_edistance correlates distances between them, and both fail
+# (inside scanpy/scipy, after training) with fewer than three. Measured with cell-eval 0.8.2.
+MIN_PERTURBATIONS = {"full": 3, "anndata": 3}
+
+
+class TooFewPerturbationsError(ValueError):
+    """A fold holds out fewer perturbations than the configured cell-eval profile can score."""
+
+
+def check_enough_perturbations(n_perturbations: int, profile: str, where: str, *, target: bool = False) -> None:
+    """Raise :class:`TooFewPerturbationsError` before any work if ``profile`` cannot score the fold.
+
+    ``target``: the perturbations are the scored ones of the ``target:`` context, not a fold's.
+    """
+    needed = MIN_PERTURBATIONS.get(profile, 1)
+    if n_perturbations >= needed:
+        return
+    others = ", ".join(p for p in CELL_EVAL_PROFILES if MIN_PERTURBATIONS.get(p, 1) <= max(n_perturbations, 1))
+    if target:
+        what = f"the target context has {n_perturbations} perturbation(s) both predicted and observed"
+        more = ("predict more observed target perturbations (the 'predict:' list of the dataset's "
+                "'target:' block; empty means every observed one)")
+    else:
+        what = f"the fold holds out {n_perturbations} perturbation(s)"
+        more = (f"raise split.heldout_fraction for this dataset in config/config.yaml so that at least "
+                f"{needed} are held out")
+    raise TooFewPerturbationsError(
+        f"{where}: {what}, but cell-eval's {profile!r} profile needs at least {needed} (its "
+        f"clustering_agreement and pearson_edistance metrics compare perturbations with each "
+        f"other). Fix: {more}, or set score.profile to one that scores any number ({others})."
+    )
 
 
 @dataclass
@@ -91,6 +123,9 @@ def score_prediction(
     real = read_expression_h5ad(real_h5ad, pert_col)
     pred = read_expression_h5ad(pred_h5ad, pert_col)
     pred = align_prediction_to_real(pred, real, control_label, pert_col, source=str(pred_h5ad))
+    # Also checked by the split rule; again here for a profile changed after the split was made.
+    labels = real.obs[pert_col].astype(str)
+    check_enough_perturbations(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
     compact = compact_metrics(pred, real, control_label, top_de, pert_col=pert_col, seed=seed)
     results, aggregate = run_cell_eval(pred, real, control_label, profile, num_threads, pert_col)
     log.info("scored %s: %d perturbations, %d cell-eval metrics", pred_h5ad, len(results), results.shape[1] - 1)

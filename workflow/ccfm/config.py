@@ -19,7 +19,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.y
 # Sections a dataset may override, with built-in defaults (config.yaml may change them).
 SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "preprocess": {"n_top_genes": 5000, "target_sum": 10000, "chunk_size": 10000},
-    "split": {"n_folds": 5, "folds": [1], "heldout_fraction": 0.3},
+    "split": {"n_folds": 5, "folds": [1], "heldout_fraction": 0.3, "min_cells_per_perturbation": 1},
     "latent": {
         "enabled": True,
         "cache": "auto",
@@ -120,6 +120,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key(s) {', '.join(map(repr, extra))} under '{where}'{hint}"
     if error.validator == "required":
         return f"'{where}' is missing a required key: {error.message}"
+    if error.validator == "not" and isinstance(error.instance, str) and "enum" in (error.validator_value or {}):
+        # propertyNames of `datasets`: a name that is also a rule of the workflow
+        return (
+            f"dataset name {error.instance!r} under '{where}' is the name of a rule of the workflow "
+            f"(Snakemake creates a target rule named after each dataset, and the two would clash). "
+            f"Rename the dataset, e.g. '{error.instance}_data', in 'datasets' and 'run'. Reserved "
+            f"names: {', '.join(error.validator_value['enum'])}"
+        )
     return f"config key '{where}': {error.message}"
 
 

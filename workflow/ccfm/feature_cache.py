@@ -32,7 +32,7 @@ import torch
 from ccfm.calibration import iter_expression_batches
 from ccfm.distributed import DistContext
 from ccfm.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
-from ccfm.h5io import atomic_output, backed_matrix
+from ccfm.h5io import atomic_output, backed_matrix, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +125,23 @@ def _hash_array(array: np.ndarray) -> str:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a checkpoint: directory name, args.json content, weight file size and mtime."""
+    """Identity of a checkpoint: directory name, args.json content, weight file size and mtime (ns)."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256((model_dir / "args.json").read_bytes())
-    weights = (model_dir / "best_model.pt").stat()
-    digest.update(f"{weights.st_size}:{int(weights.st_mtime)}".encode())
+    digest.update(file_identity(model_dir / "best_model.pt").encode())
     return f"{model_dir.resolve().name}:{digest.hexdigest()[:16]}"
 
 
 def cache_manifest(extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_indices: np.ndarray) -> dict[str, Any]:
     """Everything the cached features depend on."""
-    stat = Path(processed_h5ad).stat()
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "model": model_fingerprint(extractor.model_dir),
         "genes_hash": _hash_array(extractor.gene_vocab_ids.astype(np.int64)),
         "cells_hash": _hash_array(np.asarray(cell_indices, dtype=np.int64)),
         "n_cells": int(len(cell_indices)),
-        "data": f"{Path(processed_h5ad).name}:{stat.st_size}:{int(stat.st_mtime)}",
+        # ns mtime: a same-size rewrite within one second (X * 3) must not reuse stale features
+        "data": file_identity(processed_h5ad),
         "seed": extractor.seed,
         "max_tokens_per_cell": extractor.max_tokens_per_cell,
         "dim": extractor.dim,

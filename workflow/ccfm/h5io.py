@@ -10,7 +10,9 @@ AnnData reads (``encoding-type: csr_matrix``). Files are produced through
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import PERT_COLUMN
+
+log = logging.getLogger(__name__)
 
 # HDF5 chunk of the nnz-long datasets: big enough for fast appends, small enough to index.
 _NNZ_CHUNK = 1 << 18
@@ -37,10 +41,16 @@ def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same directory so :func:`os.replace` is an atomic rename;
-    on an exception it is deleted and ``path`` is left untouched.
+    on an exception it is deleted and ``path`` is left untouched. A SIGKILL skips that cleanup, so
+    temporaries of ``path`` left by an earlier (killed) writer are removed first: Snakemake runs
+    one job per output at a time, so no live writer owns them, and SLURM retries would otherwise
+    pile up multi-GB hidden files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(path):
+        log.warning("removing %s, a temporary file a killed job left behind", stale)
+        stale.unlink(missing_ok=True)
     # A unique name that is not created here: the writer creates it with the usual permissions.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{suffix if suffix is not None else '.tmp' + path.suffix}"
     try:
@@ -48,6 +58,27 @@ def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_identity(path: str | Path) -> str:
+    """``name:size:mtime_ns`` of a file: cheap to compute for multi-GB inputs.
+
+    Nanosecond mtime (not seconds): a file rewritten within the same second with the same size
+    (``X * 3`` keeps the byte count of an uncompressed h5ad) must still count as changed. A
+    touched but identical file counts as changed too, which only costs a retraining.
+    """
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Hidden temporary files :func:`atomic_output` left beside ``path`` (a killed writer's)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    # Names are ``.<name>.<12 hex>.<suffix>``; the hex part keeps other files out of the match.
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[0-9a-f]{{12}}(\..*)?$")
+    return sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
 
 
 def _require(file: h5py.File, key: str, path: Path) -> Any:

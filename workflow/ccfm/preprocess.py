@@ -25,17 +25,29 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from ccfm.conditions import CONTROL, DEFAULT_GUIDE_TOKEN, canonicalize_labels, perturbed_names, summarize_conditions
-from ccfm.h5io import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_var
+from ccfm.conditions import (
+    CONTROL,
+    DEFAULT_GUIDE_TOKEN,
+    ConditionError,
+    canonicalize_labels,
+    perturbed_names,
+    summarize_conditions,
+)
+from ccfm.h5io import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_obs_labels, read_var
 from ccfm.validation import (
     InputValidationError,
     InvalidValuesError,
+    LabelParseError,
+    check_cell_names,
     check_chunk_values,
     check_controls,
+    check_gene_labels,
     check_gene_names,
     check_labels_present,
     check_perturbation_column,
     check_readable_h5ad,
+    check_target_gene_overlap,
+    validate_drug_predict_entries,
     validate_predict_entries,
     warn_doubles_missing_singles,
 )
@@ -47,6 +59,9 @@ SCALES = ("counts", "log1p")
 # non-integer values above this are some other normalisation the pipeline does not accept.
 _MAX_LOG1P_VALUE = 30.0
 _DETECTION_ROWS = 2000
+# Share of whole numbers among non-integer data above which they are taken for non-integer
+# counts: log1p(x) is a whole number only for x = e^k - 1, so log1p data have almost none.
+_NONINTEGER_COUNTS_WHOLE_FRACTION = 0.5
 
 
 class ScaleError(InputValidationError):
@@ -72,8 +87,14 @@ def _sample_values(path: Path, layer: str | None, n_rows: int) -> np.ndarray:
     return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
 
 
-def classify_values(values: np.ndarray, where: str) -> str:
-    """``counts`` if all values are non-negative integers, ``log1p`` if small non-integers."""
+def classify_values(values: np.ndarray, where: str, configured: str = "auto") -> str:
+    """``counts`` if all values are non-negative integers, ``log1p`` if small non-integers.
+
+    Non-integer values of which many are whole numbers are non-integer *counts* (ambient-RNA
+    corrected, e.g. SoupX/DecontX): log1p-normalised values are almost never whole numbers.
+    Under ``auto`` that is an error stating the evidence (treating them as log1p would skip
+    normalisation); an explicit ``configured`` scale decides.
+    """
     # NaN/inf are reported with their rows by the streaming check of every chunk
     # (ccfm.validation.check_chunk_values); the scale is judged on the finite values.
     values = values[np.isfinite(values)]
@@ -84,21 +105,46 @@ def classify_values(values: np.ndarray, where: str) -> str:
             f"{where}: negative values (min {values.min():.3g}): the data look scaled/z-scored. "
             f"Fix: provide raw counts or log1p-normalised values (e.g. adata.layers['counts'] or adata.raw)."
         )
-    if np.all(np.equal(np.mod(values, 1), 0)):
+    whole = np.equal(np.mod(values, 1), 0)
+    if whole.all():
         return "counts"
+    whole_fraction = float(whole.mean())
+    if whole_fraction >= _NONINTEGER_COUNTS_WHOLE_FRACTION:
+        evidence = (
+            f"{1 - whole_fraction:.1%} of the sampled non-zero values are non-integer but "
+            f"{whole_fraction:.1%} are whole numbers (max {values.max():.4g})"
+        )
+        if configured in SCALES:
+            log.warning("%s: %s: non-integer counts? using input_scale: %s as configured", where, evidence, configured)
+            return configured
+        raise ScaleError(
+            f"{where}: {evidence}. This looks like non-integer counts (ambient-RNA corrected, e.g. "
+            f"SoupX/DecontX), not log1p data (log1p-normalised values are almost never whole "
+            f"numbers); with input_scale: auto they would be taken for log1p and never normalised. "
+            f"Fix: set 'input_scale: counts' for this dataset in config/config.yaml (in its 'target:' "
+            f"block for a target file) to normalise them "
+            f"as counts (better: provide the raw integer counts, e.g. in layers['counts']), or "
+            f"'input_scale: log1p' if they really are log1p values."
+        )
     if values.max() <= _MAX_LOG1P_VALUE:
         return "log1p"
     raise ScaleError(
-        f"{where}: non-integer values up to {values.max():.3g}: neither raw counts nor log1p data "
-        f"(normalised but not log-transformed?). Provide raw counts or log1p-normalised values."
+        f"{where}: non-integer values up to {values.max():.3g}, only {whole_fraction:.1%} of them whole "
+        f"numbers: neither raw counts nor log1p data (normalised but not log-transformed?). Provide "
+        f"raw counts or log1p-normalised values (for ambient-RNA corrected counts: the raw counts, "
+        f"e.g. in layers['counts'])."
     )
 
 
-def detect_input_scale(path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS) -> str:
-    """Detect whether X (or a layer) holds raw counts or log1p values, from a row sample."""
+def detect_input_scale(path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS,
+                       configured: str = "auto") -> str:
+    """Detect whether X (or a layer) holds raw counts or log1p values, from a row sample.
+
+    ``configured`` only settles the ambiguous case of non-integer counts (:func:`classify_values`).
+    """
     path = Path(path)
     where = f"{path} ({'X' if layer is None else 'layers/' + layer})"
-    return classify_values(_sample_values(path, layer, n_rows), where)
+    return classify_values(_sample_values(path, layer, n_rows), where, configured)
 
 
 def resolve_input_scale(configured: str, detected: str, path: str | Path) -> str:
@@ -126,10 +172,10 @@ def resolve_input_scale(configured: str, detected: str, path: str | Path) -> str
 
 def choose_matrix(path: Path, configured_scale: str) -> tuple[str | None, str]:
     """Pick the element to read (X, or layers/counts when X is log1p) and its scale."""
-    detected = detect_input_scale(path)
+    detected = detect_input_scale(path, configured=configured_scale)
     if detected == "log1p" and configured_scale in ("auto", "counts") and has_layer(path, "counts"):
         # Many public files keep log1p in X and the raw counts in a layer: prefer the counts.
-        if detect_input_scale(path, layer="counts") == "counts":
+        if detect_input_scale(path, layer="counts", configured=configured_scale) == "counts":
             log.info("%s: X is log1p; using raw counts from layers['counts']", path)
             return "counts", resolve_input_scale(configured_scale, "counts", path)
     return None, resolve_input_scale(configured_scale, detected, path)
@@ -266,18 +312,29 @@ def canonical_obs(
     separator: str,
     guide_token_pattern: str | None,
     path: Path,
+    perturbation_type: str = "gene",
 ) -> pd.DataFrame:
     """obs with ``target_gene``, ``condition_type`` and ``original_condition`` (canonical labels).
 
-    Raises the :mod:`ccfm.validation` errors for a missing column, unlabelled cells and the
-    absence of control cells (suggesting a near-matching control label when there is one).
+    Raises the :mod:`ccfm.validation` errors for a missing column, unlabelled cells, duplicated
+    cell names, numbers where a gene dataset needs symbols, unparsable labels and the absence of
+    control cells (suggesting a near-matching control label when there is one).
     """
     check_perturbation_column(obs, perturbation_column, path)
+    check_cell_names(obs, path)
     labels = obs[perturbation_column]
     check_labels_present(labels, perturbation_column, control_label, path)
-    parsed = canonicalize_labels(
-        labels, control_label=control_label, separator=separator, guide_token_pattern=guide_token_pattern
-    )
+    if perturbation_type == "gene":
+        check_gene_labels(labels, perturbation_column, control_label, path, list(obs.columns))
+    try:
+        parsed = canonicalize_labels(
+            labels, control_label=control_label, separator=separator, guide_token_pattern=guide_token_pattern
+        )
+    except ConditionError as error:
+        raise LabelParseError(
+            f"{path}: obs[{perturbation_column!r}]: {error}. Fix: check 'perturbation_column' and "
+            f"'combo_separator' (now {separator!r}) for this dataset in config/config.yaml."
+        ) from None
     kept = obs.drop(columns=[c for c in parsed.columns if c in obs.columns])
     result = pd.concat([kept, parsed], axis=1)
     result.index = result.index.astype(str)
@@ -320,6 +377,18 @@ def _write_selected(
             writer.finish(obs, uns=uns)
 
 
+def _validate_predict(entries: list[str] | tuple[str, ...], perturbation_type: str, genes: pd.Index,
+                      canonical_labels: pd.Series, *, where: str) -> list[str]:
+    """``predict:`` entries checked against the data's genes, or its drugs for a drug dataset.
+
+    Returns the genes to keep in the output (none for drugs: a drug is not a column).
+    """
+    if perturbation_type == "drug":
+        validate_drug_predict_entries(entries, perturbed_names(pd.unique(canonical_labels.astype(str))), where=where)
+        return []
+    return validate_predict_entries(entries, genes, where=where)
+
+
 def preprocess_dataset(
     raw: str | Path,
     out: str | Path,
@@ -334,6 +403,7 @@ def preprocess_dataset(
     chunk_size: int = 10000,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
+    perturbation_type: str = "gene",
 ) -> dict[str, Any]:
     """Write ``processed.h5ad`` from a raw h5ad (see docs/architecture.md); return a summary.
 
@@ -347,12 +417,13 @@ def preprocess_dataset(
     check_readable_h5ad(raw)
     obs = canonical_obs(
         read_obs(raw), perturbation_column, control_label=control_label, separator=combo_separator,
-        guide_token_pattern=guide_token_pattern, path=raw,
+        guide_token_pattern=guide_token_pattern, path=raw, perturbation_type=perturbation_type,
     )
     var = read_var(raw)
     var.index = var.index.astype(str)
     check_gene_names(var, raw)
-    requested = validate_predict_entries(predict, var.index, where=f"{raw}: dataset {dataset!r} 'predict:'")
+    requested = _validate_predict(predict, perturbation_type, var.index, obs["target_gene"],
+                                  where=f"{raw}: dataset {dataset!r} 'predict:'")
     warn_doubles_missing_singles(obs["target_gene"].astype(str).unique(), raw, log)
     counts_by_type = summarize_conditions(obs["target_gene"].astype(str).tolist())
     log.info("conditions: %s", counts_by_type)
@@ -411,24 +482,31 @@ def preprocess_target(
     chunk_size: int = 10000,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
+    perturbation_type: str = "gene",
+    min_shared_genes: float = 0.5,
 ) -> dict[str, Any]:
     """Write ``target_processed.h5ad``: the target context on exactly the genes of ``processed``.
 
-    Genes of ``processed`` absent from the target become all-zero columns (logged). Library
-    sizes are taken over all target genes, as for the source, then the same
-    ``normalize_total(target_sum) + log1p`` is applied.
+    Genes of ``processed`` absent from the target become all-zero columns (logged); fewer than
+    ``min_shared_genes`` (a fraction) of them present is an error. Library sizes are taken over
+    all target genes, as for the source, then the same ``normalize_total(target_sum) + log1p``
+    is applied.
     """
     target_raw, processed, out = Path(target_raw), Path(processed), Path(out)
     check_readable_h5ad(target_raw)
     obs = canonical_obs(
         read_obs(target_raw), perturbation_column, control_label=control_label, separator=combo_separator,
-        guide_token_pattern=guide_token_pattern, path=target_raw,
+        guide_token_pattern=guide_token_pattern, path=target_raw, perturbation_type=perturbation_type,
     )
     genes = read_var(processed).index.astype(str)
     target_var = read_var(target_raw)
     # Duplicated target genes are tolerated (the first occurrence is used); Ensembl ids are not.
     check_gene_names(target_var, target_raw, allow_duplicates=True)
-    validate_predict_entries(predict, genes, where=f"{processed}: target 'predict:' of dataset {dataset!r}")
+    check_target_gene_overlap(list(genes), target_var.index.astype(str), target_raw, processed, min_shared_genes)
+    # Drugs a target may be asked for: those of the source (trained) and of the target's labels.
+    known = pd.concat([pd.Series(read_obs_labels(processed, "target_gene")), obs["target_gene"].astype(str)])
+    _validate_predict(predict, perturbation_type, genes, known,
+                      where=f"{processed}: target 'predict:' of dataset {dataset!r}")
     layer, scale = choose_matrix(target_raw, input_scale)
     position = pd.Series(np.arange(target_var.shape[0]), index=target_var.index.astype(str))
     if position.index.has_duplicates:

@@ -449,8 +449,9 @@ def download_whole_human(
         import gdown  # optional: only users who are online need it
     except ImportError as error:
         raise RuntimeError(
-            "the Python package 'gdown' (Google Drive downloader) is not installed. "
-            + manual_download_message(out_dir, folder_id) + " Or `pip install gdown` and rerun."
+            "the Python package 'gdown' (Google Drive downloader) is not installed. Install it with "
+            "`pip install 'ccfm[download]'` (or `pip install 'gdown>=5'`) and rerun. "
+            + manual_download_message(out_dir, folder_id)
         ) from error
     out_dir.mkdir(parents=True, exist_ok=True)
     # kept after a failure so the next run resumes the partial files

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ccfm.conditions import CONTROL, condition_type
 from ccfm.h5io import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
-from ccfm.validation import warn_doubles_missing_singles
+from ccfm.validation import FEW_CELLS, check_batch_size, few_cell_perturbations, warn_doubles_missing_singles
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,49 @@ def load_split(path: str | Path) -> dict[str, Any]:
     return split
 
 
-def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None) -> dict[str, Any]:
-    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the label column only)."""
+def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None,
+                        min_cells_per_perturbation: int = 1) -> dict[str, Any]:
+    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the label column only).
+
+    Perturbations with fewer than ``min_cells_per_perturbation`` cells take part in neither
+    side (listed under ``excluded_few_cells``); kept ones with fewer than
+    :data:`ccfm.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
+    """
     counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts()
-    split = make_split(counts.index, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds)
+    excluded = few_cell_perturbations(counts, min_cells_per_perturbation)
+    if excluded:
+        log.warning("%s: %d perturbation(s) with fewer than split.min_cells_per_perturbation=%d cells are left out "
+                    "of training and scoring: %s", processed, len(excluded), min_cells_per_perturbation,
+                    ", ".join(f"{k} ({v})" for k, v in list(excluded.items())[:20]))
+    noisy = {k: v for k, v in few_cell_perturbations(counts, FEW_CELLS).items() if k not in excluded}
+    if noisy:
+        log.warning("%s: %d perturbation(s) have only 1-%d cells, so their metrics are mostly noise: %s. "
+                    "Set split.min_cells_per_perturbation (e.g. %d) in config/config.yaml to leave them out.",
+                    processed, len(noisy), FEW_CELLS - 1, ", ".join(f"{k} ({v})" for k, v in list(noisy.items())[:20]), FEW_CELLS)
+    kept = [label for label in counts.index if label not in excluded]
+    split = make_split(kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds)
+    split["excluded_few_cells"] = sorted(excluded)
     split["n_cells"] = {
         "train": int(counts.reindex(split["train"]).fillna(0).sum()),
         "test": int(counts.reindex(split["test"]).fillna(0).sum()),
         "controls": int(counts.get(CONTROL, 0)),
     }
     return split
+
+
+def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_profile: str, batch_size: int) -> None:
+    """Fail before training if the fold cannot be scored with ``score_profile`` or batched.
+
+    Checks that enough perturbations are held out for the cell-eval profile
+    (:func:`ccfm.celleval.check_enough_perturbations`) and that ``train.batch_size`` fits the
+    training cells (:func:`ccfm.validation.check_batch_size`).
+    """
+    from ccfm.celleval import check_enough_perturbations
+
+    where = f"{processed} (fold {split['fold']})"
+    check_enough_perturbations(len(split["test"]), score_profile, where)
+    counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts().to_dict()
+    check_batch_size(counts, split["train"], int(batch_size), where, log)
 
 
 def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, chunk_size: int = 10000) -> int:

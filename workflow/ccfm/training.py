@@ -9,8 +9,12 @@ Loop: AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast o
 Every ``checkpoint_every`` steps the full training state (model, optimiser, scheduler, every RNG,
 the loss history) is written atomically to ``resume/checkpoint.pt``; a rerun of the same
 configuration continues from there, and on CPU the result is bit-identical to an uninterrupted
-run. The final ``model.pt`` carries the model config, gene list and perturbation vocabulary, so
-prediction needs nothing else. Everything is loaded with ``torch.load(weights_only=True)``.
+run. "Same configuration" is the run fingerprint: settings, genes, labels, seed and the identity
+of every input (data, split, latent stats, scGPT checkpoint, latent settings); a checkpoint of
+another run is discarded with a log line naming what changed, and a finished run's checkpoint is
+removed once ``model.pt`` is written, so a rerun trains from step 0. The final ``model.pt``
+carries the model config, gene list and perturbation vocabulary, so prediction needs nothing else.
+Everything is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from tqdm.auto import tqdm
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.denoiser import BatchShard, CascadedDenoiser, FlowSettings
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
-from ccfm.h5io import atomic_output, read_csr_rows, read_obs_labels, read_var
+from ccfm.h5io import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
 from ccfm.mean_model import MeanModel, MeanModelSettings, build_mean_model
 from ccfm.model import CascadedFlowModel, ModelConfig
 from ccfm.perturbations import PerturbationVocab
+from ccfm.validation import check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +287,41 @@ def fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def part_hashes(parts: Mapping[str, Any]) -> dict[str, str]:
+    """One short hash per part: stored in checkpoints so a mismatch can say *what* changed."""
+    return {str(name): fingerprint({"value": value}) for name, value in parts.items()}
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a small file (split JSON, latent stats, gene vocab, scGPT args/vocab)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def input_identity(processed_h5ad: str | Path, split_json: str | Path, *, use_latent: bool,
+                   latent_section: Mapping[str, Any] | None = None, latent_stats: str | Path | None = None,
+                   gene_vocab_tsv: str | Path | None = None, scgpt_dir: str | Path | None = None) -> dict[str, Any]:
+    """What a training run reads, as fingerprint parts (see :func:`run_fingerprint`).
+
+    ``processed.h5ad`` and the scGPT weights can be many GB, so they are identified by size and
+    nanosecond mtime (:func:`ccfm.h5io.file_identity`); the small files by their content. The
+    latent settings and files only enter for a latent run: the plain variant does not read them,
+    and a new calibration must not throw away its checkpoint.
+    """
+    identity: dict[str, Any] = {"processed.h5ad": file_identity(processed_h5ad), "split": _content_hash(Path(split_json))}
+    if use_latent:
+        if latent_stats is None or gene_vocab_tsv is None or scgpt_dir is None:
+            raise ValueError("a latent run's identity needs latent_stats, gene_vocab_tsv and scgpt_dir")
+        scgpt = Path(scgpt_dir)
+        identity.update({
+            "latent section": dict(latent_section or {}),
+            "latent_stats.pt": _content_hash(Path(latent_stats)),
+            "gene_vocab.tsv": _content_hash(Path(gene_vocab_tsv)),
+            "scGPT checkpoint": [file_identity(scgpt / "best_model.pt"), _content_hash(scgpt / "args.json"),
+                                 _content_hash(scgpt / "vocab.json")],
+        })
+    return identity
+
+
 @dataclass
 class TrainResult:
     history: list[list[float]]  # rows of LOSS_COLUMNS
@@ -298,7 +338,8 @@ class Trainer:
                  vocab: PerturbationVocab, settings: TrainSettings, seed: int, resume_dir: str | Path,
                  latent_targets: LatentTargets | None = None, device: str | torch.device = "cpu",
                  run_fingerprint: str = "", control_label: str = CONTROL_LABEL,
-                 dist: DistContext | None = None, mean_model: MeanModel | None = None) -> None:
+                 dist: DistContext | None = None, fingerprint_parts: Mapping[str, str] | None = None,
+                 mean_model: MeanModel | None = None) -> None:
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
         self.dist = dist or DistContext(device=torch.device(device))
@@ -321,6 +362,8 @@ class Trainer:
         self.resume_path = Path(resume_dir) / CHECKPOINT_NAME
         self.latent_targets = latent_targets if denoiser.latent_enabled else None
         self.run_fingerprint = run_fingerprint
+        # Per-part hashes (:func:`part_hashes`): saved so a later mismatch names what changed.
+        self.fingerprint_parts = dict(fingerprint_parts or {})
         # Anchored flow: each label's predicted mean shift (fixed during training), cached.
         self.mean_model = mean_model
         self._anchor_cache: dict[str, np.ndarray | None] = {}
@@ -346,6 +389,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "fingerprint": self.run_fingerprint,
+            "fingerprint_parts": self.fingerprint_parts,
             "step": self.step,
             "model": self.denoiser.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -371,8 +415,8 @@ class Trainer:
             return 0
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.run_fingerprint:
-            log.warning("ignoring %s: it was written by a different configuration (fingerprint %s != %s)",
-                        self.resume_path, state.get("fingerprint"), self.run_fingerprint)
+            log.warning("discarding %s (step %s): %s; training starts from step 0", self.resume_path,
+                        state.get("step"), self._mismatch_reason(state))
             return 0
         self.denoiser.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -387,6 +431,27 @@ class Trainer:
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", self.resume_path, self.step)
         return self.step
+
+    def _mismatch_reason(self, state: Mapping[str, Any]) -> str:
+        """Which fingerprint parts differ between a checkpoint and this run, in words."""
+        saved = state.get("fingerprint_parts") or {}
+        changed = sorted(name for name in set(saved) | set(self.fingerprint_parts)
+                         if saved.get(name) != self.fingerprint_parts.get(name))
+        if saved and changed:
+            return "it belongs to another run: changed since it was written: " + ", ".join(changed)
+        return (f"it belongs to another run (fingerprint {state.get('fingerprint')} != {self.run_fingerprint}; "
+                "written by an older version or another configuration)")
+
+    def remove_checkpoint(self) -> None:
+        """Delete the resume checkpoint once ``model.pt`` is written (rank 0; idempotent).
+
+        A finished run's checkpoint would otherwise be resumed by the next run of the rule
+        (``--forcerun``, new inputs) at its last step: zero steps trained, the old model written
+        again. The feature cache beside it is kept: its manifest decides its reuse.
+        """
+        if self.dist.is_main:
+            self.resume_path.unlink(missing_ok=True)
+            log.info("training complete: removed %s", self.resume_path)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -494,14 +559,21 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
         frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 
-def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-                    train_labels: Sequence[str], seed: int, extra: Mapping[str, Any] | None = None) -> str:
-    """Fingerprint of a training run for :meth:`Trainer.try_resume` (``extra``: e.g. mean-model settings)."""
-    return fingerprint({
+def run_fingerprint_parts(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
+                          train_labels: Sequence[str], seed: int,
+                          inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that changes a training run's result, by name (``inputs``: :func:`input_identity`)."""
+    return {
         "train": asdict(settings), "flow": denoiser.settings.to_dict(), "model": denoiser.model.config.to_dict(),
         "genes": vocab.genes, "drugs": vocab.drugs, "train_labels": sorted(train_labels), "seed": seed,
-        **dict(extra or {}),
-    })
+        **dict(inputs or {}),
+    }
+
+
+def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
+                    train_labels: Sequence[str], seed: int, inputs: Mapping[str, Any] | None = None) -> str:
+    """Fingerprint of a training run for :meth:`Trainer.try_resume`."""
+    return fingerprint(run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, inputs))
 
 
 def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048) -> dict[str, np.ndarray]:
@@ -606,6 +678,9 @@ def train_from_files(
     # Held-out cells are never drawn in training: not reading them saves their share of X.
     data = load_expression(processed_h5ad, keep_labels=[*train_labels, CONTROL_LABEL])
     settings = TrainSettings.from_train_section(train_section)
+    # Checked by the split rule too; again here for a batch size changed after the split.
+    check_batch_size(pd.Series(data.labels).value_counts().to_dict(), train_labels, settings.batch_size,
+                     f"{processed_h5ad} (split {split_json})", log)
     if dist is not None and dist.distributed:
         device = dist.device
     elif device is not None:
@@ -631,9 +706,11 @@ def train_from_files(
     n_params = sum(p.numel() for p in denoiser.parameters())
     log.info("model: %d parameters, latent stream %s (D=%d), %d genes, %d training perturbations",
              n_params, "on" if latent_dim else "off", latent_dim, data.n_genes, len(train_labels))
+    identity = input_identity(processed_h5ad, split_json, use_latent=use_latent, latent_section=latent_section,
+                              latent_stats=latent_stats, gene_vocab_tsv=gene_vocab_tsv, scgpt_dir=scgpt_dir)
+    parts = run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, {**identity, "mean": mean_settings.to_dict()})
     trainer = Trainer(denoiser, data, train_labels, vocab, settings, seed, resume_dir, latent_targets, device,
-                      run_fingerprint(settings, denoiser, vocab, train_labels, seed, {"mean": mean_settings.to_dict()}),
-                      dist=dist, mean_model=mean_model)
+                      fingerprint(parts), dist=dist, fingerprint_parts=part_hashes(parts), mean_model=mean_model)
     result = trainer.run(progress=progress)
     log.info("trained %d steps (resumed from %d) in %.1f s, %.1f%% in scGPT feature extraction",
              result.steps_run, result.resumed_from, result.seconds, 100 * result.extract_seconds / max(result.seconds, 1e-9))
@@ -647,6 +724,7 @@ def train_from_files(
         "latent_stats": stats_meta, "n_parameters": n_params, "anchor": mean_settings.anchor,
         "interaction": mean_settings.interaction if mean_model is not None else "off",
     }, mean_model=mean_model)
+    trainer.remove_checkpoint()
     return result
 
 

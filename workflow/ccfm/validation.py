@@ -16,7 +16,7 @@ import difflib
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,9 @@ from ccfm.conditions import CONTROL, CONTROL_TOKENS, condition_type, split_doubl
 
 log = logging.getLogger(__name__)
 
-# Ensembl gene ids (human ENSG, mouse ENSMUSG, ...), optionally versioned (ENSG00000141510.17).
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# Ensembl gene ids (human ENSG, mouse ENSMUSG, ...), optionally versioned (ENSG00000141510.17);
+# any case: some exports lower-case them (ensg00000141510), and they are still ids, not symbols.
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
 # var columns that conventionally hold gene symbols, in order of preference.
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol", "symbols", "gene")
 # Substrings that betray a control label spelled in a way the parser does not know.
@@ -79,6 +80,43 @@ class UnreadableInputError(InputValidationError):
     """The input file is missing, empty, truncated or not an HDF5/h5ad file."""
 
 
+class EmptyInputError(InputValidationError):
+    """The h5ad file is well-formed but holds no cells (or no genes)."""
+
+
+class UnsupportedDtypeError(InputValidationError):
+    """The expression matrix is stored in a dtype the streaming readers cannot use (float16, strings)."""
+
+
+class DuplicateCellsError(InputValidationError):
+    """``obs_names`` contains duplicated cell names."""
+
+
+class NotGeneSymbolsError(InputValidationError):
+    """The perturbation column of a gene dataset holds numbers, not gene symbols."""
+
+
+class LabelParseError(InputValidationError):
+    """A perturbation label cannot be parsed (more than two perturbations, a stray guide index)."""
+
+
+class TargetGenesError(InputValidationError):
+    """The target context shares too few genes with the source dataset for adaptation to mean anything."""
+
+
+class BatchSizeError(InputValidationError):
+    """``train.batch_size`` is beyond the cells a training batch can draw without repeating them all."""
+
+
+# Perturbations with fewer cells than this get a warning: their metrics are mostly noise.
+FEW_CELLS = 3
+
+
+def _supported_dtype(dtype: np.dtype) -> bool:
+    """Whether scipy.sparse and the streaming readers handle ``dtype`` (float16 is not handled)."""
+    return dtype.kind in "iub" or dtype in (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def check_readable_h5ad(path: Path) -> None:
     """Raise :class:`UnreadableInputError` unless ``path`` is an HDF5 file holding obs, var and X."""
     import h5py
@@ -102,6 +140,61 @@ def check_readable_h5ad(path: Path) -> None:
     if problem:
         raise UnreadableInputError(
             f"{path}: {problem}. Fix: delete it and download/export it again (AnnData: adata.write_h5ad)."
+        )
+    check_not_empty(path)
+    check_matrix_dtypes(path)
+
+
+# The matrices preprocessing reads: X, and the raw counts layer when X is log1p.
+_READ_ELEMENTS = ("X", "layers/counts")
+
+
+def _matrix_elements(path: Path) -> dict[str, Any]:
+    """The matrices preprocessing reads, as ``name -> (shape, dtype)`` from the metadata."""
+    import h5py
+
+    found: dict[str, Any] = {}
+    with h5py.File(path, "r") as file:
+        for name in _READ_ELEMENTS:
+            if name not in file:
+                continue
+            element = file[name]
+            if isinstance(element, h5py.Dataset):
+                found[name] = (tuple(int(n) for n in element.shape), element.dtype)
+            elif "data" in element and "shape" in element.attrs:
+                found[name] = (tuple(int(n) for n in element.attrs["shape"]), element["data"].dtype)
+    return found
+
+
+def check_not_empty(path: Path) -> None:
+    """Raise :class:`EmptyInputError` if X has no cells or no genes (from the metadata only)."""
+    shape, _ = _matrix_elements(Path(path)).get("X", ((1, 1), None))
+    if len(shape) == 2 and 0 in shape:
+        what = "no cells (0 rows)" if shape[0] == 0 else "no genes (0 columns)"
+        raise EmptyInputError(
+            f"{path}: the file is empty: X has shape {shape[0]} x {shape[1]}, {what}. The pipeline "
+            f"needs the cells of the experiment. Fix: check that 'path:'/'url:' names the right file "
+            f"in config/config.yaml, and that filtering before export did not drop every cell or gene."
+        )
+
+
+def check_matrix_dtypes(path: Path) -> None:
+    """Raise :class:`UnsupportedDtypeError` if X or layers['counts'] is float16, complex or non-numeric.
+
+    Other layers are never read, so their dtype does not matter.
+
+    Checked from the metadata, before any row is read: scipy.sparse cannot hold float16, so the
+    streaming passes would otherwise stop with a scipy trace at their first chunk.
+    """
+    for name, (_, dtype) in _matrix_elements(Path(path)).items():
+        if _supported_dtype(np.dtype(dtype)):
+            continue
+        target = "adata.X" if name == "X" else f"adata.layers[{name.split('/', 1)[1]!r}]"
+        raise UnsupportedDtypeError(
+            f"{path}: {name} is stored as {np.dtype(dtype)}, which the pipeline cannot read "
+            f"(scipy sparse matrices support float32/float64 and integer types, not float16). "
+            f"Fix: convert and write the file again: {target} = {target}.astype('float32'); "
+            f"adata.write_h5ad(...). float32 keeps every float16 value exactly."
         )
 
 
@@ -340,3 +433,149 @@ def validate_predict_entries(
             "or remove these entries."
         )
     return named
+
+
+def validate_drug_predict_entries(entries: Iterable[str], drugs: Iterable[str], *, where: str = "config 'predict:'") -> list[str]:
+    """Check ``predict:`` entries of a ``perturbation_type: drug`` dataset against its drugs.
+
+    Drugs are not genes: they are checked against the drug names the data's labels use (an
+    unseen drug has no trained embedding, so its prediction would mean nothing). Returns the
+    distinct drugs named; raises :class:`UnknownPerturbationError` with close matches.
+    """
+    known = {str(d) for d in drugs}
+    by_lower = {d.lower(): d for d in sorted(known)}
+    problems: list[str] = []
+    named: list[str] = []
+    for entry in entries:
+        names = predict_entry_genes(entry)
+        if not 1 <= len(names) <= 2:
+            problems.append(f"{entry!r} names {len(names)} drugs (expected 'A' or 'A+B')")
+            continue
+        for name in names:
+            if name not in named:
+                named.append(name)
+            if name not in known:
+                suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)), None)
+                hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+                problems.append(f"{entry!r}: drug {name!r} is not among the drugs of the data{hint}")
+    if problems:
+        raise UnknownPerturbationError(
+            f"{where}: {len(problems)} problem(s): " + "; ".join(problems)
+            + f". Drugs of the data: {_preview(sorted(known))}. Fix: correct the drug names in the "
+            "dataset's 'predict:' list in config/config.yaml (as the perturbation column spells them) or remove these entries."
+        )
+    return named
+
+
+# --------------------------------------------------------------------------------------------
+# cells and labels
+# --------------------------------------------------------------------------------------------
+
+# A label that is a number: never a gene symbol (HGNC symbols never consist of digits only).
+_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
+
+
+def check_cell_names(obs: pd.DataFrame, path: Path) -> None:
+    """Raise :class:`DuplicateCellsError` if ``obs_names`` has duplicates.
+
+    Cells are told apart by name in real.h5ad, the predictions and cell-eval; concatenated
+    samples often repeat barcodes.
+    """
+    names = pd.Index(obs.index.astype(str))
+    if not names.has_duplicates:
+        return
+    counts = names.value_counts()
+    dups = counts[counts > 1]
+    raise DuplicateCellsError(
+        f"{path}: {dups.size} cell names occur more than once in obs_names "
+        f"({_preview([f'{c} x{n}' for c, n in dups.items()])}). Fix: make them unique "
+        f"(adata.obs_names_make_unique(), or prefix the sample id when files were concatenated), "
+        f"then write the file again."
+    )
+
+
+def check_gene_labels(labels: pd.Series, column: str, control_label: str, path: Path, obs_columns: Sequence[str]) -> None:
+    """Raise :class:`NotGeneSymbolsError` if a gene dataset's labels are numbers (an index column)."""
+    text = pd.Series(pd.unique(labels.astype(str).str.strip()))
+    controls = CONTROL_TOKENS | {CONTROL, control_label.strip().lower()}
+    distinct = [label for label in text if label.lower() not in controls]
+    numeric = [label for label in distinct if _NUMBER.match(label)]
+    if numeric:
+        raise NotGeneSymbolsError(
+            f"{path}: obs[{column!r}] holds numbers ({_preview(sorted(numeric, key=lambda v: (len(v), v)))}; {len(numeric)} "
+            f"of {len(distinct)} perturbation labels): the column is not gene symbols. With "
+            f"'perturbation_type: gene' every label names the perturbed gene(s), e.g. 'KLF1' or "
+            f"'KLF1+MAP2K6'. Fix: set 'perturbation_column' to the column that holds the target gene "
+            f"symbols (obs columns: {list(map(str, obs_columns))}), or 'perturbation_type: drug' if "
+            f"the numbers are compound ids."
+        )
+
+
+def check_target_gene_overlap(genes: Sequence[str], target_genes: Iterable[str], target_path: Path,
+                              processed_path: Path, min_fraction: float) -> None:
+    """Raise :class:`TargetGenesError` if fewer than ``min_fraction`` of ``genes`` are in the target.
+
+    Missing genes become all-zero target columns: with most of them missing, the learned shift
+    and the adapted predictions are meaningless rather than merely worse.
+    """
+    genes = [str(g) for g in genes]
+    present = {str(g) for g in target_genes}
+    shared = sum(g in present for g in genes)
+    fraction = shared / max(len(genes), 1)
+    if fraction >= min_fraction:
+        return
+    lower = {g.lower() for g in present}
+    shared_any_case = sum(g.lower() in lower for g in genes)
+    hints = []
+    if shared_any_case > shared:
+        hints.append(f"{shared_any_case} match when case is ignored (another species' symbols, e.g. mouse 'Gapdh' vs human 'GAPDH'?)")
+    if present and np.mean([is_ensembl_id(g) for g in list(present)[:1000]]) >= _ENSEMBL_FRACTION:
+        hints.append("the target's var_names look like Ensembl ids: store gene symbols as var_names")
+    hint = f" Hints: {'; '.join(hints)}." if hints else ""
+    missing = [g for g in genes if g not in present]
+    raise TargetGenesError(
+        f"{target_path}: the target context shares only {shared} of the {len(genes)} genes of "
+        f"{processed_path} ({fraction:.0%}, below the minimum {min_fraction:.0%}); missing e.g. "
+        f"{_preview(missing, 5)}. Missing genes would be all-zero columns and make the adaptation "
+        f"meaningless.{hint} Fix: use a target file measured and named like the source (gene "
+        f"symbols, same species), or lower 'min_shared_genes' in the dataset's 'target:' block of "
+        f"config/config.yaml if this overlap is expected."
+    )
+
+
+def few_cell_perturbations(cell_counts: Mapping[str, int], limit: int) -> dict[str, int]:
+    """Perturbations (controls excluded) with fewer than ``limit`` cells, smallest first."""
+    few = {str(k): int(v) for k, v in cell_counts.items() if str(k) != CONTROL and int(v) < limit}
+    return dict(sorted(few.items(), key=lambda item: (item[1], item[0])))
+
+
+def check_batch_size(cell_counts: Mapping[str, int], train_labels: Sequence[str], batch_size: int,
+                     where: str, logger: logging.Logger = log) -> None:
+    """Bound ``train.batch_size`` by the cells a training step draws from.
+
+    Each step draws ``batch_size`` cells of one training perturbation and as many controls,
+    with replacement when a group is smaller. Beyond the largest training perturbation (or the
+    controls) every batch repeats cells: a configuration error, not a choice. Smaller groups
+    drawn with replacement are only logged.
+    """
+    sizes = {label: int(cell_counts.get(label, 0)) for label in train_labels if label != CONTROL}
+    sizes = {label: n for label, n in sizes.items() if n > 0}
+    controls = int(cell_counts.get(CONTROL, 0))
+    if not sizes or controls == 0:
+        return  # reported by the sampler with its own message
+    largest = max(sizes.values())
+    bound = min(largest, controls)
+    if batch_size > bound:
+        median = int(np.median(list(sizes.values())))
+        raise BatchSizeError(
+            f"{where}: train.batch_size is {batch_size}, but the largest training perturbation has "
+            f"{largest} cells (median {median}) and there are {controls} control cells: every batch "
+            f"would draw the same cells many times over. Fix: set train.batch_size to at most "
+            f"{bound} (e.g. {min(bound, max(median, 1))}) for this dataset in config/config.yaml."
+        )
+    smaller = sorted(label for label, n in sizes.items() if n < batch_size)
+    if smaller:
+        logger.warning(
+            "%s: %d of %d training perturbations have fewer cells than train.batch_size=%d and are "
+            "drawn with replacement: %s", where, len(smaller), len(sizes), batch_size, _preview(smaller),
+        )

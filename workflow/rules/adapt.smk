@@ -35,7 +35,7 @@ rule adapt_mmd:
         "logs/{ds}/fold{fold}/adapt/adapt_mmd.log",
     threads: 2
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=60,
         # Each step encodes two batches of controls through the model: GPU work at full size.
         gpu=1,
@@ -64,7 +64,7 @@ rule predict_target:
         "logs/{ds}/fold{fold}/adapt/predict_target.log",
     threads: 2
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=120,
         gpu=1,
     conda:
@@ -96,7 +96,7 @@ rule score_target:
         "logs/{ds}/fold{fold}/adapt/score_target.log",
     threads: 2
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=60,
     conda:
         ENV

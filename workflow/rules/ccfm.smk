@@ -48,7 +48,7 @@ rule train_ccfm:
     threads: lambda wc: training_processes(wc.ds)
     resources:
         # Every process holds its own copy of the processed matrix and model.
-        mem_mb=lambda wc: 16000 * training_processes(wc.ds),
+        mem_mb=lambda wc, attempt: 16000 * training_processes(wc.ds) * attempt,
         # ~10 steps/s on a GPU at the default size; generous so a cluster job is not cut short.
         runtime=lambda wc: max(30, int(section(wc.ds, "train")["steps"]) // 300),
         gpu=lambda wc: int(section(wc.ds, "train")["gpus"]),
@@ -74,7 +74,7 @@ rule predict:
         "logs/{ds}/fold{fold}/{variant}/predict.log",
     threads: 1
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=120,
         # Generation over all genes is the expensive part of inference: run it where training ran.
         gpu=1,

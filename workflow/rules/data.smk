@@ -19,7 +19,6 @@ WITH_TARGET = "|".join(ds for ds, spec in config["datasets"].items() if "target"
 LABEL_KEYS = ("perturbation_column", "control_label", "combo_separator", "input_scale")
 # Guide indices ("ZAP70_1") are stripped from gene labels; drug names may be numbers: keep them.
 GUIDE_TOKEN = {"gene": r"^\d+$", "drug": None}
-DOWNLOAD_KEYS = ("url", "md5", "sha256", "allow_unverified")
 
 
 rule simulate_demo:
@@ -36,7 +35,7 @@ rule simulate_demo:
         "logs/simulate_demo/{ds}.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -50,12 +49,16 @@ rule download_dataset:
     wildcard_constraints:
         ds=DOWNLOADED,
     params:
-        download=lambda wc: {k: config["datasets"][wc.ds].get(k) for k in DOWNLOAD_KEYS},
+        # Only the source is a param. md5/sha256/allow_unverified are read from the config by the
+        # script: as params, pinning a checksum on a downloaded file would rerun the download and
+        # everything after it (Snakemake deletes the outputs of a job it reruns).
+        url=lambda wc: config["datasets"][wc.ds].get("url"),
+        block="dataset",
     log:
         "logs/download_dataset/{ds}.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=240,
     conda:
         ENV
@@ -69,7 +72,8 @@ use rule download_dataset as download_target with:
     wildcard_constraints:
         ds=TARGET_DOWNLOADED,
     params:
-        download=lambda wc: {k: config["datasets"][wc.ds]["target"].get(k) for k in DOWNLOAD_KEYS},
+        url=lambda wc: config["datasets"][wc.ds]["target"].get("url"),
+        block="target",
     log:
         "logs/download_target/{ds}.log",
 
@@ -85,14 +89,15 @@ rule preprocess:
             **{k: ds_cfg(wc.ds)[k] for k in LABEL_KEYS},
             "guide_token_pattern": GUIDE_TOKEN[ds_cfg(wc.ds)["perturbation_type"]],
             **{k: section(wc.ds, "preprocess")[k] for k in ("n_top_genes", "target_sum", "chunk_size")},
-            # validated against the data's genes before any work; their genes are always kept
+            # validated against the data's genes (drugs: its drugs) before any work; genes are kept
             "predict": list(ds_cfg(wc.ds).get("predict", [])),
         },
     log:
         "logs/preprocess/{ds}.log",
     threads: 1
     resources:
-        mem_mb=8000,
+        # Streaming passes keep memory flat in the cells; a retry after an OOM kill gets more.
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=120,
     conda:
         ENV
@@ -114,7 +119,8 @@ rule preprocess_target:
             **{k: ds_cfg(wc.ds)[k] for k in LABEL_KEYS},
             # the target context may name its own label column and control label
             **{k: v for k, v in config["datasets"][wc.ds]["target"].items() if k in LABEL_KEYS},
-            "input_scale": "auto",
+            # the target's own scale setting (not the source's): detected unless given
+            "input_scale": config["datasets"][wc.ds]["target"].get("input_scale", "auto"),
             "guide_token_pattern": GUIDE_TOKEN[ds_cfg(wc.ds)["perturbation_type"]],
             **{k: section(wc.ds, "preprocess")[k] for k in ("target_sum", "chunk_size")},
             "predict": list(config["datasets"][wc.ds]["target"].get("predict", [])),
@@ -123,7 +129,7 @@ rule preprocess_target:
         "logs/preprocess_target/{ds}.log",
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=120,
     conda:
         ENV
@@ -147,12 +153,13 @@ rule split:
         seed=config["seed"],
         heldout_fraction=lambda wc: section(wc.ds, "split")["heldout_fraction"],
         n_folds=lambda wc: section(wc.ds, "split")["n_folds"],
+        min_cells=lambda wc: section(wc.ds, "split")["min_cells_per_perturbation"],
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
     log:
         "logs/split/{ds}_fold{fold}.log",
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=30,
     conda:
         ENV

@@ -96,7 +96,7 @@ rule summarize:
         "logs/{ds}/summarize.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -119,7 +119,7 @@ rule figure_metrics:
         "logs/{ds}/figure_metrics.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -196,7 +196,7 @@ rule figure_gene_vocab:
         "logs/{ds}/figure_gene_vocab.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -219,7 +219,7 @@ rule figure_loss:
         "logs/{ds}/fold{fold}/figure_loss.log",
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
     conda:
         ENV

@@ -16,7 +16,7 @@ rule scgpt_build_tiny:
         "logs/scgpt/build_tiny.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -29,15 +29,14 @@ rule scgpt_download:
         model="resources/scgpt/whole-human/best_model.pt",
         vocab="resources/scgpt/whole-human/vocab.json",
         args="resources/scgpt/whole-human/args.json",
-    params:
-        gdrive_folder=config.get("scgpt", {}).get("whole_human_gdrive_folder", "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y"),
-        mirror_url=config.get("scgpt", {}).get("whole_human_url"),
-        sha256=config.get("scgpt", {}).get("whole_human_sha256"),
+    # No params: the Drive folder, the mirror and the sha256 digests are read from the config by
+    # the script. As params, pinning a digest or adding a mirror would delete and re-download
+    # the 200 MB checkpoint and retrain every model built on it.
     log:
         "logs/scgpt/download_whole_human.log",
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=60,
     conda:
         ENV
@@ -66,7 +65,7 @@ rule gene_vocab_map:
         "logs/{ds}/gene_vocab_map.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
     conda:
         ENV
@@ -91,8 +90,11 @@ rule calibrate_latent:
         "logs/{ds}/fold{fold}/calibrate_latent.log",
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=240,
+        # Runs frozen scGPT on CUDA when a GPU is visible: one GPU, so that under profiles/gpu
+        # it never shares the card with a training job.
+        gpu=1,
     conda:
         ENV
     script:

@@ -1,12 +1,20 @@
-"""Rule preprocess_target: target-context h5ad on exactly the genes of processed.h5ad."""
+"""Rule preprocess_target: target-context h5ad on exactly the genes of processed.h5ad.
 
+Validation-only settings (`perturbation_type`, `target.min_shared_genes`: the fraction of the
+source genes the target must measure) are read from the config, not params, as in preprocess.
+"""
+
+from ccfm.config import dataset_config
 from ccfm.logs import setup_rule_logging
 from ccfm.preprocess import preprocess_target
 
 log = setup_rule_logging(snakemake.log[0])
+dataset = dataset_config(snakemake.config, snakemake.wildcards.ds)
 preprocess_target(
     snakemake.input.target_raw,
     snakemake.input.processed,
     snakemake.output.target_processed,
     **dict(snakemake.params.settings),
+    perturbation_type=dataset["perturbation_type"],
+    min_shared_genes=float(dataset["target"].get("min_shared_genes", 0.5)),
 )

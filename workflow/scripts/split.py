@@ -1,15 +1,30 @@
-"""Rule split: fold JSON (train/test conditions) and the fold's real.h5ad (held-out + controls)."""
+"""Rule split: fold JSON (train/test conditions) and the fold's real.h5ad (held-out + controls).
 
+Before anything is written the fold is checked against what later rules need (enough held-out
+perturbations for the cell-eval profile, a batch size the training cells can fill). Those two
+settings are read from the config, not declared as params: changing them must not redo the
+split and every model trained on it; train_ccfm and score check them again when they run.
+"""
+
+from ccfm.config import dataset_section
 from ccfm.logs import setup_rule_logging
-from ccfm.splits import split_for_processed, write_real, write_split
+from ccfm.splits import check_fold_usable, split_for_processed, write_real, write_split
 
 log = setup_rule_logging(snakemake.log[0])
+dataset = snakemake.wildcards.ds
 split = split_for_processed(
     snakemake.input.processed,
     fold=int(snakemake.wildcards.fold),
     seed=int(snakemake.params.seed),
     heldout_fraction=float(snakemake.params.heldout_fraction),
     n_folds=int(snakemake.params.n_folds),
+    min_cells_per_perturbation=int(snakemake.params.min_cells),
+)
+check_fold_usable(
+    snakemake.input.processed,
+    split,
+    score_profile=dataset_section(snakemake.config, dataset, "score")["profile"],
+    batch_size=int(dataset_section(snakemake.config, dataset, "train")["batch_size"]),
 )
 write_real(snakemake.input.processed, split, snakemake.output.real, chunk_size=int(snakemake.params.chunk_size))
 write_split(split, snakemake.output.split)
