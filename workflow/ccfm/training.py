@@ -195,9 +195,10 @@ class TrainSettings:
 def build_denoiser(n_genes: int, model_section: Mapping[str, Any], train_section: Mapping[str, Any],
                    latent_dim: int, vocab: PerturbationVocab, seed: int) -> CascadedDenoiser:
     """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent)."""
-    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "perturbation_type", "extra"}
+    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "n_unmeasured_genes", "perturbation_type", "extra"}
     config = ModelConfig(
         n_genes=n_genes, latent_dim=latent_dim, perturbation_type=vocab.kind, n_drugs=vocab.n_drugs,
+        n_unmeasured_genes=vocab.n_unmeasured,
         **{key: value for key, value in model_section.items() if key in known},
     )
     torch.manual_seed(seed)
@@ -470,6 +471,8 @@ def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: 
     return fingerprint({
         "train": asdict(settings), "flow": denoiser.settings.to_dict(), "model": denoiser.model.config.to_dict(),
         "genes": vocab.genes, "drugs": vocab.drugs, "train_labels": sorted(train_labels), "seed": seed,
+        # only when present, so runs without unmeasured genes keep their fingerprint (and resume)
+        **({"unmeasured": vocab.unmeasured} if vocab.unmeasured else {}),
     })
 
 
@@ -555,7 +558,8 @@ def train_from_files(
     if perturbation_type == "drug":
         vocab = PerturbationVocab.for_drugs(data.genes, [*train_labels, *split["test"], *extra_labels])
     else:
-        vocab = PerturbationVocab.for_genes(data.genes)
+        vocab = PerturbationVocab.for_genes(data.genes, train_labels, [*split["test"], *extra_labels],
+                                            where=f"{split_json} and the dataset's 'predict:'")
 
     latent_targets: LatentTargets | None = None
     latent_dim = 0

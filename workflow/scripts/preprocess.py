@@ -4,4 +4,9 @@ from ccfm.logs import setup_rule_logging
 from ccfm.preprocess import preprocess_dataset
 
 log = setup_rule_logging(snakemake.log[0])
-preprocess_dataset(snakemake.input.raw, snakemake.output.processed, **dict(snakemake.params.settings))
+preprocess_dataset(
+    snakemake.input.raw,
+    snakemake.output.processed,
+    perturbed_genes_tsv=snakemake.output.perturbed_genes,
+    **dict(snakemake.params.settings),
+)

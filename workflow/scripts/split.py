@@ -10,6 +10,7 @@ split = split_for_processed(
     seed=int(snakemake.params.seed),
     heldout_fraction=float(snakemake.params.heldout_fraction),
     n_folds=int(snakemake.params.n_folds),
+    perturbation_type=str(snakemake.params.perturbation_type),
 )
 write_real(snakemake.input.processed, split, snakemake.output.real, chunk_size=int(snakemake.params.chunk_size))
 write_split(split, snakemake.output.split)
