@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ccfm.adapt import AdaptSettings, adapt_to_files, predict_target_to_files, score_target_to_files
 from ccfm.baselines import BASELINE_METHODS, run_baseline
 from ccfm.generation import predict_to_files, prepare_generation
 from ccfm.metrics import compact_metrics
@@ -100,8 +101,26 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
     assert scores.loc["additive", "pearson_delta"] > scores.loc["nochange", "pearson_delta"], scores
     # A short training run already moves held-out doubles of mostly unmeasured genes the right way.
     assert scores.loc["ccfm", "pearson_delta"] > scores.loc["nochange", "pearson_delta"] + 0.2, scores
+    _adapt_to_target(tmp_path, data, processed, model_pt, generation)
     print(f"\nheld-out doubles {split['test']} ({len(data.unmeasured)}/{len(data.perturbed)} perturbed genes unmeasured, "
           f"{TRAIN['steps']} training steps):\n{scores.to_string(float_format=lambda v: f'{v:.4f}')}")
+
+
+def _adapt_to_target(tmp_path: Path, data, processed: Path, model_pt: Path, generation) -> None:
+    """Adaptation and target scoring on the same model: target perturbations of unmeasured genes."""
+    target = tmp_path / "target_processed.h5ad"
+    preprocess_target(data.target_raw, processed, target, dataset="public_like", chunk_size=200)
+    adapt = tmp_path / "adapt"
+    settings = AdaptSettings(steps=20, batch_size=32, eval_every=10, eval_cells=64)
+    adapt_to_files(model_pt, processed, target, adapt / "shift.safetensors", adapt / "mmd.tsv", adapt / "history.tsv",
+                   settings, seed=0, device="cpu")
+    labels = predict_target_to_files(generation, target, adapt / "shift.safetensors", adapt / "pred.h5ad",
+                                     adapt / "means.csv", adapt / "pred_un.h5ad", adapt / "means_un.csv", seed=0)
+    assert any(gene in data.unmeasured for label in labels for gene in label.split("+")), labels
+    summary = score_target_to_files(target, processed, adapt / "pred.h5ad", adapt / "pred_un.h5ad", adapt / "m.tsv",
+                                    adapt / "s.tsv", n_cells=24, seed=0, top_de=10, cell_eval_profile=None)
+    assert set(summary["method"]) == {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"}
+    assert np.isfinite(summary[["pearson_delta", "mse"]].to_numpy(dtype=float)).all(), summary
 
 
 # ---------------------------------------------------------------- rejection up front

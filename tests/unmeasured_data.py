@@ -22,13 +22,14 @@ from ccfm.simulate import load_ground_truth, simulate_demo
 SIZES = {
     "n_genes": 90, "n_real_symbols": 40, "n_singles": 8, "n_doubles": 10,
     "n_control_cells": 300, "cells_per_condition": 30,
-    "n_target_control_cells": 20, "n_target_singles": 1, "n_target_doubles": 1, "target_cells_per_condition": 5,
+    "n_target_control_cells": 120, "n_target_singles": 2, "n_target_doubles": 2, "target_cells_per_condition": 20,
 }
 
 
 @dataclass
 class UnmeasuredDataset:
     raw: Path  # log1p h5ad, obs["target_gene"] canonical labels, non-targeting controls
+    target_raw: Path  # the simulated target context (raw counts over all genes)
     perturbed: list[str]  # every perturbed gene of the simulation
     measured: list[str]  # the perturbed genes kept as columns
     unmeasured: list[str]  # the perturbed genes without a column
@@ -55,4 +56,4 @@ def write_unmeasured_dataset(root: Path, seed: int = 11, n_measured_perturbed: i
     raw = root / "raw.h5ad"
     adata.write_h5ad(raw)
     conditions = [str(c) for c in truth["conditions"]]
-    return UnmeasuredDataset(raw, perturbed, measured, unmeasured, [c for c in conditions if "+" in c])
+    return UnmeasuredDataset(raw, paths["target_raw"], perturbed, measured, unmeasured, [c for c in conditions if "+" in c])
