@@ -471,8 +471,6 @@ def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: 
     return fingerprint({
         "train": asdict(settings), "flow": denoiser.settings.to_dict(), "model": denoiser.model.config.to_dict(),
         "genes": vocab.genes, "drugs": vocab.drugs, "train_labels": sorted(train_labels), "seed": seed,
-        # only when present, so runs without unmeasured genes keep their fingerprint (and resume)
-        **({"unmeasured": vocab.unmeasured} if vocab.unmeasured else {}),
     })
 
 
