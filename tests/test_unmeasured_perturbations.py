@@ -19,6 +19,7 @@ import torch
 
 from ccfm.adapt import AdaptSettings, adapt_to_files, predict_target_to_files, score_target_to_files
 from ccfm.baselines import BASELINE_METHODS, run_baseline
+from ccfm.celleval import score_prediction
 from ccfm.generation import predict_to_files, prepare_generation
 from ccfm.metrics import compact_metrics
 from ccfm.model import CascadedFlowModel, ModelConfig
@@ -96,6 +97,9 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
         assert np.isfinite(values).all(), (method, metrics)
         rows.append({"method": method, **metrics[["mse", "pearson_delta", "pearson_delta_top_de"]].mean().to_dict()})
     scores = pd.DataFrame(rows).set_index("method")
+    # the score rule's entry point (cell-eval beside the compact metrics) on the model's file
+    tables = score_prediction(outputs["ccfm"], real, profile="minimal", top_de=10, seed=0)
+    assert set(tables.results["perturbation"].astype(str)) == set(split["test"]) and len(tables.compact) == len(split["test"])
     # The additive baseline never needed the perturbed genes' own columns: on the simulator's
     # mostly additive doubles it must still beat no-change.
     assert scores.loc["additive", "pearson_delta"] > scores.loc["nochange", "pearson_delta"], scores
