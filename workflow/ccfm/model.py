@@ -50,6 +50,7 @@ class ModelConfig:
     fusion: str = "differential_perceiver"  # or "perceiver"
     perturbation_type: str = "gene"  # "gene" (CRISPR) or "drug"
     n_drugs: int = 0
+    n_unmeasured_genes: int = 0  # perturbed genes outside the expression panel (own embedding rows)
     mlp_ratio: float = 4.0
     max_value: float = 512.0  # value-encoder input clamp, as in scDFM
     # Zero the expression head's output layer: a fresh control-anchored flow then leaves its
@@ -379,7 +380,9 @@ class CascadedFlowModel(nn.Module):
         self.config = config
         d = config.d_model
         self.gene_encoder = GeneEncoder(config.n_genes, d)
-        self.perturbation_encoder = PerturbationEncoder(self.gene_encoder, config.perturbation_type, config.n_drugs, d)
+        self.perturbation_encoder = PerturbationEncoder(
+            self.gene_encoder, config.perturbation_type, config.n_drugs, d, n_unmeasured=config.n_unmeasured_genes
+        )
         self.control_value_encoder = ContinuousValueEncoder(d, config.dropout, config.max_value)
         self.noisy_value_encoder = ContinuousValueEncoder(d, config.dropout, config.max_value)
         self.fusion = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d))

@@ -47,6 +47,7 @@ from ccfm.validation import (
     check_perturbation_column,
     check_readable_h5ad,
     check_target_gene_overlap,
+    predict_entry_genes,
     validate_drug_predict_entries,
     validate_predict_entries,
     warn_doubles_missing_singles,
@@ -343,6 +344,64 @@ def canonical_obs(
 
 
 # --------------------------------------------------------------------------------------------
+# Perturbed genes: measured or not (see ccfm.perturbations)
+# --------------------------------------------------------------------------------------------
+
+# Status of each perturbed gene (or drug) of a dataset, as written to perturbed_genes.tsv.
+PERTURBED_STATUS = {
+    "measured": "in var (kept among the genes): the perturbation shares the gene's expression-token embedding",
+    "unmeasured_seen": "not in var, perturbed in the data's cells: the perturbation gets a learned embedding row of its own",
+    "unmeasured_unseen": "not in var and perturbed in no cell (named only in 'predict:'): rejected, nothing to learn it from",
+    "drug": "drug perturbation: a learned embedding table, the gene panel is not involved",
+}
+_TABLE_GENES = 50  # genes listed per status in the table (the counts are always complete)
+
+
+def perturbed_status(
+    perturbed: list[str], measured: pd.Index, requested: list[str], perturbation_type: str = "gene"
+) -> dict[str, list[str]]:
+    """Perturbed names (from the cells' labels and ``requested`` ``predict:`` genes) by status."""
+    if perturbation_type == "drug":
+        return {"drug": sorted(set(perturbed) | set(requested))}
+    in_cells = set(perturbed)
+    named = sorted(in_cells | set(requested))
+    is_measured = set(measured.astype(str))
+    return {
+        "measured": [g for g in named if g in is_measured],
+        "unmeasured_seen": [g for g in named if g not in is_measured and g in in_cells],
+        "unmeasured_unseen": [g for g in named if g not in is_measured and g not in in_cells],
+    }
+
+
+def perturbed_status_table(status: dict[str, list[str]]) -> pd.DataFrame:
+    """One row per status: how many genes, what it means for the model, which genes."""
+    rows = []
+    for name, genes in status.items():
+        shown = ", ".join(genes[:_TABLE_GENES]) + (f", ... ({len(genes)} in all)" if len(genes) > _TABLE_GENES else "")
+        rows.append({"status": name, "n_genes": len(genes), "meaning": PERTURBED_STATUS[name], "genes": shown})
+    return pd.DataFrame(rows, columns=["status", "n_genes", "meaning", "genes"])
+
+
+def log_perturbed_status(status: dict[str, list[str]], path: Path) -> None:
+    if "drug" in status:
+        log.info("%s: %d drugs (learned embedding table)", path, len(status["drug"]))
+        return
+    log.info(
+        "%s: perturbed genes: %d measured (share the gene embedding), %d unmeasured but perturbed in the data "
+        "(own learned rows), %d unmeasured and unseen",
+        path, len(status["measured"]), len(status["unmeasured_seen"]), len(status["unmeasured_unseen"]),
+    )
+    if status["unmeasured_seen"]:
+        genes = status["unmeasured_seen"]
+        log.info("unmeasured perturbed genes: %s%s", ", ".join(genes[:20]), " ..." if len(genes) > 20 else "")
+
+
+def write_perturbed_status(status: dict[str, list[str]], path: str | Path) -> None:
+    with atomic_output(Path(path)) as tmp:
+        perturbed_status_table(status).to_csv(tmp, sep="\t", index=False)
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 
@@ -378,15 +437,19 @@ def _write_selected(
 
 
 def _validate_predict(entries: list[str] | tuple[str, ...], perturbation_type: str, genes: pd.Index,
-                      canonical_labels: pd.Series, *, where: str) -> list[str]:
+                      canonical_labels: pd.Series, *, where: str, perturbed_source: pd.Series | None = None) -> list[str]:
     """``predict:`` entries checked against the data's genes, or its drugs for a drug dataset.
 
+    A gene entry may name a gene that is measured or one that the training cells perturb
+    (``perturbed_source``: the labels whose cells train the model; default ``canonical_labels``).
     Returns the genes to keep in the output (none for drugs: a drug is not a column).
     """
     if perturbation_type == "drug":
         validate_drug_predict_entries(entries, perturbed_names(pd.unique(canonical_labels.astype(str))), where=where)
         return []
-    return validate_predict_entries(entries, genes, where=where)
+    trained = canonical_labels if perturbed_source is None else perturbed_source
+    perturbed = perturbed_names(pd.unique(trained.astype(str)))
+    return validate_predict_entries(entries, genes, perturbed=perturbed, where=where)
 
 
 def preprocess_dataset(
@@ -404,14 +467,18 @@ def preprocess_dataset(
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
     perturbation_type: str = "gene",
+    perturbed_genes_tsv: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``processed.h5ad`` from a raw h5ad (see docs/architecture.md); return a summary.
 
     Selected genes are the ``n_top_genes`` most dispersed plus every perturbed gene present in
     ``var_names`` plus the genes of the ``predict`` entries, kept in input order. Perturbed
-    genes absent from the input are logged. The input is validated first (metadata, then every
-    chunk's values during pass 1): a :class:`ccfm.validation.InputValidationError` names the
-    file, the problem and the fix, and no output is written.
+    genes absent from the input stay labels: the model embeds them with rows of their own
+    (:mod:`ccfm.perturbations`). How many perturbed genes are measured, unmeasured but perturbed
+    in the cells, and unmeasured and unseen is logged and written to ``perturbed_genes_tsv``.
+    The input is validated first (metadata, ``predict:`` entries, then every chunk's values
+    during pass 1): a :class:`ccfm.validation.InputValidationError` names the file, the problem
+    and the fix, and no output is written.
     """
     raw, out = Path(raw), Path(out)
     check_readable_h5ad(raw)
@@ -422,6 +489,10 @@ def preprocess_dataset(
     var = read_var(raw)
     var.index = var.index.astype(str)
     check_gene_names(var, raw)
+    names = perturbed_names(obs["target_gene"].astype(str).unique())
+    # Counted before the predict check so the log shows the counts even when it fails.
+    status = perturbed_status(names, var.index, [g for entry in predict for g in predict_entry_genes(entry)], perturbation_type)
+    log_perturbed_status(status, raw)
     requested = _validate_predict(predict, perturbation_type, var.index, obs["target_gene"],
                                   where=f"{raw}: dataset {dataset!r} 'predict:'")
     warn_doubles_missing_singles(obs["target_gene"].astype(str).unique(), raw, log)
@@ -434,12 +505,12 @@ def preprocess_dataset(
         log.warning("%d cells have zero counts; they stay all-zero after normalisation", int((totals == 0).sum()))
     log_mean, dispersion_norm = seurat_dispersion(moments.mean, moments.variance())
     highly_variable = top_genes(dispersion_norm, n_top_genes)
-    names = perturbed_names(obs["target_gene"].astype(str).unique())
     perturbed = var.index.isin(names)
     absent = sorted(set(names) - set(var.index))
-    if absent:
+    if absent and perturbation_type == "gene":
         log.warning(
-            "%d of %d perturbed genes are not in var_names (kept as labels only): %s%s",
+            "%d of %d perturbed genes are not in var_names: no expression column, embedded by learned "
+            "perturbation rows of their own: %s%s",
             len(absent), len(names), ", ".join(absent[:20]), " ..." if len(absent) > 20 else "",
         )
     keep = np.flatnonzero(highly_variable | perturbed | var.index.isin(requested))
@@ -459,11 +530,14 @@ def preprocess_dataset(
         "n_highly_variable": int(highly_variable.sum()),
         "n_perturbed_in_var": int(perturbed.sum()),
         "perturbed_absent": absent,
+        "perturbed_status": {name: len(genes) for name, genes in status.items()},
         "counts_available": scale == "counts",
         "conditions": counts_by_type,
     }
     selector = column_selector(keep, var.shape[0])
     _write_selected(raw, out, layer, scale, selector, totals, target_sum, chunk_size, obs, out_var, {"ccfm": summary})
+    if perturbed_genes_tsv is not None:
+        write_perturbed_status(status, perturbed_genes_tsv)
     log.info("wrote %s: %d cells x %d genes", out, obs.shape[0], keep.size)
     return summary
 
@@ -504,9 +578,10 @@ def preprocess_target(
     check_gene_names(target_var, target_raw, allow_duplicates=True)
     check_target_gene_overlap(list(genes), target_var.index.astype(str), target_raw, processed, min_shared_genes)
     # Drugs a target may be asked for: those of the source (trained) and of the target's labels.
+    # Genes: the model trains on the source cells, so an unmeasured gene is embeddable when they perturb it.
     known = pd.concat([pd.Series(read_obs_labels(processed, "target_gene")), obs["target_gene"].astype(str)])
-    _validate_predict(predict, perturbation_type, genes, known,
-                      where=f"{processed}: target 'predict:' of dataset {dataset!r}")
+    _validate_predict(predict, perturbation_type, genes, known, where=f"{processed}: target 'predict:' of dataset {dataset!r}",
+                      perturbed_source=pd.Series(read_obs_labels(processed, "target_gene")))
     layer, scale = choose_matrix(target_raw, input_scale)
     position = pd.Series(np.arange(target_var.shape[0]), index=target_var.index.astype(str))
     if position.index.has_duplicates:

@@ -8,6 +8,13 @@ one) are held out as the test set. Folds are independent reshuffles (fold ``i`` 
 Datasets without doubles (Datlinger, Papalexi, most CRISPR screens): the same procedure runs
 on the singles instead -- ``heldout_fraction`` of the singles are held out, the rest train.
 
+Gene perturbations outside the measured panel (``measured_genes`` given): a perturbed gene
+without an expression column is embedded by a learned row that only its training cells teach
+(:mod:`ccfm.perturbations`), so a condition is held out only if each of its unmeasured genes
+still trains: in the additive split a double is eligible when each unmeasured partner has a
+single; in the singles split an unmeasured single is never held out. Ineligible conditions train
+and are listed as ``kept_in_train_unmeasured``; with every gene measured the split is unchanged.
+
 Controls (``non-targeting``) are never a condition of either side; every split file names the
 control label and ``real.h5ad`` contains all control cells. A held-out condition never appears
 in ``train`` (checked in :func:`make_split`, which raises if it ever did).
@@ -41,12 +48,32 @@ def _held_out(conditions: list[str], fraction: float, rng: np.random.Generator) 
     return {conditions[i] for i in order[:n_test]}
 
 
-def make_split(conditions: Iterable[str], *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None) -> dict[str, Any]:
+def _can_hold_out(condition: str, measured: set[str], singles: set[str], strategy: str) -> bool:
+    """Whether holding ``condition`` out still leaves training cells for each unmeasured gene."""
+    unmeasured = [part for part in condition.split("+") if part not in measured]
+    if strategy == "singles":
+        return not unmeasured  # a held-out single is its gene's only condition
+    return all(part in singles for part in unmeasured)  # every single trains in the additive split
+
+
+def make_split(
+    conditions: Iterable[str],
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int | None = None,
+    measured_genes: Iterable[str] | None = None,
+) -> dict[str, Any]:
     """Split canonical condition labels into train and test for one fold (see module doc).
+
+    ``measured_genes`` (gene datasets): the expression panel; conditions whose unmeasured genes
+    would lose all training cells are not held out. None (drug datasets): no such restriction.
 
     Returns a JSON-able dict with keys ``fold``, ``seed`` (the seed actually used,
     ``seed + fold``), ``strategy`` (``additive`` or ``singles``), ``heldout_fraction``,
-    ``train``, ``test`` (sorted lists), ``controls`` and ``doubles_missing_singles``.
+    ``train``, ``test`` (sorted lists), ``controls``, ``doubles_missing_singles`` and
+    ``kept_in_train_unmeasured``.
     """
     if fold < 1 or (n_folds is not None and fold > n_folds):
         raise ValueError(f"fold must be in 1..{n_folds}, got {fold}; check config 'split.folds' and 'split.n_folds'")
@@ -57,13 +84,27 @@ def make_split(conditions: Iterable[str], *, fold: int, seed: int, heldout_fract
     doubles = [c for c in distinct if condition_type(c) == "double"]
     rng = np.random.default_rng(seed + fold)
     if doubles:
-        strategy = "additive"
-        test = _held_out(doubles, heldout_fraction, rng)
+        strategy, candidates = "additive", doubles
     elif len(singles) >= 2:
-        strategy = "singles"
-        test = _held_out(singles, heldout_fraction, rng)
+        strategy, candidates = "singles", singles
     else:
         raise ValueError(f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles")
+    kept: list[str] = []
+    if measured_genes is not None:
+        measured, single_set = set(map(str, measured_genes)), set(singles)
+        kept = [c for c in candidates if not _can_hold_out(c, measured, single_set, strategy)]
+        candidates = [c for c in candidates if c not in set(kept)]
+        if kept:
+            log.info("split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
+                     "gene without training cells: %s", fold, len(kept), ", ".join(kept[:20]))
+        if not candidates:
+            raise ValueError(
+                f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
+                f"perturbed gene that is not measured (absent from var) and has no other training condition, so "
+                f"holding it out would leave nothing to learn that gene from ({len(kept)} such conditions). "
+                f"Fix: keep these genes among the expression columns of the input file."
+            )
+    test = _held_out(candidates, heldout_fraction, rng)
     train = [c for c in distinct if c not in test]
     incomplete = warn_doubles_missing_singles(distinct, f"split fold {fold}", log)
     leaked = test & set(train)
@@ -80,6 +121,7 @@ def make_split(conditions: Iterable[str], *, fold: int, seed: int, heldout_fract
         "test": sorted(test),
         "controls": CONTROL,
         "doubles_missing_singles": incomplete,
+        "kept_in_train_unmeasured": kept,
     }
 
 
@@ -103,12 +145,13 @@ def load_split(path: str | Path) -> dict[str, Any]:
 
 
 def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None,
-                        min_cells_per_perturbation: int = 1) -> dict[str, Any]:
-    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the label column only).
+                        min_cells_per_perturbation: int = 1, perturbation_type: str = "gene") -> dict[str, Any]:
+    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the labels and var only).
 
     Perturbations with fewer than ``min_cells_per_perturbation`` cells take part in neither
     side (listed under ``excluded_few_cells``); kept ones with fewer than
     :data:`ccfm.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
+    For gene perturbations its ``var_names`` are the measured genes (see :func:`make_split`).
     """
     counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts()
     excluded = few_cell_perturbations(counts, min_cells_per_perturbation)
@@ -122,7 +165,9 @@ def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_
                     "Set split.min_cells_per_perturbation (e.g. %d) in config/config.yaml to leave them out.",
                     processed, len(noisy), FEW_CELLS - 1, ", ".join(f"{k} ({v})" for k, v in list(noisy.items())[:20]), FEW_CELLS)
     kept = [label for label in counts.index if label not in excluded]
-    split = make_split(kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds)
+    measured = read_var(processed).index.astype(str) if perturbation_type == "gene" else None
+    split = make_split(kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds,
+                       measured_genes=measured)
     split["excluded_few_cells"] = sorted(excluded)
     split["n_cells"] = {
         "train": int(counts.reindex(split["train"]).fillna(0).sum()),

@@ -206,11 +206,12 @@ def build_denoiser(n_genes: int, model_section: Mapping[str, Any], train_section
     control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
     """
     anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
-    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "perturbation_type", "extra",
-                                                     "zero_init_expr_head"}
+    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "n_unmeasured_genes",
+                                                     "perturbation_type", "extra", "zero_init_expr_head"}
     config = ModelConfig(
         n_genes=n_genes, latent_dim=latent_dim, perturbation_type=vocab.kind, n_drugs=vocab.n_drugs,
-        zero_init_expr_head=anchored, **{key: value for key, value in model_section.items() if key in known},
+        n_unmeasured_genes=vocab.n_unmeasured, zero_init_expr_head=anchored,
+        **{key: value for key, value in model_section.items() if key in known},
     )
     torch.manual_seed(seed)
     flow = FlowSettings.from_train_section({**train_section, "source": "control" if anchored else "gaussian"})
@@ -690,7 +691,8 @@ def train_from_files(
     if perturbation_type == "drug":
         vocab = PerturbationVocab.for_drugs(data.genes, [*train_labels, *split["test"], *extra_labels])
     else:
-        vocab = PerturbationVocab.for_genes(data.genes)
+        vocab = PerturbationVocab.for_genes(data.genes, train_labels, [*split["test"], *extra_labels],
+                                            where=f"{split_json} and the dataset's 'predict:'")
 
     latent_targets: LatentTargets | None = None
     latent_dim = 0

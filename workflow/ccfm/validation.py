@@ -399,17 +399,23 @@ def validate_predict_entries(
     genes: Iterable[str],
     vocab: Mapping[str, int] | Iterable[str] | None = None,
     *,
+    perturbed: Iterable[str] = (),
     where: str = "config 'predict:'",
 ) -> list[str]:
-    """Check every ``predict:`` entry names genes present in ``genes`` (and in ``vocab``).
+    """Check every ``predict:`` entry names genes the model can embed.
 
-    Returns the distinct genes named. Raises :class:`UnknownPerturbationError` listing every
-    offending entry with close matches (case-insensitive first) as suggestions. Entries must
-    have one or two genes.
+    A gene is embeddable when it is measured (in ``genes``; then also in ``vocab`` when one is
+    given) or, unmeasured, perturbed in the data's cells (``perturbed``: it gets a learned
+    perturbation row of its own). A gene that is neither has no expression and no training
+    cell, so nothing can be said about it. Returns the distinct genes named. Raises
+    :class:`UnknownPerturbationError` listing every offending entry with close matches
+    (case-insensitive first) as suggestions. Entries must have one or two genes.
     """
     gene_set = {str(g) for g in genes}
+    perturbed_set = {str(g) for g in perturbed} - gene_set
+    known = sorted(gene_set | perturbed_set)
     vocab_set = None if vocab is None else {str(g) for g in vocab}
-    by_lower: dict[str, str] = {g.lower(): g for g in sorted(gene_set)}
+    by_lower: dict[str, str] = {g.lower(): g for g in known}
     problems: list[str] = []
     named: list[str] = []
     for entry in entries:
@@ -420,17 +426,24 @@ def validate_predict_entries(
         for name in names:
             if name not in named:
                 named.append(name)
+            if name in perturbed_set:
+                continue  # unmeasured but perturbed in the data: embedded by its own learned row
             if name not in gene_set:
-                suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, sorted(gene_set), n=1, cutoff=0.8)), None)
+                suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)
                 hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
-                problems.append(f"{entry!r}: gene {name!r} is not in the data{hint}")
+                problems.append(
+                    f"{entry!r}: gene {name!r} is not in the data{hint}: it is not measured (absent from var) and "
+                    f"no cell perturbs it, so there is neither expression nor a training cell to learn its effect from"
+                )
             elif vocab_set is not None and name not in vocab_set:
                 problems.append(f"{entry!r}: gene {name!r} is not in the scGPT vocabulary (no gene embedding)")
     if problems:
         raise UnknownPerturbationError(
             f"{where}: {len(problems)} problem(s): " + "; ".join(problems)
             + ". Fix: correct the gene symbols in the dataset's 'predict:' list in config/config.yaml "
-            "or remove these entries."
+            "or remove these entries (a gene outside the measured panel can be predicted only when "
+            "cells perturbing it are in the data; pretrained scGPT gene embeddings are not used as a "
+            "prior for such genes)."
         )
     return named
 

@@ -83,10 +83,19 @@ rule preprocess:
         raw=lambda wc: raw_input(wc.ds),
     output:
         processed="results/{ds}/processed.h5ad",
+        # measured / unmeasured-but-perturbed / unmeasured-and-unseen perturbed genes
+        perturbed_genes=report(
+            "results/{ds}/perturbed_genes.tsv",
+            caption="../report/perturbed_genes.rst",
+            category="Data",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "fold": "all", "file": "perturbed genes"},
+        ),
     params:
         settings=lambda wc: {
             "dataset": wc.ds,
             **{k: ds_cfg(wc.ds)[k] for k in LABEL_KEYS},
+            "perturbation_type": ds_cfg(wc.ds)["perturbation_type"],
             "guide_token_pattern": GUIDE_TOKEN[ds_cfg(wc.ds)["perturbation_type"]],
             **{k: section(wc.ds, "preprocess")[k] for k in ("n_top_genes", "target_sum", "chunk_size")},
             # validated against the data's genes (drugs: its drugs) before any work; genes are kept
@@ -151,6 +160,8 @@ rule split:
         real="results/{ds}/fold{fold}/real.h5ad",
     params:
         seed=config["seed"],
+        # gene datasets: conditions whose unmeasured genes would lose all training cells always train
+        perturbation_type=lambda wc: ds_cfg(wc.ds)["perturbation_type"],
         heldout_fraction=lambda wc: section(wc.ds, "split")["heldout_fraction"],
         n_folds=lambda wc: section(wc.ds, "split")["n_folds"],
         min_cells=lambda wc: section(wc.ds, "split")["min_cells_per_perturbation"],

@@ -19,6 +19,7 @@ split = split_for_processed(
     heldout_fraction=float(snakemake.params.heldout_fraction),
     n_folds=int(snakemake.params.n_folds),
     min_cells_per_perturbation=int(snakemake.params.min_cells),
+    perturbation_type=str(snakemake.params.perturbation_type),
 )
 check_fold_usable(
     snakemake.input.processed,
