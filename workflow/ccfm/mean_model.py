@@ -52,6 +52,9 @@ class MeanModelSettings:
 
     anchor: str = "additive"  # "additive": mean model + control-anchored flow; "none": the plain flow
     interaction: str = "kernel"  # see INTERACTIONS; "off" keeps the anchor purely additive
+    # Shrink each single's per-gene effect towards 0 by its sampling noise (positive-part
+    # James-Stein per gene): most genes do not respond, and their noise adds up in a double.
+    shrink_singles: bool = True
     interaction_hidden: int = 64
     interaction_rank: int = 16  # principal directions of the singles describing each partner
     interaction_lr: float = 3e-3
@@ -376,12 +379,27 @@ def control_coexpression(control_cells: np.ndarray, genes: Sequence[str], single
     return out
 
 
+def shrink_effect(delta: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
+    """Positive-part James-Stein per gene: ``δ · max(0, 1 − var(δ̂)/δ²)``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(delta != 0, 1.0 - noise_var / np.square(delta), 0.0)
+    return delta * np.clip(factor, 0.0, 1.0)
+
+
 def build_mean_model(genes: Sequence[str], control_mean: np.ndarray, condition_means: Mapping[str, np.ndarray],
                      control_sample: np.ndarray, settings: MeanModelSettings, seed: int,
-                     separator: str = "+") -> tuple[MeanModel, FitReport | None]:
-    """Mean model from training pseudobulks: singles' deltas, control co-expression, fitted r."""
+                     separator: str = "+", mean_noise_var: Mapping[str, np.ndarray] | None = None
+                     ) -> tuple[MeanModel, FitReport | None]:
+    """Mean model from training pseudobulks: singles' deltas, control co-expression, fitted r.
+
+    ``mean_noise_var`` maps labels (and the control label ``"__control__"``) to the per-gene
+    sampling variance of their mean (variance / cells); it drives ``shrink_singles``.
+    """
     singles = sorted(label for label in condition_means if double_parts(label, separator) is None)
     deltas = np.stack([condition_means[s] - control_mean for s in singles]) if singles else np.zeros((0, len(genes)))
+    if settings.shrink_singles and mean_noise_var is not None and singles:
+        control_var = mean_noise_var.get("__control__", 0.0)
+        deltas = np.stack([shrink_effect(deltas[i], mean_noise_var[s] + control_var) for i, s in enumerate(singles)])
     coexp = control_coexpression(control_sample, genes, singles)
     model = MeanModel(genes, control_mean, singles, deltas, coexp, settings, separator)
     doubles = {label: mean for label, mean in condition_means.items() if double_parts(label, separator) is not None}

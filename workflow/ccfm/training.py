@@ -577,31 +577,41 @@ def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: 
     return fingerprint(run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, inputs))
 
 
-def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048) -> dict[str, np.ndarray]:
-    """Pseudobulk mean log1p profile (G,) of each label's loaded cells, read ``chunk`` rows at a time."""
+def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pseudobulk mean log1p profile (G,) of each label's loaded cells and the sampling variance
+    of that mean (per-gene variance / cells), read ``chunk`` rows at a time."""
     means: dict[str, np.ndarray] = {}
+    noise: dict[str, np.ndarray] = {}
     for label in labels:
         rows = data.rows_of(label)
         if rows.size == 0:
             continue
         total = np.zeros(data.n_genes, dtype=np.float64)
+        squares = np.zeros(data.n_genes, dtype=np.float64)
         for start in range(0, rows.size, chunk):
-            total += data.dense_rows(rows[start : start + chunk]).sum(axis=0, dtype=np.float64)
+            block = data.dense_rows(rows[start : start + chunk]).astype(np.float64)
+            total += block.sum(axis=0)
+            squares += np.square(block).sum(axis=0)
         means[label] = total / rows.size
-    return means
+        variance = np.maximum(squares / rows.size - np.square(means[label]), 0.0) * rows.size / max(rows.size - 1, 1)
+        noise[label] = variance / rows.size
+    return means, noise
 
 
 def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: MeanModelSettings, seed: int,
                    control_label: str = CONTROL_LABEL, coexpression_cells: int = 2000) -> MeanModel:
     """The anchored flow's mean model from the training cells (see :mod:`ccfm.mean_model`)."""
-    means = label_means(data, [*train_labels, control_label])
+    means, noise = label_means(data, [*train_labels, control_label])
     if control_label not in means:
         raise ValueError(f"no control cells labelled {control_label!r} in the processed data")
     control_mean = means.pop(control_label)
+    noise["__control__"] = noise.pop(control_label)
     control_rows = data.rows_of(control_label)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x6D65616E])  # 'mean': its own stream of the run seed
     sample = np.sort(rng.choice(control_rows, size=min(coexpression_cells, control_rows.size), replace=False))
-    model, _ = build_mean_model(data.genes, control_mean, means, data.dense_rows(sample), settings, seed)
+    model, _ = build_mean_model(data.genes, control_mean, means, data.dense_rows(sample), settings, seed,
+                                mean_noise_var=noise)
     log.info("mean model: %d singles with observed effects, interaction learner %r", len(model.singles), settings.interaction)
     return model
 
