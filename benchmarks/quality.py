@@ -47,16 +47,37 @@ from ccfm.simulate import SimulationSizes, build_world, expected_log1p_mean, sim
 from ccfm.splits import split_for_processed, write_real, write_split  # noqa: E402
 from ccfm.training import train_from_files  # noqa: E402
 
+
+def latent_inputs(work: Path, fold: "Fold", seed: int) -> dict[str, Path]:
+    """Tiny scGPT checkpoint, gene vocabulary map and the fold's calibrated feature statistics."""
+    from ccfm.calibration import calibrate, training_cell_indices
+    from ccfm.extractor import ScGPTFeatureExtractor
+    from ccfm.h5io import read_var
+    from ccfm.scgpt_model import build_tiny_checkpoint, read_vocab
+    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
+
+    scgpt_dir = work / "scgpt_tiny"
+    build_tiny_checkpoint(scgpt_dir, seed=seed, **TINY_SCGPT)
+    var = read_var(fold.processed)
+    mapping = map_genes(var.index.astype(str), read_vocab(scgpt_dir / "vocab.json"), var)
+    write_gene_vocab(mapping, work / "gene_vocab.tsv")
+    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", LATENT["max_tokens_per_cell"], seed,
+                                      zero_tokens=LATENT["zero_tokens"])
+    stats = calibrate(extractor, fold.processed, training_cell_indices(fold.processed, fold.split_json), batch_size=32,
+                      max_cells=1000, seed=seed, target_std=LATENT["target_std"], genes=list(mapping["gene"]))
+    stats.save(work / "latent_stats.pt")
+    return {"scgpt_dir": scgpt_dir, "gene_vocab_tsv": work / "gene_vocab.tsv", "latent_stats": work / "latent_stats.pt"}
+
 log = logging.getLogger("quality")
 
 # The pathway screen: interactions follow modules, larger than the demo so that pair-level
 # structure can be learned from the training doubles (Norman 2019 has ~130 doubles).
-SCREEN = dict(n_genes=300, n_real_symbols=150, n_singles=24, n_doubles=72, n_modules=8, n_control_cells=1500,
+SCREEN = dict(n_genes=200, n_real_symbols=150, n_singles=24, n_doubles=72, n_modules=8, n_control_cells=1500,
               cells_per_condition=150, n_target_control_cells=10, n_target_singles=1, n_target_doubles=1,
               target_cells_per_condition=10)
 MODEL = {"d_model": 64, "nhead": 4, "nlayers": 2, "dh_depth": 1}
 TRAIN = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "checkpoint_every": 100000, "log_every": 50,
-         "infer_top_gene": 300, "gpus": 0}
+         "infer_top_gene": 200, "gpus": 0}
 # Euler with 4 time points: the anchored flow starts next to its target, and 128 cells x 300 genes
 # per network evaluation cost ~1.7 s on one CPU thread.
 GENERATE = {"method": "euler", "latent_steps": 4, "expr_steps": 4}
@@ -65,8 +86,14 @@ VARIANTS = {
     "plain": {"anchor": "none"},  # the plan's Gaussian-source flow
     "anchored": {"anchor": "additive", "interaction": "off"},  # control-anchored flow on the additive mean
     "anchored+network": {"anchor": "additive", "interaction": "network"},
-    "anchored+kernel": {"anchor": "additive", "interaction": "kernel"},  # the default
+    "anchored+kernel": {"anchor": "additive", "interaction": "kernel"},  # the default, ccfm_nolatent
+    "cascade": {"anchor": "additive", "interaction": "kernel"},  # the default with the scGPT latent stream (ccfm)
 }
+LATENT_VARIANTS = {"cascade"}
+# The demo's tiny scGPT (random weights, real vocabulary) and latent settings.
+TINY_SCGPT = {"embsize": 32, "nlayers": 2, "nheads": 4, "d_hid": 64}
+LATENT = {"max_tokens_per_cell": 1200, "zero_tokens": True, "cache": "off", "target_std": 1.0}
+LATENT_TRAIN = {"latent_weight": 0.33, "stage2_noised": True, "noised_low": 0.75, "choose_latent_p": 0.4}
 
 
 @dataclass
@@ -156,12 +183,16 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
                      cells_per_perturbation=cells, seed=seed)
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
+    latent = latent_inputs(work, fold, seed) if LATENT_VARIANTS & set(variants) else {}
     for name in variants:
         model_pt = work / name / "model.pt"
         started = time.perf_counter()
+        use_latent = name in LATENT_VARIANTS
         result = train_from_files(fold.processed, fold.split_json, model_pt, work / name / "loss.tsv", work / name / "resume",
-                                  model_section={**MODEL, **VARIANTS[name]}, train_section={**TRAIN, "steps": steps},
-                                  latent_section={}, seed=seed, use_latent=False, device="cpu", progress=False)
+                                  model_section={**MODEL, **VARIANTS[name]},
+                                  train_section={**TRAIN, **LATENT_TRAIN, "steps": steps}, latent_section=LATENT,
+                                  seed=seed, use_latent=use_latent, device="cpu", progress=False,
+                                  **(latent if use_latent else {}))
         speed[name] = steps * TRAIN["batch_size"] / max(result.seconds, 1e-9)
         generation = prepare_generation(model_pt, {**GENERATE, "cells_per_perturbation": cells}, device="cpu")
         predict_to_files(generation, fold.processed, fold.split_json, [], work / name / "pred.h5ad", work / name / "pred.csv", seed=seed)

@@ -8,6 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+
+from ccfm.mean_model import match_mean
 import scipy.sparse as sp
 
 from ccfm.baselines import condition_means, run_baseline, sample_control_rows
@@ -115,9 +117,14 @@ def test_nochange_and_shared_control_draws(toy_fold):
     rows = sample_control_rows(4, ["A+B", "B+C"], 3, seed=3)
     got = nochange[nochange.obs["target_gene"] == "A+B"].X.toarray()
     np.testing.assert_allclose(got, CONTROLS[rows["A+B"]], atol=1e-6)
-    # Same seed -> the additive baseline shifted exactly the same control cells.
+    # Same seed -> the additive baseline shifted exactly the same control cells, re-centred on
+    # the additive mean (control mean + delta; a plain clamp at 0 would overshoot it).
     shifted = additive[additive.obs["target_gene"] == "A+B"].X.toarray()
-    np.testing.assert_allclose(shifted, np.clip(CONTROLS[rows["A+B"]] + [1.0, -0.5, 2.0], 0, None), atol=1e-6)
+    delta = np.array([1.0, -0.5, 2.0])
+    target = np.maximum(CONTROLS.mean(axis=0) + delta, 0)
+    np.testing.assert_allclose(shifted, match_mean(CONTROLS[rows["A+B"]] + delta, target), atol=1e-6)
+    np.testing.assert_allclose(shifted.mean(axis=0), target, atol=1e-5)
+    assert shifted.min() >= 0
     # A different seed draws different cells.
     other = sample_control_rows(4, ["A+B", "B+C"], 3, seed=4)
     assert any(not np.array_equal(rows[k], other[k]) for k in rows)

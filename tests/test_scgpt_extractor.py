@@ -132,3 +132,28 @@ def test_bad_inputs_are_clear_errors(tiny_dir, vocab_ids):
         extractor.extract(torch.zeros(2, G + 1))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ScGPTFeatureExtractor(tiny_dir, np.array([0, 70000]))
+
+
+def test_zero_tokens_give_every_mapped_gene_a_contextual_feature(tiny_dir, vocab_ids):
+    """Stage 2 cannot read "unexpressed" from exact zeros: unexpressed mapped genes get features too."""
+    plain = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3)
+    dense = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3, zero_tokens=True)
+    expr = _cells(4, 2)
+    mapped = torch.from_numpy(vocab_ids >= 0)
+    features = dense.extract(expr)
+    assert torch.equal(dense.covered_mask(expr), mapped.expand(4, -1))
+    unexpressed = (expr == 0) & mapped
+    assert unexpressed.sum() > 50
+    assert torch.all(features[unexpressed].abs().sum(-1) > 0)  # no exact-zero shortcut
+    assert torch.all(features[:, ~mapped] == 0)  # genes outside the vocabulary still have nothing
+    assert torch.all(plain.extract(expr)[unexpressed] == 0)
+    # A zero token is context-dependent: the same unexpressed gene differs between cells.
+    gene = int(np.flatnonzero(unexpressed.all(dim=0).numpy())[0]) if unexpressed.all(dim=0).any() else None
+    if gene is not None:
+        assert not torch.allclose(features[0, gene], features[1, gene])
+    # The cap keeps the expressed genes first.
+    capped = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3, zero_tokens=True, max_tokens_per_cell=40)
+    mask = capped.covered_mask(expr)
+    assert torch.all(mask.sum(dim=1) == 40)
+    expressed = (expr > 0) & mapped
+    assert torch.all(mask[expressed.sum(dim=1) >= 40] <= expressed[expressed.sum(dim=1) >= 40])

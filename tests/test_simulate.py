@@ -81,32 +81,76 @@ def test_perturbation_propagates_downstream(demo) -> None:
     assert np.mean(corr) > 0.5
 
 
+def _residuals(source, truth):
+    means = _condition_means(source)
+    delta = {c: m - means[CONTROL] for c, m in means.items()}
+    out = {}
+    for i, (label, kind) in enumerate(zip(truth["conditions"], truth["interaction_type"])):
+        if "+" in label:
+            a, b = label.split("+")
+            out[label] = (kind, delta[label] - delta[a] - delta[b], truth["interaction"][i])
+    return out, delta
+
+
 def test_doubles_are_measurably_non_additive(demo) -> None:
     source = ad.read_h5ad(demo["raw"])
     truth = load_ground_truth(demo["ground_truth"])
-    means = _condition_means(source)
-    delta = {c: m - means[CONTROL] for c, m in means.items()}
-    residual_norm: dict[str, list[float]] = {}
+    residuals, _ = _residuals(source, truth)
+    norms: dict[str, list[float]] = {}
     matched, mismatched = [], []
-    doubles = [i for i, t in enumerate(truth["condition_type"]) if t == "double"]
-    for rank, i in enumerate(doubles):
-        label, kind = truth["conditions"][i], truth["interaction_type"][i]
-        a, b = label.split("+")
-        residual = delta[label] - delta[a] - delta[b]
-        residual_norm.setdefault(kind, []).append(float(np.linalg.norm(residual)))
-        if kind != "additive":
-            others = [j for j in doubles if truth["interaction_type"][j] != "additive" and j != i]
-            other = others[rank % len(others)]
-            matched.append(np.corrcoef(residual, truth["interaction"][i])[0, 1])
-            mismatched.append(np.corrcoef(residual, truth["interaction"][other])[0, 1])
-    assert {"synergy", "buffering", "epistasis"} <= set(residual_norm)
-    non_additive = [n for kind, norms in residual_norm.items() if kind != "additive" for n in norms]
-    # residuals of designed interactions clearly exceed those of additive doubles (noise level)
-    assert np.mean(non_additive) > 1.2 * np.mean(residual_norm["additive"])
+    interacting = [label for label, (kind, _, _) in residuals.items() if kind != "independent"]
+    for rank, label in enumerate(interacting):
+        kind, observed, recorded = residuals[label]
+        other = residuals[interacting[(rank + 1) % len(interacting)]][2]
+        matched.append(np.corrcoef(observed, recorded)[0, 1])
+        mismatched.append(np.corrcoef(observed, other)[0, 1])
+    for kind, observed, _ in residuals.values():
+        norms.setdefault(kind, []).append(float(np.linalg.norm(observed)))
+    assert {"same_module", "cooperating", "independent"} <= set(norms)
+    # interacting pairs deviate from additive clearly more than independent ones (noise level)
+    assert np.mean(norms["cooperating"]) > 1.3 * np.mean(norms["independent"])
+    assert np.mean(norms["same_module"]) > 1.1 * np.mean(norms["independent"])
     # and the observed residual points along the recorded interaction, not another double's
-    assert np.mean(matched) > 0.4
-    assert np.mean(matched) > np.mean(mismatched) + 0.25
+    assert np.mean(matched) > 0.5 and np.mean(matched) > np.mean(mismatched) + 0.3
     assert np.all(np.abs(truth["interaction"][truth["condition_type"] == "single"]) == 0)
+
+
+def test_interactions_follow_the_modules_and_are_discoverable(demo) -> None:
+    source = ad.read_h5ad(demo["raw"])
+    truth = load_ground_truth(demo["ground_truth"])
+    module = dict(zip(truth["perturbed_genes"], truth["module_of"]))
+    cooperating = {tuple(pair) for pair in truth["cooperating_modules"].tolist()}
+    residuals, delta = _residuals(source, truth)
+    for label, (kind, _, _) in residuals.items():
+        a, b = label.split("+")
+        pair = tuple(sorted((int(module[a]), int(module[b]))))
+        expected = "same_module" if pair[0] == pair[1] else "cooperating" if pair in cooperating else "independent"
+        assert kind == expected, label
+    # singles of one module share a programme: their observed responses correlate more (in
+    # either direction: a knock-down moves the programme the other way)
+    genes = list(truth["perturbed_genes"])
+    same, other = [], []
+    for i, a in enumerate(genes):
+        for b in genes[i + 1 :]:
+            (same if module[a] == module[b] else other).append(abs(np.corrcoef(delta[a], delta[b])[0, 1]))
+    assert np.mean(same) > np.mean(other) + 0.3
+    # module members co-vary in control cells
+    controls = _log_norm(source.X.toarray())[source.obs["target_gene"].astype(str).to_numpy() == CONTROL]
+    index = {g: i for i, g in enumerate(source.var_names)}
+    corr = np.corrcoef(controls[:, [index[g] for g in genes]].T)
+    same_c = [corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] == module[genes[j]]]
+    other_c = [corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] != module[genes[j]]]
+    assert np.mean(same_c) > np.mean(other_c) + 0.05
+
+
+def test_random_interaction_model_stays_available(tmp_path: Path) -> None:
+    paths = simulate_demo(tmp_path, seed=5, interaction_model="random", n_doubles=30)
+    truth = load_ground_truth(paths["ground_truth"])
+    kinds = set(truth["interaction_type"][truth["condition_type"] == "double"])
+    assert kinds <= {"additive", "synergy", "buffering", "epistasis"} and len(kinds) >= 3
+    assert truth["module_of"].size == 0
+    with pytest.raises(ValueError, match="interaction_model"):
+        simulate_demo(tmp_path / "x", seed=1, interaction_model="modules")
 
 
 def test_target_context_is_shifted(demo) -> None:

@@ -12,7 +12,10 @@ they produce cell-level predictions in the same file format as the model (see
 - ``meanpert``: delta = mean over training perturbations of (perturbation mean − control mean),
   every perturbation weighted equally (a perturbation with many cells must not dominate).
 
-Shifted cells are clamped at 0 (log1p expression cannot be negative). Means are computed from
+Shifted cells are clamped at 0 (log1p expression cannot be negative), and the additive and
+mean-perturbation cells are re-centred so that their mean is exactly the baseline's mean
+(control mean + delta, floored at 0): a plain clamp would raise the mean of every gene with many
+zeros, and the baselines must be as strong as their definition. Means are computed from
 ``processed.h5ad`` in row chunks read in backed mode, so the expression matrix is never densified.
 Only training perturbations (the fold's ``train`` list) and controls enter the means: a held-out
 double never leaks into its own baseline.
@@ -33,6 +36,7 @@ import scipy.sparse as sp
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.conditions import parse_condition
 from ccfm.h5io import backed_matrix, read_obs_labels, read_rows_with_labels, read_var, write_h5ad_atomic
+from ccfm.mean_model import match_mean
 from ccfm.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -133,9 +137,16 @@ def sample_control_rows(n_controls: int, conditions: Sequence[str], n_cells: int
     return {cond: rng.choice(n_controls, size=n_cells, replace=replace) for cond in sorted(conditions)}
 
 
-def shifted_cells(control_block: sp.csr_matrix | np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Control cells moved by ``delta`` on the log1p scale, clamped at 0 (dense, one perturbation)."""
+def shifted_cells(control_block: sp.csr_matrix | np.ndarray, delta: np.ndarray,
+                  target_mean: np.ndarray | None = None) -> np.ndarray:
+    """Control cells moved by ``delta`` on the log1p scale, clamped at 0 (dense, one perturbation).
+
+    With ``target_mean`` the per-gene shift is chosen so that the clamped cells' mean equals it
+    (:func:`ccfm.mean_model.match_mean`), instead of adding ``delta`` and clamping.
+    """
     dense = control_block.toarray() if sp.issparse(control_block) else np.asarray(control_block)
+    if target_mean is not None:
+        return match_mean(dense + delta[None, :], target_mean)
     return np.clip(dense + delta[None, :], 0.0, None).astype(np.float32)
 
 
@@ -177,7 +188,9 @@ def predict_baseline(
                 fallback.append(cond)
                 summed = zero
             delta = summed
-        predicted[cond] = shifted_cells(controls[rows[cond]], delta)
+        # no change keeps the sampled real cells; the others are centred on their defining mean
+        target = None if method == "nochange" or cond in fallback else means.means[control_label] + delta
+        predicted[cond] = shifted_cells(controls[rows[cond]], delta, target)
     return BaselineResult(predicted=predicted, fallback_nochange=fallback, method=method)
 
 

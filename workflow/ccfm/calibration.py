@@ -217,6 +217,7 @@ def calibrate(
         "n_cells": int(cells.size),
         "seed": int(seed),
         "max_tokens_per_cell": extractor.max_tokens_per_cell,
+        "zero_tokens": extractor.zero_tokens,
         "genes": gene_names,
         "gene_vocab_ids": extractor.gene_vocab_ids.tolist(),
     }

@@ -1,10 +1,14 @@
 """Frozen scGPT as a per-gene feature extractor: cells (B, G) -> contextual features (B, G, D).
 
-For each cell the tokens are ``<cls>`` followed by the cell's non-zero genes that have a vocab id;
-values are prepared as the checkpoint's args.json says (``binned``: per-cell quantile bins
-1..n_bins-1 of the non-zero values, ``<cls>`` carrying ``pad_value``; otherwise the values
-themselves). The transformer output of each gene token is scattered back to the gene's position;
-genes with zero expression or without a vocab id get zero vectors.
+For each cell the tokens are ``<cls>`` followed by the cell's non-zero genes that have a vocab id
+and, with ``zero_tokens`` (config ``latent.zero_tokens``, the default), its zero-valued mapped
+genes as value-0 tokens after them; values are prepared as the checkpoint's args.json says
+(``binned``: per-cell quantile bins 1..n_bins-1 of the non-zero values, 0 for zeros, ``<cls>``
+carrying ``pad_value``; otherwise the values themselves). The transformer output of each gene
+token is scattered back to the gene's position; genes without a vocab id (and, without
+``zero_tokens``, unexpressed genes) get zero vectors. Zero tokens matter for the cascade: with
+exact-zero features for unexpressed genes, stage 2 learns to read "unexpressed" from the zeros,
+which generated latents never reproduce.
 
 Batching: on CPU, encoding cells one at a time measured fastest for the whole-human architecture
 (benchmarks/extraction_speed.py: ~2.6 cells/s vs ~1.5-2.2 padded, 2 shared cores; no work on
@@ -106,6 +110,8 @@ class ScGPTFeatureExtractor:
         gene_vocab_ids: (G,) vocab id of each gene column, -1 where the gene is not in the vocab.
         device: torch device for the transformer.
         max_tokens_per_cell: keep at most this many genes per cell (highest expressed first).
+        zero_tokens: also tokenise the cell's zero-valued mapped genes (value 0), so that every
+            mapped gene gets a contextual feature.
         seed: seeds the binning tie-breaks.
         batching: ``single`` (one cell per forward), ``padded`` (all cells of a call in one padded
             batch), ``sorted`` (micro-batches of similar length) or ``auto`` (fastest per device).
@@ -123,6 +129,7 @@ class ScGPTFeatureExtractor:
         batching: Batching = "auto",
         micro_batch_size: int = 16,
         autocast_bf16: bool = False,
+        zero_tokens: bool = False,
     ) -> None:
         if batching not in BATCHING_CHOICES:
             raise ValueError(f"batching must be one of {BATCHING_CHOICES}, got {batching!r}")
@@ -151,6 +158,7 @@ class ScGPTFeatureExtractor:
         self.micro_batch_size = int(micro_batch_size)
         self.autocast_bf16 = bool(autocast_bf16) and self.device.type == "cuda"
         self.n_capped_cells = 0
+        self.zero_tokens = bool(zero_tokens)
         self.model_id = self.model_dir.resolve().name
 
     # ------------------------------------------------------------------ tokenisation
@@ -166,12 +174,20 @@ class ScGPTFeatureExtractor:
             values = quantile_bin(expression, self.n_bins, tie_break_draws(self.seed, token_ids, expression))
         else:
             values = expression
+        if self.zero_tokens:
+            zeros = np.flatnonzero((row <= 0) & self.mapped)
+            positions = np.concatenate([positions, zeros])
+            token_ids = np.concatenate([token_ids, self.gene_vocab_ids[zeros]])
+            values = np.concatenate([values, np.zeros(zeros.size, dtype=np.float32)]).astype(np.float32)
+            expression = np.concatenate([expression, np.zeros(zeros.size, dtype=np.float32)])
+            order = np.argsort(positions, kind="stable")
+            positions, token_ids, values, expression = positions[order], token_ids[order], values[order], expression[order]
         keep = self._kept_tokens(token_ids, expression)
         if keep is not None:
             positions, values, token_ids = positions[keep], values[keep], token_ids[keep]
             if self.n_capped_cells == 0:
                 log.warning(
-                    "cells with more than %d expressed mapped genes are truncated to their %d highest "
+                    "cells with more than %d mapped gene tokens are truncated to their %d highest "
                     "expressed genes (latent.max_tokens_per_cell); the others get zero features",
                     self.max_tokens_per_cell, self.max_tokens_per_cell,
                 )
@@ -189,9 +205,10 @@ class ScGPTFeatureExtractor:
         return keep
 
     def covered_mask(self, expr: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, G) bool on the input's device: genes that receive features (non-zero, mapped, within the cap)."""
+        """(B, G) bool on the input's device: genes that receive features (mapped, non-zero unless
+        ``zero_tokens``, within the cap)."""
         rows = expr.detach().float().cpu().numpy() if isinstance(expr, torch.Tensor) else np.asarray(expr, np.float32)
-        mask = (rows > 0) & self.mapped
+        mask = np.broadcast_to(self.mapped, rows.shape).copy() if self.zero_tokens else (rows > 0) & self.mapped
         if self.max_tokens_per_cell is not None:
             for i in np.flatnonzero(mask.sum(axis=1) > self.max_tokens_per_cell):
                 positions = np.flatnonzero(mask[i])

@@ -144,14 +144,20 @@ def cache_manifest(extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_
         "data": file_identity(processed_h5ad),
         "seed": extractor.seed,
         "max_tokens_per_cell": extractor.max_tokens_per_cell,
+        "zero_tokens": extractor.zero_tokens,
         "dim": extractor.dim,
     }
 
 
 def count_tokens(extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_indices: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Tokens per cell (non-zero mapped genes, capped) read from the sparse matrix, no model run."""
+    """Tokens per cell (non-zero mapped genes, or every mapped gene with ``zero_tokens``; capped)
+    read from the sparse matrix, no model run."""
     counts = np.zeros(len(cell_indices), dtype=np.int64)
     mapped = extractor.mapped
+    if extractor.zero_tokens:
+        counts[:] = int(mapped.sum())
+        cap = extractor.max_tokens_per_cell
+        return counts if cap is None else np.minimum(counts, cap)
     # X only: anndata's backed mode would read layers["counts"] into memory.
     with backed_matrix(processed_h5ad) as matrix:
         for start in range(0, len(cell_indices), chunk):

@@ -756,8 +756,12 @@ def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir:
     mapping = read_gene_vocab(gene_vocab_tsv)
     check_gene_order(mapping, data.genes, str(gene_vocab_tsv))
     vocab_ids = vocab_id_array(mapping)
-    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_ids, device, latent_section.get("max_tokens_per_cell"), seed)
+    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_ids, device, latent_section.get("max_tokens_per_cell"), seed,
+                                      zero_tokens=bool(latent_section.get("zero_tokens", False)))
     stats = LatentStats.load(latent_stats)
+    if bool(stats.metadata.get("zero_tokens", False)) != extractor.zero_tokens:
+        raise ValueError(f"{latent_stats} was calibrated with latent.zero_tokens={stats.metadata.get('zero_tokens', False)}, "
+                         f"training runs with {extractor.zero_tokens}; rerun calibrate_latent")
     stats.check_compatible(extractor.model_id, genes_hash(data.genes, vocab_ids))
     if stats.mean.shape[0] != extractor.dim:
         raise ValueError(f"{latent_stats} has {stats.mean.shape[0]} dims, the scGPT model {extractor.dim}; rerun calibrate_latent")

@@ -20,6 +20,7 @@ extractor = ScGPTFeatureExtractor(
     max_tokens_per_cell=latent["max_tokens_per_cell"],
     seed=snakemake.params.seed,
     batching=latent.get("batching", "auto"),
+    zero_tokens=bool(latent["zero_tokens"]),
 )
 cells = training_cell_indices(snakemake.input.processed, snakemake.input.split)
 log.info("fold %s: %d training cells (training perturbations + controls)", snakemake.wildcards.fold, len(cells))
