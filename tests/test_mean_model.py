@@ -155,3 +155,16 @@ def test_fit_mean_model_uses_only_training_cells(tmp_path: Path) -> None:
     model = fit_mean_model(data, train, MeanModelSettings(), seed=0)
     assert set(model.singles) == {"G0", "G1", "G2", "G3"}  # the held-out double G2+G3 is no single
     assert model.anchored("G2+G3")
+
+
+def test_anchored_prediction_centres_on_the_controls_it_starts_from(tmp_path: Path) -> None:
+    """In another cell context (adaptation) the predicted shift applies to that context's controls."""
+    model_pt, processed = _trained(tmp_path, interaction="off")
+    loaded = load_model(model_pt)
+    controls = read_control_cells(processed)
+    rows = np.arange(controls.matrix.shape[0])
+    settings = GenerateSettings(cells_per_perturbation=32, method="euler", expr_steps=2)
+    other_context = loaded.mean_model.control_mean.numpy() + 0.7  # e.g. shifted target controls
+    cells = predict_label(loaded, controls, rows, "G2+G3", settings, 3, torch.device("cpu"), other_context)
+    expected = np.maximum(other_context + loaded.mean_model.delta("G2+G3").numpy(), 0)
+    np.testing.assert_allclose(cells.mean(axis=0), expected, atol=1e-4)

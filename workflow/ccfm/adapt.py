@@ -60,7 +60,7 @@ from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.baselines import condition_means, predict_baseline
 from ccfm.celleval import check_enough_perturbations, run_cell_eval
 from ccfm.conditions import parse_condition
-from ccfm.generation import GenerateSettings, GenerationSetup, default_device, predict_label
+from ccfm.generation import GenerateSettings, GenerationSetup, controls_mean, default_device, predict_label
 from ccfm.h5io import LabelledRows, atomic_output, read_obs, read_rows_with_labels
 from ccfm.metrics import compact_metrics
 from ccfm.model import CascadedFlowModel
@@ -763,8 +763,9 @@ def predict_target_cells(
     data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=shift)
     control_rows = np.arange(controls.shape[0])
     what = "adapted" if shift is not None else "unadapted"
+    reference = controls_mean(data, control_rows)  # an anchored model centres on these controls + its shift
     return {
-        label: predict_label(model, data, control_rows, label, settings, seed, device)
+        label: predict_label(model, data, control_rows, label, settings, seed, device, reference)
         for label in tqdm(labels, desc=f"predict target ({what})", mininterval=5)
     }
 

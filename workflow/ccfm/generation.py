@@ -98,13 +98,24 @@ def perturbations_to_predict(test_labels: Sequence[str], extra: Iterable[str], c
     return conditions_to_predict(list(test_labels), [str(label) for label in extra], control_label)
 
 
+def controls_mean(data: ExpressionData, control_rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Mean profile (G,) of the control cells generation starts from, read in chunks."""
+    total = np.zeros(data.n_genes, dtype=np.float64)
+    for start in range(0, control_rows.size, chunk):
+        total += data.dense_rows(control_rows[start : start + chunk]).sum(axis=0, dtype=np.float64)
+    return total / max(control_rows.size, 1)
+
+
 def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.ndarray, label: str,
-                  settings: GenerateSettings, seed: int, device: torch.device) -> np.ndarray:
+                  settings: GenerateSettings, seed: int, device: torch.device,
+                  control_mean: np.ndarray | None = None) -> np.ndarray:
     """Generate ``cells_per_perturbation`` cells (n, G) for one perturbation, log1p ≥ 0.
 
     A control-anchored model starts each cell's flow at its control cell moved by the mean
-    model's predicted shift and re-centres the generated cells on the predicted mean; labels the
-    mean model cannot anchor (unseen singles) start at the control cell unmoved.
+    model's predicted shift and re-centres the generated cells on the mean of the controls it
+    starts from (``control_mean``, computed from ``control_rows`` when not given) plus that
+    shift: in another cell context (adaptation) the shift applies to that context's controls.
+    Labels the mean model cannot anchor (unseen singles) start at the control cell unmoved.
     """
     rng = np.random.default_rng(label_seed(seed, label))
     n_cells = settings.cells_per_perturbation
@@ -128,7 +139,8 @@ def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.nda
         blocks.append(expression.float().cpu().numpy())
     cells = np.concatenate(blocks, axis=0)
     if shift is not None:
-        cells = match_mean(cells, (model.mean_model.control_mean + shift).numpy())
+        reference = controls_mean(data, control_rows) if control_mean is None else control_mean
+        cells = match_mean(cells, reference + shift.numpy())
     return cells
 
 
@@ -167,8 +179,9 @@ def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, sp
     control_rows = np.arange(controls.matrix.shape[0])
     started = time.perf_counter()
     predicted: dict[str, np.ndarray] = {}
+    reference = controls_mean(controls, control_rows)
     for label in tqdm(labels, desc="predict", mininterval=5.0):
-        predicted[label] = predict_label(model, controls, control_rows, label, settings, seed, device)
+        predicted[label] = predict_label(model, controls, control_rows, label, settings, seed, device, reference)
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())
     log.info("generated %d cells for %d perturbations in %.1f s (%.1f cells/s)", n_cells, len(labels), seconds, n_cells / seconds)
