@@ -54,6 +54,11 @@ def test_every_method_is_scored(demo_run):
     nochange = summary[(summary["method"] == "nochange") & (summary["fold"].astype(str) == "1")]
     # The simulator's doubles are mostly additive in direction: the additive baseline must beat no-change.
     assert additive["pearson_delta"].iloc[0] > nochange["pearson_delta"].iloc[0] + 0.3
+    # CCFM's mean is additive + a learned residual (LOO-guarded) with shrunk singles: it must not
+    # lose to additive on held-out doubles, whatever the (short) flow training did.
+    for method in ("ccfm", "ccfm_nolatent"):
+        model = summary[(summary["method"] == method) & (summary["fold"].astype(str) == "1")]
+        assert model["mse"].iloc[0] <= 1.1 * additive["mse"].iloc[0], summary[["method", "fold", "mse"]].to_string()
 
 
 def test_predictions_follow_the_contract(demo_run):
