@@ -763,7 +763,12 @@ def predict_target_cells(
     data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=shift)
     control_rows = np.arange(controls.shape[0])
     what = "adapted" if shift is not None else "unadapted"
-    reference = controls_mean(data, control_rows)  # an anchored model centres on these controls + its shift
+    # An anchored model centres its cells on the context's own (unshifted) control mean + its
+    # predicted shift: the MMD shift only changes what the flow sees, not the context the
+    # prediction is for (centring on the shifted controls put the demo's adapted predictions in
+    # the source context: MSE 0.21 against 0.02 unadapted).
+    raw = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=None)
+    reference = controls_mean(raw, control_rows)
     return {
         label: predict_label(model, data, control_rows, label, settings, seed, device, reference)
         for label in tqdm(labels, desc=f"predict target ({what})", mininterval=5)
