@@ -80,11 +80,15 @@ def test_kernel_stays_additive_when_residuals_are_noise() -> None:
         assert torch.allclose(model.delta(label), additive, atol=0.02)
 
 
-def test_off_is_exactly_additive_and_unseen_singles_have_no_anchor() -> None:
+def test_off_is_exactly_additive_and_unseen_singles_fall_back_to_the_mean_effect() -> None:
     model, _, held, _ = _module_screen(3, "off")
     label = next(iter(held))
     a, b = label.split("+")
     assert torch.equal(model.delta(label), model.delta(a) + model.delta(b))
+    mean_effect = model.single_deltas.mean(dim=0)
+    assert model.anchored("unseen") and torch.equal(model.delta("unseen"), mean_effect)
+    assert torch.equal(model.delta(f"{a}+unseen"), model.delta(a) + mean_effect)
+    model.settings.unseen = "embedding"
     assert not model.anchored("unseen") and model.delta("unseen") is None
     assert not model.anchored(f"{a}+unseen")
 
@@ -99,6 +103,8 @@ def test_mean_model_round_trips_through_its_payload() -> None:
 def test_settings_reject_unknown_values() -> None:
     with pytest.raises(ValueError, match="model.anchor"):
         MeanModelSettings(anchor="median")
+    with pytest.raises(ValueError, match="model.unseen"):
+        MeanModelSettings(unseen="zero")
     with pytest.raises(ValueError, match="model.interaction"):
         MeanModelSettings(interaction="mlp")
     assert MeanModelSettings(interaction=False).interaction == "off"
@@ -119,7 +125,7 @@ def _trained(tmp_path: Path, **model) -> tuple[Path, Path]:
 
 
 def test_untrained_anchored_model_predicts_additive_doubles_and_no_change_for_unseen_singles(tmp_path: Path) -> None:
-    model_pt, processed = _trained(tmp_path, interaction="off", shrink_singles=False)
+    model_pt, processed = _trained(tmp_path, interaction="off", shrink_singles=False, unseen="embedding")
     loaded = load_model(model_pt)
     assert loaded.denoiser.settings.source == "control" and loaded.mean_model is not None
     controls = read_control_cells(processed)

@@ -43,6 +43,7 @@ SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
         "anchor": "additive",
         "interaction": "kernel",
         "shrink_singles": True,
+        "unseen": "meanpert",
         "interaction_hidden": 64,
         "interaction_rank": 16,
     },
