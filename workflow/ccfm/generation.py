@@ -28,7 +28,7 @@ from ccfm.baselines import conditions_to_predict
 from ccfm.h5io import read_rows_with_labels
 from ccfm.mean_model import match_mean
 from ccfm.predictions import write_predictions
-from ccfm.training import ExpressionData, LoadedModel, load_model, read_split
+from ccfm.training import ExpressionData, LoadedModel, load_model, read_split, row_moments
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,9 @@ def perturbations_to_predict(test_labels: Sequence[str], extra: Iterable[str], c
     return conditions_to_predict(list(test_labels), [str(label) for label in extra], control_label)
 
 
-def controls_mean(data: ExpressionData, control_rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def controls_mean(data: ExpressionData, control_rows: np.ndarray) -> np.ndarray:
     """Mean profile (G,) of the control cells generation starts from, read in chunks."""
-    total = np.zeros(data.n_genes, dtype=np.float64)
-    for start in range(0, control_rows.size, chunk):
-        total += data.dense_rows(control_rows[start : start + chunk]).sum(axis=0, dtype=np.float64)
-    return total / max(control_rows.size, 1)
+    return row_moments(data, control_rows, chunk=4096)[0]
 
 
 def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.ndarray, label: str,

@@ -290,7 +290,7 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
         parts = double_parts(label, model.separator)
         if parts is None or not (model.has_single(parts[0]) and model.has_single(parts[1])):
             continue
-        additive = model.control_mean + model.single_deltas[model._single_index[parts[0]]] + model.single_deltas[model._single_index[parts[1]]]
+        additive = model.control_mean + model._single_effect(parts[0]) + model._single_effect(parts[1])
         pairs.append(parts)
         targets.append(torch.as_tensor(np.asarray(mean, dtype=np.float32)) - additive)
     if s.interaction == "off":
@@ -308,7 +308,7 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     initial = copy.deepcopy(model.residual.state_dict())
 
     torch.manual_seed(seed)
-    best_epoch, best_loss, curve = _train_residual(model, pairs, target, fit, hold, s.interaction_epochs, s.interaction_patience)
+    best_epoch, best_loss = _train_residual(model, pairs, target, fit, hold, s.interaction_epochs, s.interaction_patience)
     additive_loss = float(target[hold].pow(2).mean())
     # Refit on every training double for the chosen number of epochs (doubles are scarce).
     model.residual.load_state_dict(initial)
@@ -347,15 +347,14 @@ def _fit_kernel(model: MeanModel, pairs: list[tuple[str, str]], target: Tensor) 
 
 
 def _train_residual(model: MeanModel, pairs: list[tuple[str, str]], target: Tensor, fit: np.ndarray,
-                    hold: np.ndarray | None, epochs: int, patience: int | None) -> tuple[int, float, list[float]]:
-    """Full-batch AdamW on the residuals of ``fit``; returns (best epoch, its held-back MSE, curve)."""
+                    hold: np.ndarray | None, epochs: int, patience: int | None) -> tuple[int, float]:
+    """Full-batch AdamW on the residuals of ``fit``; returns (best epoch, its held-back MSE)."""
     s = model.settings
     optimizer = torch.optim.AdamW(model.residual.parameters(), lr=s.interaction_lr, weight_decay=s.interaction_weight_decay)
     fit_pairs = [pairs[i] for i in fit]
     fit_inputs = model._pair_inputs(fit_pairs)
     hold_inputs = model._pair_inputs([pairs[i] for i in hold]) if hold is not None else None
     best_epoch, best_loss = 0, float(target[hold].pow(2).mean()) if hold is not None else float("nan")
-    curve: list[float] = []
     model.residual.train()
     for epoch in range(1, epochs + 1):
         optimizer.zero_grad(set_to_none=True)
@@ -366,12 +365,11 @@ def _train_residual(model: MeanModel, pairs: list[tuple[str, str]], target: Tens
             continue
         with torch.no_grad():
             held = float((model.residual(*hold_inputs) - target[hold]).pow(2).mean())
-        curve.append(held)
         if held < best_loss - 1e-7:
             best_epoch, best_loss = epoch, held
         elif patience is not None and epoch - best_epoch > patience:
             break
-    return best_epoch, best_loss, curve
+    return best_epoch, best_loss
 
 
 def control_coexpression(control_cells: np.ndarray, genes: Sequence[str], singles: Sequence[str]) -> dict[str, np.ndarray]:

@@ -577,24 +577,31 @@ def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: 
     return fingerprint(run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, inputs))
 
 
+def row_moments(data: ExpressionData, rows: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance (G,) of the given file rows, read ``chunk`` rows at a time."""
+    total = np.zeros(data.n_genes, dtype=np.float64)
+    squares = np.zeros(data.n_genes, dtype=np.float64)
+    for start in range(0, rows.size, chunk):
+        block = data.dense_rows(rows[start : start + chunk]).astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    n = max(rows.size, 1)
+    mean = total / n
+    variance = np.maximum(squares / n - np.square(mean), 0.0) * n / max(n - 1, 1)
+    return mean, variance
+
+
 def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Pseudobulk mean log1p profile (G,) of each label's loaded cells and the sampling variance
-    of that mean (per-gene variance / cells), read ``chunk`` rows at a time."""
+    of that mean (per-gene variance / cells)."""
     means: dict[str, np.ndarray] = {}
     noise: dict[str, np.ndarray] = {}
     for label in labels:
         rows = data.rows_of(label)
         if rows.size == 0:
             continue
-        total = np.zeros(data.n_genes, dtype=np.float64)
-        squares = np.zeros(data.n_genes, dtype=np.float64)
-        for start in range(0, rows.size, chunk):
-            block = data.dense_rows(rows[start : start + chunk]).astype(np.float64)
-            total += block.sum(axis=0)
-            squares += np.square(block).sum(axis=0)
-        means[label] = total / rows.size
-        variance = np.maximum(squares / rows.size - np.square(means[label]), 0.0) * rows.size / max(rows.size - 1, 1)
+        means[label], variance = row_moments(data, rows, chunk)
         noise[label] = variance / rows.size
     return means, noise
 

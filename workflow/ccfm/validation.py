@@ -394,6 +394,12 @@ def predict_entry_genes(entry: str) -> list[str]:
     return [t.strip() for t in str(entry).split("+") if t.strip() and t.strip().lower() not in CONTROL_TOKENS | {CONTROL}]
 
 
+def _did_you_mean(name: str, known: Sequence[str], by_lower: Mapping[str, str]) -> str:
+    """`` (did you mean 'X'?)`` for the case-insensitive or closest known name, else ``""``."""
+    suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
+
+
 def validate_predict_entries(
     entries: Iterable[str],
     genes: Iterable[str],
@@ -429,8 +435,7 @@ def validate_predict_entries(
             if name in perturbed_set:
                 continue  # unmeasured but perturbed in the data: embedded by its own learned row
             if name not in gene_set:
-                suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.8)), None)
-                hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+                hint = _did_you_mean(name, known, by_lower)
                 problems.append(
                     f"{entry!r}: gene {name!r} is not in the data{hint}: it is not measured (absent from var) and "
                     f"no cell perturbs it, so there is neither expression nor a training cell to learn its effect from"
@@ -468,8 +473,7 @@ def validate_drug_predict_entries(entries: Iterable[str], drugs: Iterable[str], 
             if name not in named:
                 named.append(name)
             if name not in known:
-                suggestion = by_lower.get(name.lower()) or next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)), None)
-                hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+                hint = _did_you_mean(name, sorted(known), by_lower)
                 problems.append(f"{entry!r}: drug {name!r} is not among the drugs of the data{hint}")
     if problems:
         raise UnknownPerturbationError(
