@@ -81,3 +81,7 @@ def test_gpu_rules_declare_a_gpu_and_the_gpu_profile_names_them() -> None:
     assert {name for name, res in profile["set-resources"].items() if res.get("gpu") == 1} == with_gpu - {"train_ccfm"}
     slurm = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.v8+.yaml").read_text())
     assert all(slurm["set-resources"][name]["slurm_partition"] == "gpu" for name in with_gpu)
+    # the GPU-less test cluster rejects any gres request: its profile must zero every GPU rule
+    test_profile = yaml.safe_load((ROOT / "tests" / "slurm" / "profile" / "config.v8+.yaml").read_text())
+    zeroed = {name for name, res in test_profile["set-resources"].items() if res.get("gpu") == 0}
+    assert zeroed == with_gpu
