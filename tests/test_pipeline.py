@@ -19,12 +19,38 @@ pytestmark = pytest.mark.slow
 METHODS = ["nochange", "additive", "meanpert", "ccfm", "ccfm_nolatent"]
 
 
+RUN_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     workdir = copy_pipeline(tmp_path_factory.mktemp("pipeline"), FAST_DEMO_OVERRIDES)
     result = snakemake(workdir, "-c2", "demo")
     assert result.returncode == 0, describe_failure(result, workdir)
+    RUN_OUTPUT["demo"] = result.stdout + result.stderr
     return workdir
+
+
+def test_run_ends_with_the_headline_numbers(demo_run):
+    output = RUN_OUTPUT["demo"]
+    summary = pd.read_csv(demo_run / "results/demo/metrics_summary.tsv", sep="\t")
+    ccfm = summary[(summary["method"] == "ccfm") & (summary["fold"].astype(str) == "all")]
+    tail = output[output.rindex("held-out perturbations"):]
+    assert f"ccfm      MSE {ccfm['mse'].iloc[0]:.4f}" in tail
+    assert "additive  MSE" in tail and "nochange  MSE" in tail and "snakemake --report" in tail
+
+
+def test_every_job_has_a_benchmark_and_the_runtime_table_sums_them(demo_run):
+    runtime = pd.read_csv(demo_run / "results/demo/runtime.tsv", sep="\t").set_index("job")
+    jobs = runtime.drop(index="total")
+    expected_rules = {"simulate_demo", "preprocess", "preprocess_target", "split", "build_tiny", "gene_vocab_map",
+                      "calibrate_latent", "train_ccfm", "predict", "baseline", "score", "summarize", "adapt_mmd",
+                      "predict_target", "score_target", "figure_pca", "figure_delta_scatter", "figure_metrics",
+                      "figure_loss", "figure_gene_vocab"}
+    assert expected_rules <= set(jobs["rule"]), sorted(expected_rules - set(jobs["rule"]))
+    assert (jobs["seconds"] > 0).all()
+    assert runtime.loc["total", "seconds"] == pytest.approx(jobs["seconds"].sum(), abs=0.05)
+    assert (demo_run / "results/demo/figures/runtime.png").stat().st_size > 1000
 
 
 def test_lint_is_clean(tmp_path):
@@ -111,7 +137,7 @@ def test_report_builds_with_figures(demo_run, tmp_path):
         demo_run / "report.html",
         screenshot=tmp_path / "report.png",
         category="Metrics",
-        expect_categories=["Metrics", "Predictions", "Training", "scGPT"],
+        expect_categories=["Metrics", "Predictions", "Training", "scGPT", "Runtime"],
         expect_files=["results/demo/metrics_summary.tsv", "results/demo/figures/metric_comparison.png"],
     )
     assert check.ok, check.summary()

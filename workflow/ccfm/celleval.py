@@ -14,6 +14,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import anndata as ad
 import numpy as np
@@ -130,6 +131,25 @@ def score_prediction(
     results, aggregate = run_cell_eval(pred, real, control_label, profile, num_threads, pert_col)
     log.info("scored %s: %d perturbations, %d cell-eval metrics", pred_h5ad, len(results), results.shape[1] - 1)
     return ScoreTables(results=results, aggregate=aggregate, compact=compact)
+
+
+def score_methods_to_files(
+    preds: Mapping[str, str | Path],
+    real_h5ad: str | Path,
+    outputs: Mapping[str, tuple[str | Path, str | Path, str | Path]],
+    **score_options: Any,
+) -> None:
+    """Score several methods' predictions of one fold in one process.
+
+    cell-eval's numba kernels (DE tests, neighbour graphs) compile on first use in each process,
+    which costs more than scoring a small fold: one process per fold compiles them once.
+    ``outputs`` maps each method to its (results CSV, aggregate CSV, compact TSV) paths.
+    """
+    missing = sorted(set(preds) - set(outputs))
+    if missing:
+        raise ValueError(f"no output paths for method(s) {missing}")
+    for method, pred_h5ad in preds.items():
+        write_score_tables(score_prediction(pred_h5ad, real_h5ad, **score_options), *outputs[method])
 
 
 def write_score_tables(tables: ScoreTables, results_csv: str | Path, agg_csv: str | Path, compact_tsv: str | Path) -> None:

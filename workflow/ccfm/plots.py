@@ -281,13 +281,15 @@ def delta_scatter_figure(
     plot_delta_scatter(real, means, out_png, n_perturbations, control_label)
 
 
-def prediction_pca_figure(
-    pred_h5ad: str | Path, real_h5ad: str | Path, out_png: str | Path, method: str, seed: int = 0,
+def prediction_pca_figures(
+    preds: Mapping[str, str | Path], real_h5ad: str | Path, out_pngs: Mapping[str, str | Path], seed: int = 0,
     control_label: str = CONTROL_LABEL,
 ) -> None:
-    """Figure from one method's ``pred.h5ad`` and the fold's ``real.h5ad``."""
-    plot_prediction_pca(ad.read_h5ad(pred_h5ad), ad.read_h5ad(real_h5ad), out_png, method, seed=seed,
-                        control_label=control_label)
+    """One PCA figure per method (``preds`` and ``out_pngs`` keyed by method), real cells read once."""
+    real = ad.read_h5ad(real_h5ad)
+    for method, pred_h5ad in preds.items():
+        plot_prediction_pca(ad.read_h5ad(pred_h5ad), real, out_pngs[method], method, seed=seed,
+                            control_label=control_label)
 
 
 def gene_vocab_figure(vocab_tsv: str | Path, out_png: str | Path, dataset: str) -> None:
@@ -301,3 +303,14 @@ def gene_vocab_figure(vocab_tsv: str | Path, out_png: str | Path, dataset: str) 
 def loss_curves_figure(loss_tsvs: Sequence[str | Path], out_png: str | Path, title: str) -> None:
     """Figure from ``.../{variant}/loss.tsv`` files (variant = parent folder)."""
     plot_loss_curves(read_loss_tables(dict(zip(method_names(loss_tsvs), loss_tsvs))), out_png, title)
+
+
+def plot_runtime(table: pd.DataFrame, out_png: str | Path, dataset: str) -> None:
+    """Horizontal bars of wall seconds per job (``ccfm.runtime.read_benchmarks``), slowest on top."""
+    table = table.sort_values("seconds")
+    fig, ax = plt.subplots(figsize=(7.0, 0.6 + 0.22 * len(table)))
+    ax.barh(table["job"], table["seconds"], color="#1f77b4")
+    ax.set_xlabel("wall time (s)")
+    ax.set_title(f"{dataset}: {table['seconds'].sum():.0f} s summed over {len(table)} jobs")
+    ax.tick_params(axis="y", labelsize=7)
+    save_figure(fig, out_png)

@@ -31,6 +31,8 @@ rule adapt_mmd:
     params:
         settings=lambda wc: section(wc.ds, "adapt"),
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/adapt_mmd.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/adapt_mmd.log",
     threads: 2
@@ -60,6 +62,8 @@ rule predict_target:
         # Empty: every observed target perturbation the model can embed.
         requested=lambda wc: list(config["datasets"][wc.ds]["target"].get("predict", [])),
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/predict_target.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/predict_target.log",
     threads: 2
@@ -92,6 +96,8 @@ rule score_target:
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
         score=lambda wc: section(wc.ds, "score"),
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/score_target.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/score_target.log",
     threads: 2

@@ -41,6 +41,8 @@ rule train_ccfm:
         seed=config["seed"],
         # train.gpus > 1: that many data-parallel processes (torchrun); see ccfm.distributed.
         processes=lambda wc: training_processes(wc.ds),
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{variant}/train_ccfm.tsv"
     log:
         "logs/{ds}/fold{fold}/{variant}/train_ccfm.log",
     # One thread per training process: the per-step matrices are small, so more intra-op threads
@@ -70,6 +72,8 @@ rule predict:
         generate=lambda wc: section(wc.ds, "generate"),
         extra=lambda wc: list(ds_cfg(wc.ds)["predict"]),
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{variant}/predict.tsv"
     log:
         "logs/{ds}/fold{fold}/{variant}/predict.log",
     threads: 1

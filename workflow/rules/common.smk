@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+sys.path.insert(0, str(Path(workflow.basedir)))
 
 from ccfm.config import dataset_config, dataset_section, validate_config
 
@@ -13,7 +13,7 @@ DATASETS = list(config["datasets"])
 BASELINES = ["nochange", "additive", "meanpert"]
 MODEL_VARIANTS = ["ccfm", "ccfm_nolatent"]
 METHODS = BASELINES + MODEL_VARIANTS
-ENV = "../../envs/ccfm.yaml"
+ENV = "../envs/ccfm.yaml"
 
 
 wildcard_constraints:
@@ -21,6 +21,11 @@ wildcard_constraints:
     fold=r"\d+",
     method="|".join(METHODS),
     variant="|".join(MODEL_VARIANTS),
+
+
+def method_files(wc, name):
+    """One file per scored method of a fold, in METHODS order: results/{ds}/fold{k}/{method}/{name}."""
+    return [f"results/{wc.ds}/fold{wc.fold}/{method}/{name}" for method in METHODS]
 
 
 def ds_cfg(ds):
@@ -88,7 +93,17 @@ def adapt_targets(ds):
 
 
 def dataset_targets(ds):
-    """Everything a finished run of one dataset produces."""
+    """Everything a finished run of one dataset produces, its runtime table last."""
+    return dataset_results(ds) + [f"results/{ds}/runtime.tsv", f"results/{ds}/figures/runtime.png"]
+
+
+def benchmark_dirs(ds):
+    """Where the dataset's jobs and the shared (scGPT checkpoint) jobs write benchmark files."""
+    return [f"results/{ds}/benchmarks", "results/benchmarks"]
+
+
+def dataset_results(ds):
+    """Every result of one dataset (the runtime table waits for all of them)."""
     targets = [
         f"results/{ds}/processed.h5ad",
         f"results/{ds}/gene_vocab.tsv",
@@ -103,3 +118,17 @@ def dataset_targets(ds):
         ]
         targets += [f"results/{ds}/fold{fold}/{method}/pca.png" for method in METHODS]
     return targets + adapt_targets(ds)
+
+
+def print_headlines():
+    """After a successful run: where each dataset's summary is, CCFM beside the baselines."""
+    from ccfm.headline import headline
+
+    for ds in DATASETS:
+        summary = Path(f"results/{ds}/metrics_summary.tsv")
+        if summary.exists():
+            try:
+                print(headline(summary), file=sys.stderr)
+            except ValueError as error:  # e.g. a run whose methods leave out ccfm or a baseline
+                print(f"{summary}: {error}", file=sys.stderr)
+    print("HTML report of this run: snakemake --report report.html", file=sys.stderr)

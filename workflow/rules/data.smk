@@ -31,6 +31,8 @@ rule simulate_demo:
     params:
         seed=config["seed"],
         sizes=lambda wc: config["datasets"][wc.ds].get("simulate", {}),
+    benchmark:
+        "results/{ds}/benchmarks/simulate_demo.tsv"
     log:
         "logs/simulate_demo/{ds}.log",
     threads: 1
@@ -54,6 +56,8 @@ rule download_dataset:
         # everything after it (Snakemake deletes the outputs of a job it reruns).
         url=lambda wc: config["datasets"][wc.ds].get("url"),
         block="dataset",
+    benchmark:
+        "results/{ds}/benchmarks/download_dataset.tsv"
     log:
         "logs/download_dataset/{ds}.log",
     threads: 1
@@ -74,6 +78,8 @@ use rule download_dataset as download_target with:
     params:
         url=lambda wc: config["datasets"][wc.ds]["target"].get("url"),
         block="target",
+    benchmark:
+        "results/{ds}/benchmarks/download_target.tsv"
     log:
         "logs/download_target/{ds}.log",
 
@@ -101,6 +107,8 @@ rule preprocess:
             # validated against the data's genes (drugs: its drugs) before any work; genes are kept
             "predict": list(ds_cfg(wc.ds).get("predict", [])),
         },
+    benchmark:
+        "results/{ds}/benchmarks/preprocess.tsv"
     log:
         "logs/preprocess/{ds}.log",
     threads: 1
@@ -134,6 +142,8 @@ rule preprocess_target:
             **{k: section(wc.ds, "preprocess")[k] for k in ("target_sum", "chunk_size")},
             "predict": list(config["datasets"][wc.ds]["target"].get("predict", [])),
         },
+    benchmark:
+        "results/{ds}/benchmarks/preprocess_target.tsv"
     log:
         "logs/preprocess_target/{ds}.log",
     threads: 1
@@ -166,6 +176,8 @@ rule split:
         n_folds=lambda wc: section(wc.ds, "split")["n_folds"],
         min_cells=lambda wc: section(wc.ds, "split")["min_cells_per_perturbation"],
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/split.tsv"
     log:
         "logs/split/{ds}_fold{fold}.log",
     threads: 1

@@ -21,6 +21,8 @@ rule baseline:
         # One draw of control cells per fold, shared by all baselines (seed + fold).
         seed=lambda wc: config["seed"] + int(wc.fold),
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{method}/baseline.tsv"
     log:
         "logs/{ds}/fold{fold}/{method}/baseline.log",
     threads: 1
@@ -34,38 +36,48 @@ rule baseline:
 
 
 rule score:
+    # All methods of a fold in one job: cell-eval's numba kernels compile once per process.
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
-        pred="results/{ds}/fold{fold}/{method}/pred.h5ad",
+        preds=lambda wc: method_files(wc, "pred.h5ad"),
     output:
-        results="results/{ds}/fold{fold}/{method}/celleval_results.csv",
-        agg=report(
-            "results/{ds}/fold{fold}/{method}/celleval_agg.csv",
-            caption="../report/celleval_agg.rst",
-            category="Metrics",
-            subcategory="{ds}",
-            labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "table": "cell-eval aggregate"},
-        ),
-        compact=report(
-            "results/{ds}/fold{fold}/{method}/compact_metrics.tsv",
-            caption="../report/compact_metrics.rst",
-            category="Metrics",
-            subcategory="{ds}",
-            labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "table": "per perturbation"},
-        ),
+        results=expand("results/{{ds}}/fold{{fold}}/{method}/celleval_results.csv", method=METHODS),
+        agg=[
+            report(
+                f"results/{{ds}}/fold{{fold}}/{method}/celleval_agg.csv",
+                caption="../report/celleval_agg.rst",
+                category="Metrics",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": method, "table": "cell-eval aggregate"},
+            )
+            for method in METHODS
+        ],
+        compact=[
+            report(
+                f"results/{{ds}}/fold{{fold}}/{method}/compact_metrics.tsv",
+                caption="../report/compact_metrics.rst",
+                category="Metrics",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": method, "table": "per perturbation"},
+            )
+            for method in METHODS
+        ],
     params:
+        methods=METHODS,
         control_label=CONTROL_LABEL,
         pert_col=PERT_COLUMN,
         profile=lambda wc: section(wc.ds, "score")["profile"],
         top_de=lambda wc: section(wc.ds, "score")["top_de"],
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/score.tsv"
     log:
-        "logs/{ds}/fold{fold}/{method}/score.log",
+        "logs/{ds}/fold{fold}/score.log",
     threads: 2
     resources:
-        # cell-eval holds both files in memory and densifies per perturbation; grows on retry.
-        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),
-        runtime=240,
+        # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
+        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb / len(METHODS)) * attempt),
+        runtime=lambda wc, attempt: 60 * len(METHODS) * attempt,
     conda:
         ENV
     script:
@@ -92,6 +104,8 @@ rule summarize:
     params:
         methods=lambda wc: [method for method in METHODS for _ in folds(wc.ds)],
         folds=lambda wc: [fold for _ in METHODS for fold in folds(wc.ds)],
+    benchmark:
+        "results/{ds}/benchmarks/summarize.tsv"
     log:
         "logs/{ds}/summarize.log",
     threads: 1
@@ -115,6 +129,8 @@ rule figure_metrics:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "all", "method": "all", "table": "comparison figure"},
         ),
+    benchmark:
+        "results/{ds}/benchmarks/figure_metrics.tsv"
     log:
         "logs/{ds}/figure_metrics.log",
     threads: 1
@@ -142,6 +158,8 @@ rule figure_delta_scatter:
     params:
         n_perturbations=4,
         control_label=CONTROL_LABEL,
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_delta_scatter.tsv"
     log:
         "logs/{ds}/fold{fold}/figure_delta_scatter.log",
     threads: 1
@@ -157,24 +175,30 @@ rule figure_delta_scatter:
 rule figure_pca:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
-        pred="results/{ds}/fold{fold}/{method}/pred.h5ad",
+        preds=lambda wc: method_files(wc, "pred.h5ad"),
     output:
-        png=report(
-            "results/{ds}/fold{fold}/{method}/pca.png",
-            caption="../report/prediction_pca.rst",
-            category="Predictions",
-            subcategory="{ds}",
-            labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "figure": "PCA"},
-        ),
+        png=[
+            report(
+                f"results/{{ds}}/fold{{fold}}/{method}/pca.png",
+                caption="../report/prediction_pca.rst",
+                category="Predictions",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": method, "figure": "PCA"},
+            )
+            for method in METHODS
+        ],
     params:
+        methods=METHODS,
         seed=config["seed"],
         control_label=CONTROL_LABEL,
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_pca.tsv"
     log:
-        "logs/{ds}/fold{fold}/{method}/figure_pca.log",
+        "logs/{ds}/fold{fold}/figure_pca.log",
     threads: 1
     resources:
-        mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb) * attempt),
-        runtime=20,
+        mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb / len(METHODS)) * attempt),
+        runtime=lambda wc, attempt: 20 * attempt,
     conda:
         ENV
     script:
@@ -192,6 +216,8 @@ rule figure_gene_vocab:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "table": "vocab coverage figure"},
         ),
+    benchmark:
+        "results/{ds}/benchmarks/figure_gene_vocab.tsv"
     log:
         "logs/{ds}/figure_gene_vocab.log",
     threads: 1
@@ -215,6 +241,8 @@ rule figure_loss:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "{fold}", "model": "all variants", "figure": "loss curves compared"},
         ),
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_loss.tsv"
     log:
         "logs/{ds}/fold{fold}/figure_loss.log",
     threads: 1
@@ -226,3 +254,38 @@ rule figure_loss:
     script:
         "../scripts/figure_loss.py"
 
+
+
+rule runtime:
+    # After every other job of the dataset: their benchmark files are complete then.
+    input:
+        results=lambda wc: dataset_results(wc.ds),
+    output:
+        table=report(
+            "results/{ds}/runtime.tsv",
+            caption="../report/runtime.rst",
+            category="Runtime",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "table": "per job"},
+        ),
+        png=report(
+            "results/{ds}/figures/runtime.png",
+            caption="../report/runtime.rst",
+            category="Runtime",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "table": "figure"},
+        ),
+    params:
+        benchmark_dirs=lambda wc: benchmark_dirs(wc.ds),
+    benchmark:
+        "results/{ds}/benchmarks/runtime.tsv"
+    log:
+        "logs/{ds}/runtime.log",
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        "../scripts/runtime.py"

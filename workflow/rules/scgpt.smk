@@ -12,6 +12,8 @@ rule scgpt_build_tiny:
     params:
         seed=config["seed"],
         sizes=config.get("scgpt", {}).get("tiny", {}),
+    benchmark:
+        "results/benchmarks/scgpt/build_tiny.tsv"
     log:
         "logs/scgpt/build_tiny.log",
     threads: 1
@@ -32,6 +34,8 @@ rule scgpt_download:
     # No params: the Drive folder, the mirror and the sha256 digests are read from the config by
     # the script. As params, pinning a digest or adding a mirror would delete and re-download
     # the 200 MB checkpoint and retrain every model built on it.
+    benchmark:
+        "results/benchmarks/scgpt/download_whole_human.tsv"
     log:
         "logs/scgpt/download_whole_human.log",
     threads: 1
@@ -61,6 +65,8 @@ rule gene_vocab_map:
             category="scGPT",
             labels={"dataset": "{ds}", "table": "vocab coverage"},
         ),
+    benchmark:
+        "results/{ds}/benchmarks/gene_vocab_map.tsv"
     log:
         "logs/{ds}/gene_vocab_map.log",
     threads: 1
@@ -86,6 +92,8 @@ rule calibrate_latent:
     params:
         latent=lambda wc: section(wc.ds, "latent"),
         seed=config["seed"],
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/calibrate_latent.tsv"
     log:
         "logs/{ds}/fold{fold}/calibrate_latent.log",
     threads: 2

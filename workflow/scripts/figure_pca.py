@@ -1,14 +1,14 @@
-"""Rule figure_pca: predicted vs real cells of one method in the PCA of the real cells."""
+"""Rule figure_pca: each method's predicted vs real cells in the PCA of the real cells."""
 
 from ccfm.logs import setup_rule_logging
-from ccfm.plots import prediction_pca_figure
+from ccfm.plots import prediction_pca_figures
 
 log = setup_rule_logging(snakemake.log[0])
-prediction_pca_figure(
-    snakemake.input.pred,
+methods = list(snakemake.params.methods)
+prediction_pca_figures(
+    dict(zip(methods, snakemake.input.preds)),
     snakemake.input.real,
-    snakemake.output.png,
-    method=snakemake.wildcards.method,
+    dict(zip(methods, snakemake.output.png)),
     seed=snakemake.params.seed,
     control_label=snakemake.params.control_label,
 )

@@ -1,12 +1,17 @@
-"""Rule score: cell-eval and the compact metrics of one prediction against the real held-out cells."""
+"""Rule score: cell-eval and the compact metrics of every method's prediction of one fold."""
 
-from ccfm.celleval import score_prediction, write_score_tables
-from ccfm.logs import setup_rule_logging
+from ccfm.threads import limit_native_threads
+
+limit_native_threads(snakemake.threads)  # before cell-eval brings in numba and polars
+from ccfm.celleval import score_methods_to_files  # noqa: E402
+from ccfm.logs import setup_rule_logging  # noqa: E402
 
 log = setup_rule_logging(snakemake.log[0])
-tables = score_prediction(
-    pred_h5ad=snakemake.input.pred,
-    real_h5ad=snakemake.input.real,
+methods = list(snakemake.params.methods)
+score_methods_to_files(
+    dict(zip(methods, snakemake.input.preds)),
+    snakemake.input.real,
+    {m: paths for m, paths in zip(methods, zip(snakemake.output.results, snakemake.output.agg, snakemake.output.compact))},
     control_label=snakemake.params.control_label,
     profile=snakemake.params.profile,
     num_threads=snakemake.threads,
@@ -14,4 +19,3 @@ tables = score_prediction(
     seed=snakemake.params.seed,
     pert_col=snakemake.params.pert_col,
 )
-write_score_tables(tables, snakemake.output.results, snakemake.output.agg, snakemake.output.compact)

@@ -1,0 +1,37 @@
+# Two commands from a fresh clone (each sets up .venv on first use, then reuses it):
+#   make demo   the whole pipeline on the built-in simulated demo, then its HTML report
+#   make test   the test suite
+# Options: CORES=8 make demo; TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# for a CUDA build; VENV=/path/to/venv to use another environment.
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+TORCH ?= torch==2.13.0
+SCGPT ?= scgpt==0.2.4
+REPORT ?= results/report.html
+
+BIN := $(VENV)/bin
+READY := $(VENV)/.ccfm-installed
+
+.PHONY: demo test env
+
+demo: $(READY)
+	$(BIN)/snakemake --cores $(CORES) demo
+	$(BIN)/snakemake --report $(REPORT) demo
+	@$(BIN)/python -m ccfm.headline results/demo/metrics_summary.tsv --report $(REPORT)
+
+test: $(READY)
+	$(BIN)/pytest
+
+env: $(READY)
+
+# The order matters: torch first (a plain dependency resolve would pull a multi-GB CUDA build),
+# then the package with its extras, then scGPT without its ancient pinned dependencies.
+# Reinstalls only when pyproject.toml or this Makefile changes.
+$(READY): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(SCGPT)
+	touch $@

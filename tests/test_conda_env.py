@@ -1,0 +1,76 @@
+"""The rules' conda environment file builds: valid pip block, post-deploy script, same deps as the package.
+
+conda itself is not on the development or CI machines, so what conda would run is tested piece by
+piece: the pip block as pip reads it, and the post-deploy script against this virtual environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE = ROOT / "workflow" / "envs" / "ccfm.yaml"
+POST_DEPLOY = ROOT / "workflow" / "envs" / "ccfm.post-deploy.sh"
+# conda-forge names of packages whose PyPI names differ
+CONDA_TO_PYPI = {"pytorch": "torch"}
+# the environment only runs rules: the scheduler and its executor plugin are the user's
+NOT_IN_RULE_ENV = {"snakemake", "snakemake-executor-plugin-slurm"}
+
+
+def _environment() -> tuple[list[str], list[str]]:
+    spec = yaml.safe_load(ENV_FILE.read_text())
+    conda = [dep for dep in spec["dependencies"] if isinstance(dep, str)]
+    pip = next(dep["pip"] for dep in spec["dependencies"] if isinstance(dep, dict))
+    return conda, pip
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def test_pip_block_holds_only_requirement_specifiers() -> None:
+    _, pip = _environment()
+    for line in pip:
+        assert not line.startswith("-"), f"pip rejects options in an environment file's pip block: {line!r}"
+        Requirement(line)  # raises on anything pip would not read as a requirement
+
+
+def test_environment_covers_the_package_dependencies() -> None:
+    conda, pip = _environment()
+    provided = {CONDA_TO_PYPI.get(_name(dep), _name(dep)) for dep in conda + pip}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {_name(dep) for dep in project["dependencies"]} - NOT_IN_RULE_ENV
+    assert needed <= provided, f"missing from {ENV_FILE.name}: {sorted(needed - provided)}"
+
+
+def test_post_deploy_script_sits_beside_the_environment_file() -> None:
+    # Snakemake runs <env>.post-deploy.sh after creating <env>.yaml's environment
+    assert POST_DEPLOY.exists()
+    text = POST_DEPLOY.read_text()
+    assert "--no-deps" in text and "scgpt==0.2.4" in text
+
+
+@pytest.mark.slow
+def test_pip_block_and_post_deploy_script_resolve(tmp_path: Path) -> None:
+    _, pip = _environment()
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(pip) + "\n")
+    pip_cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet"]
+    block = subprocess.run([*pip_cmd, "-r", str(requirements)], capture_output=True, text=True, timeout=300)
+    assert block.returncode == 0, block.stderr
+    # The post-deploy script against this environment, pip in dry-run mode: it finds the repository
+    # from its own location and both installs resolve.
+    env = {**os.environ, "PIP_DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    deployed = subprocess.run(["bash", str(POST_DEPLOY)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "Would install" in deployed.stdout and "ccfm" in deployed.stdout and "scgpt" in deployed.stdout

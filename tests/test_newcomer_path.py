@@ -1,0 +1,121 @@
+"""The newcomer path: the Makefile's set-up order and idempotence, the closing headline, the runtime table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ccfm.headline import headline, main as headline_main
+from ccfm.runtime import read_benchmarks, write_runtime_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_dry_run(venv: Path, target: str) -> str:
+    result = subprocess.run(["make", "-n", "-C", str(ROOT), f"VENV={venv}", target], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_installs_in_order_once(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    commands = _make_dry_run(venv, "env")
+    torch_at, package_at, scgpt_at = (commands.index(s) for s in ("torch==2.13.0", 'install --quiet -e ".[dev]"',
+                                                                      "--no-deps scgpt==0.2.4"))
+    # torch first (else the dependency resolve pulls a CUDA build), scGPT last and without its pins
+    assert torch_at < package_at < scgpt_at
+    # Once installed (the stamp is newer than pyproject.toml and the Makefile) nothing is reinstalled.
+    (venv / "bin").mkdir(parents=True)
+    stamp = venv / ".ccfm-installed"
+    stamp.touch()
+    newer = max((ROOT / "pyproject.toml").stat().st_mtime, (ROOT / "Makefile").stat().st_mtime) + 10
+    os.utime(stamp, (newer, newer))
+    assert "pip install" not in _make_dry_run(venv, "env")
+    demo = _make_dry_run(venv, "demo")
+    assert "pip install" not in demo
+    assert "snakemake --cores 2 demo" in demo and "--report results/report.html" in demo and "ccfm.headline" in demo
+
+
+def _summary(ccfm_mse: float) -> pd.DataFrame:
+    rows = []
+    for method, mse, pearson in (("nochange", 0.23, 0.05), ("additive", 0.064, 0.86), ("ccfm", ccfm_mse, 0.9),
+                                 ("meanpert", 0.2, 0.2)):
+        for fold in ("1", "all"):
+            rows.append({"dataset": "demo", "method": method, "fold": fold, "n_perturbations": 11.0, "mse": mse,
+                         "pearson_delta": pearson})
+    return pd.DataFrame(rows)
+
+
+def test_headline_gives_ccfm_beside_the_baselines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics_summary.tsv"
+    _summary(0.032).to_csv(path, sep="\t", index=False)
+    text = headline(path)
+    lines = text.splitlines()
+    assert lines[0].startswith("demo: 11 held-out perturbations")
+    assert [line.split()[0] for line in lines[1:4]] == ["ccfm", "additive", "nochange"]
+    assert "MSE 0.0320" in lines[1] and "MSE 0.0640" in lines[2] and "MSE 0.2300" in lines[3]
+    assert "2.00x lower than the additive" in lines[4]
+
+
+def test_headline_says_plainly_when_ccfm_loses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "metrics_summary.tsv"
+    _summary(0.128).to_csv(path, sep="\t", index=False)
+    assert headline_main([str(path), "--report", "results/report.html"]) == 0
+    out = capsys.readouterr().out
+    assert "CCFM LOSES to the additive baseline: its MSE is 2.00x" in out
+    assert out.rstrip().endswith("Report: results/report.html")
+
+
+def test_headline_names_a_missing_method(tmp_path: Path) -> None:
+    path = tmp_path / "metrics_summary.tsv"
+    _summary(0.03).query("method != 'additive'").to_csv(path, sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"no pooled row for \['additive'\]"):
+        headline(path)
+
+
+def _benchmark(path: Path, seconds: float, cpu: float, rss: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                    f"{seconds}\t0:00:01\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+
+
+def test_runtime_table_sums_the_benchmark_files(tmp_path: Path) -> None:
+    dataset_dir, shared_dir = tmp_path / "results/demo/benchmarks", tmp_path / "results/benchmarks"
+    _benchmark(dataset_dir / "fold1/ccfm/train_ccfm.tsv", 40.5, 38.0, 700.0)
+    _benchmark(dataset_dir / "preprocess.tsv", 1.5, 1.4, 200.0)
+    _benchmark(shared_dir / "scgpt/build_tiny.tsv", 3.0, 2.9, 340.0)
+    table = read_benchmarks([dataset_dir, shared_dir])
+    assert list(table["job"]) == ["fold1/ccfm/train_ccfm", "scgpt/build_tiny", "preprocess"]
+    assert list(table["rule"]) == ["train_ccfm", "build_tiny", "preprocess"]
+    out_tsv, out_png = tmp_path / "runtime.tsv", tmp_path / "runtime.png"
+    write_runtime_report([dataset_dir, shared_dir], out_tsv, out_png, "demo")
+    written = pd.read_csv(out_tsv, sep="\t").set_index("job")
+    assert written.loc["total", "seconds"] == pytest.approx(45.0)
+    assert written.loc["total", "cpu_seconds"] == pytest.approx(42.3)
+    assert written.loc["total", "max_rss_mb"] == pytest.approx(700.0)
+    assert out_png.stat().st_size > 1000
+
+
+def test_runtime_table_refuses_a_foreign_tsv(tmp_path: Path) -> None:
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "notes.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="not a Snakemake benchmark file"):
+        read_benchmarks([tmp_path / "bench"])
+    with pytest.raises(ValueError, match="no benchmark files"):
+        read_benchmarks([tmp_path / "empty"])
+
+
+def test_native_thread_pools_follow_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccfm.threads import POOL_VARIABLES, limit_native_threads
+
+    for name in POOL_VARIABLES:
+        monkeypatch.setenv(name, "64")
+    limit_native_threads(2)
+    assert {os.environ[name] for name in POOL_VARIABLES} == {"2"}
+    limit_native_threads(0)
+    assert os.environ["NUMBA_NUM_THREADS"] == "1"
