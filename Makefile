@@ -1,6 +1,6 @@
 # Two commands from a fresh clone (each sets up .venv on first use, then reuses it):
 #   make demo   the whole pipeline on the built-in simulated demo, then its HTML report
-#   make test   the test suite
+#   make test   lint (snakefmt, snakemake --lint, ruff), then the test suite
 # Options: CORES=8 make demo; TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 # for a CUDA build; VENV=/path/to/venv to use another environment.
 PYTHON ?= python3
@@ -13,15 +13,21 @@ REPORT ?= results/report.html
 BIN := $(VENV)/bin
 READY := $(VENV)/.ccfm-installed
 
-.PHONY: demo test env
+.PHONY: demo test lint env
 
 demo: $(READY)
 	$(BIN)/snakemake --cores $(CORES) demo
 	$(BIN)/snakemake --report $(REPORT) demo
 	@$(BIN)/python -m ccfm.headline results/demo/metrics_summary.tsv --report $(REPORT)
 
-test: $(READY)
+test: $(READY) lint
 	$(BIN)/pytest
+
+# Formatting and lint of the Snakemake files and the Python code (configured in pyproject.toml).
+lint: $(READY)
+	$(BIN)/snakefmt --check workflow
+	$(BIN)/snakemake --lint
+	$(BIN)/ruff check
 
 env: $(READY)
 

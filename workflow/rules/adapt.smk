@@ -28,21 +28,21 @@ rule adapt_mmd:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "{fold}", "figure": "MMD during adaptation"},
         ),
-    params:
-        settings=lambda wc: section(wc.ds, "adapt"),
-        seed=config["seed"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/adapt/adapt_mmd.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/adapt_mmd.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/adapt_mmd.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=60,
         # Each step encodes two batches of controls through the model: GPU work at full size.
         gpu=1,
-    conda:
-        ENV
+    params:
+        settings=lambda wc: section(wc.ds, "adapt"),
+        seed=config["seed"],
     script:
         "../scripts/adapt_mmd.py"
 
@@ -57,22 +57,22 @@ rule predict_target:
         means="results/{ds}/fold{fold}/adapt/target_pred_means.csv",
         pred_unadapted="results/{ds}/fold{fold}/adapt/target_pred_unadapted.h5ad",
         means_unadapted="results/{ds}/fold{fold}/adapt/target_pred_unadapted_means.csv",
-    params:
-        generate=lambda wc: section(wc.ds, "generate"),
-        # Empty: every observed target perturbation the model can embed.
-        requested=lambda wc: list(config["datasets"][wc.ds]["target"].get("predict", [])),
-        seed=config["seed"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/adapt/predict_target.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/predict_target.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/predict_target.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=120,
         gpu=1,
-    conda:
-        ENV
+    params:
+        generate=lambda wc: section(wc.ds, "generate"),
+        # Empty: every observed target perturbation the model can embed.
+        requested=lambda wc: list(config["datasets"][wc.ds]["target"].get("predict", [])),
+        seed=config["seed"],
     script:
         "../scripts/predict_target.py"
 
@@ -92,19 +92,19 @@ rule score_target:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "{fold}", "table": "target scores"},
         ),
-    params:
-        cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
-        score=lambda wc: section(wc.ds, "score"),
-        seed=config["seed"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/adapt/score_target.tsv"
     log:
         "logs/{ds}/fold{fold}/adapt/score_target.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/score_target.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=60,
-    conda:
-        ENV
+    params:
+        cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
+        score=lambda wc: section(wc.ds, "score"),
+        seed=config["seed"],
     script:
         "../scripts/score_target.py"

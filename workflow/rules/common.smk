@@ -28,6 +28,63 @@ def method_files(wc, name):
     return [f"results/{wc.ds}/fold{wc.fold}/{method}/{name}" for method in METHODS]
 
 
+def summary_tables(ds, name):
+    """(method, fold, path) of one score table per method and fold, the summary's input order."""
+    return [(method, fold, f"results/{ds}/fold{fold}/{method}/{name}") for method in METHODS for fold in folds(ds)]
+
+
+def uses_latent(wc):
+    """The `ccfm` variant trains on scGPT features unless the dataset turns `latent` off."""
+    return wc.variant == "ccfm" and bool(section(wc.ds, "latent")["enabled"])
+
+
+def datasets_matching(predicate):
+    """Regex alternation of the datasets whose config block satisfies ``predicate``.
+
+    Rules producing the same file for different sources (simulation, download) each match only
+    their own datasets, which keeps the DAG unambiguous; "(?!x)x" never matches.
+    """
+    return "|".join(ds for ds, spec in config["datasets"].items() if predicate(spec)) or "(?!x)x"
+
+
+def target_is_downloaded(spec):
+    """A simulated dataset's target comes from the simulation; only other datasets download theirs."""
+    return spec["source"] != "simulate" and spec.get("target", {}).get("source") == "url"
+
+
+LABEL_KEYS = ("perturbation_column", "control_label", "combo_separator", "input_scale")
+# Guide indices ("ZAP70_1") are stripped from gene labels; drug names may be numbers: keep them.
+GUIDE_TOKEN = {"gene": r"^\d+$", "drug": None}
+
+
+def preprocess_settings(ds):
+    """Preprocess settings: label conventions, gene selection and the predict entries."""
+    return {
+        "dataset": ds,
+        **{key: ds_cfg(ds)[key] for key in LABEL_KEYS},
+        "perturbation_type": ds_cfg(ds)["perturbation_type"],
+        "guide_token_pattern": GUIDE_TOKEN[ds_cfg(ds)["perturbation_type"]],
+        **{key: section(ds, "preprocess")[key] for key in ("n_top_genes", "target_sum", "chunk_size")},
+        # validated against the data's genes (drugs: its drugs) before any work; genes are kept
+        "predict": list(ds_cfg(ds).get("predict", [])),
+    }
+
+
+def preprocess_target_settings(ds):
+    """Target preprocess settings — the target block may name its own labels and scale."""
+    target = config["datasets"][ds]["target"]
+    return {
+        "dataset": ds,
+        **{key: ds_cfg(ds)[key] for key in LABEL_KEYS},
+        **{key: value for key, value in target.items() if key in LABEL_KEYS},
+        # the target's own scale setting (not the source's): detected unless given
+        "input_scale": target.get("input_scale", "auto"),
+        "guide_token_pattern": GUIDE_TOKEN[ds_cfg(ds)["perturbation_type"]],
+        **{key: section(ds, "preprocess")[key] for key in ("target_sum", "chunk_size")},
+        "predict": list(target.get("predict", [])),
+    }
+
+
 def ds_cfg(ds):
     return dataset_config(config, ds)
 

@@ -13,24 +13,24 @@ rule baseline:
     output:
         pred="results/{ds}/fold{fold}/{method}/pred.h5ad",
         means="results/{ds}/fold{fold}/{method}/pred_means.csv",
+    log:
+        "logs/{ds}/fold{fold}/{method}/baseline.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{method}/baseline.tsv"
     wildcard_constraints:
         method="|".join(BASELINES),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int((2000 + input.size_mb) * attempt),
+        runtime=60,
     params:
         predict=lambda wc: ds_cfg(wc.ds)["predict"],
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
         # One draw of control cells per fold, shared by all baselines (seed + fold).
         seed=lambda wc: config["seed"] + int(wc.fold),
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/{method}/baseline.tsv"
-    log:
-        "logs/{ds}/fold{fold}/{method}/baseline.log",
-    threads: 1
-    resources:
-        mem_mb=lambda wc, input, attempt: int((2000 + input.size_mb) * attempt),
-        runtime=60,
-    conda:
-        ENV
     script:
         "../scripts/baseline.py"
 
@@ -62,6 +62,17 @@ rule score:
             )
             for method in METHODS
         ],
+    log:
+        "logs/{ds}/fold{fold}/score.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/score.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
+        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb / len(METHODS)) * attempt),
+        runtime=lambda wc, attempt: 60 * len(METHODS) * attempt,
     params:
         methods=METHODS,
         control_label=CONTROL_LABEL,
@@ -69,30 +80,14 @@ rule score:
         profile=lambda wc: section(wc.ds, "score")["profile"],
         top_de=lambda wc: section(wc.ds, "score")["top_de"],
         seed=config["seed"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/score.tsv"
-    log:
-        "logs/{ds}/fold{fold}/score.log",
-    threads: 2
-    resources:
-        # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
-        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb / len(METHODS)) * attempt),
-        runtime=lambda wc, attempt: 60 * len(METHODS) * attempt,
-    conda:
-        ENV
     script:
         "../scripts/score.py"
 
 
 rule summarize:
     input:
-        # One table per method and fold, in the order of params methods/folds below.
-        compact=lambda wc: [
-            f"results/{wc.ds}/fold{fold}/{method}/compact_metrics.tsv" for method in METHODS for fold in folds(wc.ds)
-        ],
-        agg=lambda wc: [
-            f"results/{wc.ds}/fold{fold}/{method}/celleval_agg.csv" for method in METHODS for fold in folds(wc.ds)
-        ],
+        compact=lambda wc: [path for _, _, path in summary_tables(wc.ds, "compact_metrics.tsv")],
+        agg=lambda wc: [path for _, _, path in summary_tables(wc.ds, "celleval_agg.csv")],
     output:
         summary=report(
             "results/{ds}/metrics_summary.tsv",
@@ -101,19 +96,20 @@ rule summarize:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "all", "method": "all", "table": "summary"},
         ),
-    params:
-        methods=lambda wc: [method for method in METHODS for _ in folds(wc.ds)],
-        folds=lambda wc: [fold for _ in METHODS for fold in folds(wc.ds)],
-    benchmark:
-        "results/{ds}/benchmarks/summarize.tsv"
     log:
         "logs/{ds}/summarize.log",
+    benchmark:
+        "results/{ds}/benchmarks/summarize.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
-    conda:
-        ENV
+    params:
+        # method and fold of each input table, in input order
+        methods=lambda wc: [method for method, _, _ in summary_tables(wc.ds, "compact_metrics.tsv")],
+        folds=lambda wc: [fold for _, fold, _ in summary_tables(wc.ds, "compact_metrics.tsv")],
     script:
         "../scripts/summarize.py"
 
@@ -129,16 +125,16 @@ rule figure_metrics:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "all", "method": "all", "table": "comparison figure"},
         ),
-    benchmark:
-        "results/{ds}/benchmarks/figure_metrics.tsv"
     log:
         "logs/{ds}/figure_metrics.log",
+    benchmark:
+        "results/{ds}/benchmarks/figure_metrics.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/figure_metrics.py"
 
@@ -155,19 +151,19 @@ rule figure_delta_scatter:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "{fold}", "method": "all", "figure": "delta scatter"},
         ),
-    params:
-        n_perturbations=4,
-        control_label=CONTROL_LABEL,
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/figure_delta_scatter.tsv"
     log:
         "logs/{ds}/fold{fold}/figure_delta_scatter.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_delta_scatter.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb) * attempt),
         runtime=20,
-    conda:
-        ENV
+    params:
+        n_perturbations=4,
+        control_label=CONTROL_LABEL,
     script:
         "../scripts/figure_delta_scatter.py"
 
@@ -187,20 +183,20 @@ rule figure_pca:
             )
             for method in METHODS
         ],
-    params:
-        methods=METHODS,
-        seed=config["seed"],
-        control_label=CONTROL_LABEL,
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/figure_pca.tsv"
     log:
         "logs/{ds}/fold{fold}/figure_pca.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_pca.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb / len(METHODS)) * attempt),
         runtime=lambda wc, attempt: 20 * attempt,
-    conda:
-        ENV
+    params:
+        methods=METHODS,
+        seed=config["seed"],
+        control_label=CONTROL_LABEL,
     script:
         "../scripts/figure_pca.py"
 
@@ -216,16 +212,16 @@ rule figure_gene_vocab:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "table": "vocab coverage figure"},
         ),
-    benchmark:
-        "results/{ds}/benchmarks/figure_gene_vocab.tsv"
     log:
         "logs/{ds}/figure_gene_vocab.log",
+    benchmark:
+        "results/{ds}/benchmarks/figure_gene_vocab.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/figure_gene_vocab.py"
 
@@ -241,19 +237,18 @@ rule figure_loss:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "{fold}", "model": "all variants", "figure": "loss curves compared"},
         ),
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/figure_loss.tsv"
     log:
         "logs/{ds}/fold{fold}/figure_loss.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/figure_loss.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/figure_loss.py"
-
 
 
 rule runtime:
@@ -275,17 +270,17 @@ rule runtime:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "table": "figure"},
         ),
-    params:
-        benchmark_dirs=lambda wc: benchmark_dirs(wc.ds),
-    benchmark:
-        "results/{ds}/benchmarks/runtime.tsv"
     log:
         "logs/{ds}/runtime.log",
+    benchmark:
+        "results/{ds}/benchmarks/runtime.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=10,
-    conda:
-        ENV
+    params:
+        benchmark_dirs=lambda wc: benchmark_dirs(wc.ds),
     script:
         "../scripts/runtime.py"

@@ -9,19 +9,19 @@ rule scgpt_build_tiny:
         model="resources/scgpt/tiny/best_model.pt",
         vocab="resources/scgpt/tiny/vocab.json",
         args="resources/scgpt/tiny/args.json",
-    params:
-        seed=config["seed"],
-        sizes=config.get("scgpt", {}).get("tiny", {}),
-    benchmark:
-        "results/benchmarks/scgpt/build_tiny.tsv"
     log:
         "logs/scgpt/build_tiny.log",
+    benchmark:
+        "results/benchmarks/scgpt/build_tiny.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
-    conda:
-        ENV
+    params:
+        seed=config["seed"],
+        sizes=config.get("scgpt", {}).get("tiny", {}),
     script:
         "../scripts/scgpt_build_tiny.py"
 
@@ -31,19 +31,19 @@ rule scgpt_download:
         model="resources/scgpt/whole-human/best_model.pt",
         vocab="resources/scgpt/whole-human/vocab.json",
         args="resources/scgpt/whole-human/args.json",
+    log:
+        "logs/scgpt/download_whole_human.log",
     # No params: the Drive folder, the mirror and the sha256 digests are read from the config by
     # the script. As params, pinning a digest or adding a mirror would delete and re-download
     # the 200 MB checkpoint and retrain every model built on it.
     benchmark:
         "results/benchmarks/scgpt/download_whole_human.tsv"
-    log:
-        "logs/scgpt/download_whole_human.log",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=60,
-    conda:
-        ENV
     script:
         "../scripts/scgpt_download.py"
 
@@ -65,16 +65,16 @@ rule gene_vocab_map:
             category="scGPT",
             labels={"dataset": "{ds}", "table": "vocab coverage"},
         ),
-    benchmark:
-        "results/{ds}/benchmarks/gene_vocab_map.tsv"
     log:
         "logs/{ds}/gene_vocab_map.log",
+    benchmark:
+        "results/{ds}/benchmarks/gene_vocab_map.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/gene_vocab_map.py"
 
@@ -89,13 +89,12 @@ rule calibrate_latent:
         gene_vocab="results/{ds}/gene_vocab.tsv",
     output:
         stats="results/{ds}/fold{fold}/latent_stats.pt",
-    params:
-        latent=lambda wc: section(wc.ds, "latent"),
-        seed=config["seed"],
-    benchmark:
-        "results/{ds}/benchmarks/fold{fold}/calibrate_latent.tsv"
     log:
         "logs/{ds}/fold{fold}/calibrate_latent.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/calibrate_latent.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -103,7 +102,8 @@ rule calibrate_latent:
         # Runs frozen scGPT on CUDA when a GPU is visible: one GPU, so that under profiles/gpu
         # it never shares the card with a training job.
         gpu=1,
-    conda:
-        ENV
+    params:
+        latent=lambda wc: section(wc.ds, "latent"),
+        seed=config["seed"],
     script:
         "../scripts/calibrate_latent.py"
