@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ccfm.headline import headline, main as headline_main
+from ccfm.headline import headline
+from ccfm.headline import main as headline_main
 from ccfm.runtime import read_benchmarks, write_runtime_report
 
 ROOT = Path(__file__).resolve().parents[1]

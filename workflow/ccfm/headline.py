@@ -8,8 +8,8 @@ delta on the held-out perturbations (all folds pooled), and says plainly when CC
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -39,7 +39,8 @@ def headline(summary_tsv: str | Path) -> str:
     if ccfm_mse < additive_mse:
         lines.append(f"  CCFM's MSE is {additive_mse / ccfm_mse:.2f}x lower than the additive baseline's.")
     else:
-        lines.append(f"  CCFM LOSES to the additive baseline: its MSE is {ccfm_mse / additive_mse:.2f}x the additive one.")
+        ratio = ccfm_mse / additive_mse
+        lines.append(f"  CCFM LOSES to the additive baseline: its MSE is {ratio:.2f}x the additive one.")
     return "\n".join(lines)
 
 

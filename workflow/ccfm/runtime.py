@@ -7,8 +7,8 @@ seconds ``s``, CPU seconds ``cpu_time`` and peak resident memory ``max_rss`` (MB
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -40,8 +40,8 @@ def write_runtime_report(benchmark_dirs: Sequence[str | Path], out_tsv: str | Pa
     from ccfm.plots import plot_runtime
 
     table = read_benchmarks(benchmark_dirs)
-    total = pd.DataFrame([("total", "all", table["seconds"].sum(), table["cpu_seconds"].sum(), table["max_rss_mb"].max())],
-                         columns=list(RUNTIME_COLUMNS))
+    total_row = ("total", "all", table["seconds"].sum(), table["cpu_seconds"].sum(), table["max_rss_mb"].max())
+    total = pd.DataFrame([total_row], columns=list(RUNTIME_COLUMNS))
     with atomic_output(out_tsv) as tmp:
         pd.concat([table, total], ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.2f")
     plot_runtime(table, out_png, dataset)

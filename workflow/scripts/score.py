@@ -11,7 +11,7 @@ methods = list(snakemake.params.methods)
 score_methods_to_files(
     dict(zip(methods, snakemake.input.preds)),
     snakemake.input.real,
-    {m: paths for m, paths in zip(methods, zip(snakemake.output.results, snakemake.output.agg, snakemake.output.compact))},
+    dict(zip(methods, zip(snakemake.output.results, snakemake.output.agg, snakemake.output.compact))),
     control_label=snakemake.params.control_label,
     profile=snakemake.params.profile,
     num_threads=snakemake.threads,
