@@ -19,6 +19,7 @@ include: "workflow/rules/scgpt.smk"
 include: "workflow/rules/ccfm.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/adapt.smk"
+include: "workflow/rules/state.smk"
 
 
 rule all:

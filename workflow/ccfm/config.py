@@ -92,6 +92,19 @@ SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_cells": 1024,
         "encoding": "tokens",
     },
+    # Arc's State as a scored method (ccfm.state.train.STATE_DEFAULTS documents the keys).
+    "state": {
+        "enabled": "auto",
+        "steps": 400,
+        "batch_size": 8,
+        "cell_set_len": 32,
+        "hidden_dim": 128,
+        "layers": 2,
+        "heads": 4,
+        "lr": 1.0e-4,
+        "overrides": [],
+        "run_dir": None,
+    },
 }
 
 DATASET_DEFAULTS: dict[str, Any] = {

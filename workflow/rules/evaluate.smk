@@ -76,10 +76,10 @@ rule summarize:
     input:
         # One table per method and fold, in the order of params methods/folds below.
         compact=lambda wc: [
-            f"results/{wc.ds}/fold{fold}/{method}/compact_metrics.tsv" for method in METHODS for fold in folds(wc.ds)
+            f"results/{wc.ds}/fold{fold}/{method}/compact_metrics.tsv" for method in methods(wc.ds) for fold in folds(wc.ds)
         ],
         agg=lambda wc: [
-            f"results/{wc.ds}/fold{fold}/{method}/celleval_agg.csv" for method in METHODS for fold in folds(wc.ds)
+            f"results/{wc.ds}/fold{fold}/{method}/celleval_agg.csv" for method in methods(wc.ds) for fold in folds(wc.ds)
         ],
     output:
         summary=report(
@@ -90,8 +90,8 @@ rule summarize:
             labels={"dataset": "{ds}", "fold": "all", "method": "all", "table": "summary"},
         ),
     params:
-        methods=lambda wc: [method for method in METHODS for _ in folds(wc.ds)],
-        folds=lambda wc: [fold for _ in METHODS for fold in folds(wc.ds)],
+        methods=lambda wc: [method for method in methods(wc.ds) for _ in folds(wc.ds)],
+        folds=lambda wc: [fold for _ in methods(wc.ds) for fold in folds(wc.ds)],
     log:
         "logs/{ds}/summarize.log",
     threads: 1
@@ -130,7 +130,7 @@ rule figure_metrics:
 rule figure_delta_scatter:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
-        means=expand("results/{{ds}}/fold{{fold}}/{method}/pred_means.csv", method=METHODS),
+        means=lambda wc: [f"results/{wc.ds}/fold{wc.fold}/{method}/pred_means.csv" for method in methods(wc.ds)],
     output:
         png=report(
             "results/{ds}/fold{fold}/figures/delta_scatter.png",

@@ -205,8 +205,11 @@ def load_tensor_file(path: str | Path, what: str) -> Any:
         with torch.serialization.safe_globals(_resolved_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's message opens with advice to load unsafely; the reason is on a later line.
+        reason = next((line for line in lines if "Unsupported global" in line or "can only build" in line.lower()), lines[-1] if lines else "")
         raise UnsafeFileError(
-            f"{path}: refused to load with torch.load(weights_only=True): {str(error).splitlines()[0]} "
+            f"{path}: refused to load with torch.load(weights_only=True): {reason} "
             "(only tensors and plain data are accepted; nothing from the file was executed)"
         ) from error
 
