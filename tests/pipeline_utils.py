@@ -27,6 +27,8 @@ FAST_DEMO_OVERRIDES: dict[str, Any] = {
     "generate": {"cells_per_perturbation": 24, "latent_steps": 4, "expr_steps": 4},
     "latent": {"calibration_cells": 300},
     "adapt": {"steps": 100, "eval_every": 20, "eval_cells": 256},
+    # Only where the [state] extra is installed (state.enabled: auto).
+    "state": {"steps": 80},
 }
 
 

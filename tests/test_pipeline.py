@@ -12,11 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ccfm.state.train import arc_state_version
 from pipeline_utils import FAST_DEMO_OVERRIDES, REPO_ROOT, copy_pipeline, describe_failure, snakemake
 
 pytestmark = pytest.mark.slow
 
 METHODS = ["nochange", "additive", "meanpert", "ccfm", "ccfm_nolatent"]
+if arc_state_version() is not None:  # the [state] extra: Arc's State is scored too
+    METHODS.append("state")
 
 
 @pytest.fixture(scope="module")
