@@ -18,16 +18,17 @@ import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_FILE = ROOT / "workflow" / "envs" / "ccfm.yaml"
-POST_DEPLOY = ROOT / "workflow" / "envs" / "ccfm.post-deploy.sh"
+ENVS = ROOT / "workflow" / "envs"
+ENV_FILES = sorted(ENVS.glob("*.yaml"))
+POST_DEPLOY = ENVS / "ccfm.post-deploy.sh"
 # conda-forge names of packages whose PyPI names differ
 CONDA_TO_PYPI = {"pytorch": "torch"}
 # the environment only runs rules: the scheduler and its executor plugin are the user's
 NOT_IN_RULE_ENV = {"snakemake", "snakemake-executor-plugin-slurm"}
 
 
-def _environment() -> tuple[list[str], list[str]]:
-    spec = yaml.safe_load(ENV_FILE.read_text())
+def _environment(env_file: Path = ENVS / "ccfm.yaml") -> tuple[list[str], list[str]]:
+    spec = yaml.safe_load(env_file.read_text())
     conda = [dep for dep in spec["dependencies"] if isinstance(dep, str)]
     pip = next(dep["pip"] for dep in spec["dependencies"] if isinstance(dep, dict))
     return conda, pip
@@ -37,24 +38,29 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0].strip().lower()
 
 
-def test_pip_block_holds_only_requirement_specifiers() -> None:
-    _, pip = _environment()
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_pip_block_holds_only_requirement_specifiers(env_file: Path) -> None:
+    _, pip = _environment(env_file)
     for line in pip:
         assert not line.startswith("-"), f"pip rejects options in an environment file's pip block: {line!r}"
         Requirement(line)  # raises on anything pip would not read as a requirement
 
 
-def test_environment_covers_the_package_dependencies() -> None:
-    conda, pip = _environment()
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_environment_covers_the_package_dependencies(env_file: Path) -> None:
+    conda, pip = _environment(env_file)
     provided = {CONDA_TO_PYPI.get(_name(dep), _name(dep)) for dep in conda + pip}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     needed = {_name(dep) for dep in project["dependencies"]} - NOT_IN_RULE_ENV
-    assert needed <= provided, f"missing from {ENV_FILE.name}: {sorted(needed - provided)}"
+    if env_file.stem == "state":
+        needed |= {_name(dep) for dep in project["optional-dependencies"]["state"]}
+    assert needed <= provided, f"missing from {env_file.name}: {sorted(needed - provided)}"
 
 
-def test_post_deploy_script_sits_beside_the_environment_file() -> None:
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_post_deploy_script_sits_beside_the_environment_file(env_file: Path) -> None:
     # Snakemake runs <env>.post-deploy.sh after creating <env>.yaml's environment
-    assert POST_DEPLOY.exists()
+    assert env_file.with_suffix(".post-deploy.sh").exists()
     text = POST_DEPLOY.read_text()
     assert "--no-deps" in text and "scgpt==0.2.4" in text
 

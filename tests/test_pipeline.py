@@ -16,6 +16,7 @@ from pipeline_utils import FAST_DEMO_OVERRIDES, REPO_ROOT, copy_pipeline, descri
 
 pytestmark = pytest.mark.slow
 
+# The shipped demo leaves `state` off (tests/test_state_pipeline.py runs it).
 METHODS = ["nochange", "additive", "meanpert", "ccfm", "ccfm_nolatent"]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from ccfm.config import dataset_config, dataset_section, validate_config
+from ccfm.state.train import state_status
 
 validate_config(config)
 
@@ -13,13 +14,16 @@ DATASETS = list(config["datasets"])
 BASELINES = ["nochange", "additive", "meanpert"]
 MODEL_VARIANTS = ["ccfm", "ccfm_nolatent"]
 METHODS = BASELINES + MODEL_VARIANTS
+# Optional methods (workflow/rules/state.smk): scored where enabled and installed.
+OPTIONAL_METHODS = ["state"]
+STATE_STATUS = {ds: state_status(dataset_section(config, ds, "state")) for ds in DATASETS}
 ENV = "../envs/ccfm.yaml"
 
 
 wildcard_constraints:
     ds="|".join(DATASETS),
     fold=r"\d+",
-    method="|".join(METHODS),
+    method="|".join(METHODS + OPTIONAL_METHODS),
     variant="|".join(MODEL_VARIANTS),
 
 
@@ -30,7 +34,7 @@ def method_files(wc, name):
 
 def summary_tables(ds, name):
     """(method, fold, path) of one score table per method and fold, the summary's input order."""
-    return [(method, fold, f"results/{ds}/fold{fold}/{method}/{name}") for method in METHODS for fold in folds(ds)]
+    return [(method, fold, f"results/{ds}/fold{fold}/{method}/{name}") for method in methods(ds) for fold in folds(ds)]
 
 
 def uses_latent(wc):
@@ -83,6 +87,11 @@ def preprocess_target_settings(ds):
         **{key: section(ds, "preprocess")[key] for key in ("target_sum", "chunk_size")},
         "predict": list(target.get("predict", [])),
     }
+
+
+def methods(ds):
+    """The scored methods of a dataset: baselines, CCFM variants and `state` where it runs."""
+    return METHODS + (["state"] if STATE_STATUS[ds][0] else [])
 
 
 def ds_cfg(ds):
@@ -146,7 +155,10 @@ def adapt_targets(ds):
         "target_pred_unadapted.h5ad",
         "target_summary.tsv",
     )
-    return [f"results/{ds}/fold{fold}/adapt/{name}" for fold in folds(ds) for name in names]
+    targets = [f"results/{ds}/fold{fold}/adapt/{name}" for fold in folds(ds) for name in names]
+    if STATE_STATUS[ds][0]:
+        targets += [f"results/{ds}/fold{fold}/adapt_state/{name}" for fold in folds(ds) for name in names]
+    return targets
 
 
 def dataset_targets(ds):
@@ -173,7 +185,7 @@ def dataset_results(ds):
             f"results/{ds}/fold{fold}/figures/delta_scatter.png",
             f"results/{ds}/fold{fold}/figures/loss_curves.png",
         ]
-        targets += [f"results/{ds}/fold{fold}/{method}/pca.png" for method in METHODS]
+        targets += [f"results/{ds}/fold{fold}/{method}/pca.png" for method in methods(ds)]
     return targets + adapt_targets(ds)
 
 

@@ -84,6 +84,55 @@ rule score:
         "../scripts/score.py"
 
 
+rule score_optional_method:
+    input:
+        real="results/{ds}/fold{fold}/real.h5ad",
+        preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
+    output:
+        results=["results/{ds}/fold{fold}/{method}/celleval_results.csv"],
+        agg=[
+            report(
+                "results/{ds}/fold{fold}/{method}/celleval_agg.csv",
+                caption="../report/celleval_agg.rst",
+                category="Metrics",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "table": "cell-eval aggregate"},
+            )
+        ],
+        compact=[
+            report(
+                "results/{ds}/fold{fold}/{method}/compact_metrics.tsv",
+                caption="../report/compact_metrics.rst",
+                category="Metrics",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "table": "per perturbation"},
+            )
+        ],
+    log:
+        "logs/{ds}/fold{fold}/{method}/score.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{method}/score.tsv"
+    # An optional method (state) in a job of its own: its set depends on the dataset and installs.
+    wildcard_constraints:
+        method="|".join(OPTIONAL_METHODS),
+    conda:
+        ENV
+    threads: 2
+    resources:
+        # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
+        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),
+        runtime=lambda wc, attempt: 60 * attempt,
+    params:
+        methods=lambda wc: [wc.method],
+        control_label=CONTROL_LABEL,
+        pert_col=PERT_COLUMN,
+        profile=lambda wc: section(wc.ds, "score")["profile"],
+        top_de=lambda wc: section(wc.ds, "score")["top_de"],
+        seed=config["seed"],
+    script:
+        "../scripts/score.py"
+
+
 rule summarize:
     input:
         compact=lambda wc: [path for _, _, path in summary_tables(wc.ds, "compact_metrics.tsv")],
@@ -142,7 +191,7 @@ rule figure_metrics:
 rule figure_delta_scatter:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
-        means=expand("results/{{ds}}/fold{{fold}}/{method}/pred_means.csv", method=METHODS),
+        means=lambda wc: [f"results/{wc.ds}/fold{wc.fold}/{method}/pred_means.csv" for method in methods(wc.ds)],
     output:
         png=report(
             "results/{ds}/fold{fold}/figures/delta_scatter.png",
@@ -195,6 +244,40 @@ rule figure_pca:
         runtime=lambda wc, attempt: 20 * attempt,
     params:
         methods=METHODS,
+        seed=config["seed"],
+        control_label=CONTROL_LABEL,
+    script:
+        "../scripts/figure_pca.py"
+
+
+rule figure_pca_optional_method:
+    input:
+        real="results/{ds}/fold{fold}/real.h5ad",
+        preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
+    output:
+        png=[
+            report(
+                "results/{ds}/fold{fold}/{method}/pca.png",
+                caption="../report/prediction_pca.rst",
+                category="Predictions",
+                subcategory="{ds}",
+                labels={"dataset": "{ds}", "fold": "{fold}", "method": "{method}", "figure": "PCA"},
+            )
+        ],
+    log:
+        "logs/{ds}/fold{fold}/{method}/figure_pca.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/{method}/figure_pca.tsv"
+    wildcard_constraints:
+        method="|".join(OPTIONAL_METHODS),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb) * attempt),
+        runtime=lambda wc, attempt: 20 * attempt,
+    params:
+        methods=lambda wc: [wc.method],
         seed=config["seed"],
         control_label=CONTROL_LABEL,
     script:

@@ -1,0 +1,59 @@
+"""Fold predictions of a trained State model, in the pipeline's prediction format.
+
+Same perturbations as every other method (the fold's held-out list plus the dataset's
+``predict:`` entries), started from the same control cells: :func:`ccfm.baselines.sample_control_rows`
+with the baselines' seed (``seed + fold``) draws the control rows of ``real.h5ad`` per
+perturbation, and State maps each draw through ``predict_step``. Written with
+:func:`ccfm.predictions.write_predictions` (``pred.h5ad`` + ``pred_means.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ccfm.baselines import conditions_to_predict, read_control_cells, read_split, sample_control_rows
+from ccfm.predictions import write_predictions
+from ccfm.state.model import StateRun, check_genes, load_state_run, perturbation_vector, predict_cells
+
+log = logging.getLogger(__name__)
+
+
+def predict_from_controls(run: StateRun, controls, labels: Sequence[str], n_cells: int, seed: int, shift=None) -> dict:
+    """``{label: (n_cells, G)}`` from per-label draws of ``controls`` (CSR), optionally shifted first."""
+    from ccfm.adapt import apply_shift
+
+    rows = sample_control_rows(controls.shape[0], list(labels), n_cells, seed)
+    predicted = {}
+    for label in labels:
+        block = controls[rows[label]].toarray()
+        if shift is not None:
+            block = apply_shift(block, shift)
+        _, unknown = perturbation_vector(run, label)
+        if unknown:
+            log.warning("%s: State has no one-hot for %s; predicted from the other part(s) only", label, unknown)
+        predicted[label] = predict_cells(run, block, label)
+    return predicted
+
+
+def predict_state_to_files(
+    run_dir: str | Path,
+    split_json: str | Path,
+    real_h5ad: str | Path,
+    out_h5ad: str | Path,
+    out_means_csv: str | Path,
+    *,
+    extra_predict: Sequence[str] = (),
+    cells_per_perturbation: int = 128,
+    seed: int = 0,
+) -> list[str]:
+    """Predict the fold's held-out (and ``extra_predict``) perturbations with State and write them."""
+    split = read_split(split_json)
+    conditions = conditions_to_predict(split["test"], extra_predict)
+    genes, controls = read_control_cells(real_h5ad)
+    run = load_state_run(run_dir)
+    check_genes(run, genes, str(real_h5ad))
+    predicted = predict_from_controls(run, controls, conditions, cells_per_perturbation, seed)
+    write_predictions(out_h5ad, out_means_csv, genes, predicted, controls)
+    return conditions

@@ -1,0 +1,21 @@
+"""Rule adapt_state: learn the per-gene MMD shift of the target controls through State's basal encoder."""
+
+import torch
+
+from ccfm.adapt import AdaptSettings
+from ccfm.logs import setup_rule_logging
+from ccfm.state.adapt import adapt_state_to_files
+
+log = setup_rule_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+adapt_state_to_files(
+    snakemake.params.run_dir,
+    snakemake.input.processed,
+    snakemake.input.target,
+    snakemake.output.shift,
+    snakemake.output.mmd,
+    snakemake.output.history,
+    AdaptSettings.from_mapping(dict(snakemake.params.settings)),
+    seed=snakemake.params.seed,
+    out_plot=snakemake.output.plot,
+)

@@ -1,0 +1,18 @@
+"""Rule train_state: train Arc's State transition model on the fold's training cells (state tx train)."""
+
+from pathlib import Path
+
+from ccfm.logs import setup_rule_logging
+from ccfm.state.train import train_state_to_files
+
+log = setup_rule_logging(snakemake.log[0])
+train_state_to_files(
+    snakemake.input.processed,
+    snakemake.input.split,
+    Path(snakemake.output.config).parent,
+    snakemake.output.loss,
+    snakemake.params.settings,
+    seed=snakemake.params.seed,
+    threads=snakemake.threads,
+    log_path=snakemake.log[0],
+)
