@@ -1,6 +1,6 @@
 # Two commands from a fresh clone (each sets up .venv on first use, then reuses it):
 #   make demo   the whole pipeline on the built-in simulated demo, then its HTML report
-#   make test   lint (snakefmt, snakemake --lint, ruff), then the test suite
+#   make test   lint (snakefmt, snakemake --lint, ruff), then the test suite (adds the [state] extra)
 # Options: CORES=8 make demo; TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 # for a CUDA build; VENV=/path/to/venv to use another environment.
 PYTHON ?= python3
@@ -12,6 +12,7 @@ REPORT ?= results/report.html
 
 BIN := $(VENV)/bin
 READY := $(VENV)/.ccfm-installed
+STATE_READY := $(VENV)/.ccfm-state-installed
 
 .PHONY: demo test lint env
 
@@ -27,7 +28,7 @@ $(REPORT): results/demo/runtime.tsv
 # written by the snakemake run above (no make recipe of its own)
 results/demo/runtime.tsv: ;
 
-test: $(READY) lint
+test: $(STATE_READY) lint
 	$(BIN)/pytest
 
 # Formatting and lint of the Snakemake files and the Python code (configured in pyproject.toml).
@@ -47,4 +48,9 @@ $(READY): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(SCGPT)
+	touch $@
+
+# The tests also cover Arc's State (the [state] extra: arc-state, lightning, transformers; ~350 MB).
+$(STATE_READY): $(READY)
+	$(BIN)/python -m pip install --quiet -e ".[dev,state]"
 	touch $@

@@ -32,14 +32,16 @@ def test_make_installs_in_order_once(tmp_path: Path) -> None:
     assert torch_at < package_at < scgpt_at
     # Once installed (the stamp is newer than pyproject.toml and the Makefile) nothing is reinstalled.
     (venv / "bin").mkdir(parents=True)
-    stamp = venv / ".ccfm-installed"
-    stamp.touch()
     newer = max((ROOT / "pyproject.toml").stat().st_mtime, (ROOT / "Makefile").stat().st_mtime) + 10
-    os.utime(stamp, (newer, newer))
+    for name in (".ccfm-installed", ".ccfm-state-installed"):
+        (venv / name).touch()
+        os.utime(venv / name, (newer, newer))
     assert "pip install" not in _make_dry_run(venv, "env")
     demo = _make_dry_run(venv, "demo")
     assert "pip install" not in demo
     assert "snakemake --cores 2 demo" in demo and "ccfm.headline" in demo
+    test = _make_dry_run(venv, "test")
+    assert "pip install" not in test and "pytest" in test and "snakefmt --check" in test
 
 
 def _summary(ccfm_mse: float) -> pd.DataFrame:
