@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccfm.adapt import learn_shift
+from ccfm.adapt.shift import learn_shift
 from rss import peak_rss_mb
 
 

@@ -9,7 +9,7 @@ Two sizes, both from config/config.yaml:
   fed cells with ~1000 expressed genes of 5000 (scGPT cost grows with expressed genes per cell).
 
 Timings use synthetic tensors of the right shapes (weights do not change the cost). A training
-step is the full optimiser step of :class:`ccfm.training.Trainer` minus data loading; the scGPT
+step is the full optimiser step of :class:`ccfm.model.training.Trainer` minus data loading; the scGPT
 share is extraction time / (extraction + step) with the feature cache off (with the cache on,
 extraction becomes a memory-mapped read). Inference runs the real two-stage sampler over all
 genes; where a full run would take too long on CPU (``default``) one ODE function evaluation is
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccfm.denoiser import CascadedDenoiser, FlowSettings
-from ccfm.model import CascadedFlowModel, ModelConfig
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings
+from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 
 @dataclass
@@ -98,8 +98,8 @@ def time_training(size: Size, latent_dim: int, steps: int) -> float:
 
 def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     """Seconds to extract scGPT features of one training batch (on the fly), and D."""
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.scgpt_model import build_tiny_checkpoint
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint
 
     model_dir = build_tiny_checkpoint(workdir / f"scgpt_{size.name}", seed=0, embsize=size.scgpt_width,
                                       nlayers=size.scgpt_layers, nheads=size.scgpt_heads, d_hid=size.scgpt_width)

@@ -1,7 +1,7 @@
 """Data-parallel training throughput: 1 process versus N torchrun processes (train.gpus).
 
 Trains the same model on the same synthetic processed.h5ad once in a single process and once
-with ``N`` data-parallel processes (``ccfm.training.train_distributed``: NCCL on GPUs when N are
+with ``N`` data-parallel processes (``ccfm.model.training.train_distributed``: NCCL on GPUs when N are
 visible, gloo on CPU otherwise), and reports training cells/s (global batch × steps / loop time,
 from the trainer's own timing, so process start-up and data loading are excluded), the
 wall time including start-up, and whether the loss logs agree.
@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccfm.training import train_distributed, train_from_files
+from ccfm.model.training import train_distributed, train_from_files
 
 SEED = 0
 

@@ -43,9 +43,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccfm.extractor import ScGPTFeatureExtractor
-from ccfm.feature_cache import make_latent_source
-from ccfm.scgpt_model import build_tiny_checkpoint
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.feature_cache import make_latent_source
+from ccfm.scgpt.checkpoint import build_tiny_checkpoint
 
 FULL_SIZE = {"embsize": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 TINY_SIZE = {"embsize": 32, "nlayers": 2, "nheads": 4, "d_hid": 64}

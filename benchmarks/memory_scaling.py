@@ -59,7 +59,7 @@ CCFM_ADAPT = {"steps": 40, "batch_size": 64, "eval_every": 20, "eval_cells": 256
 
 def gene_symbols(n_genes: int) -> list[str]:
     """The first ``n_genes`` gene symbols of the scGPT census vocab (so calibration maps them)."""
-    from ccfm.scgpt_model import census_vocab_with_specials
+    from ccfm.scgpt.checkpoint import census_vocab_with_specials
 
     vocab = census_vocab_with_specials()
     symbols = [g for g in sorted(vocab, key=vocab.get) if not g.startswith("<")]
@@ -70,7 +70,7 @@ def gene_symbols(n_genes: int) -> list[str]:
 
 def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed: int, chunk: int = 10000) -> None:
     """Sparse raw counts written chunk by chunk (generation memory is one chunk)."""
-    from ccfm.h5io import CSRH5adWriter, atomic_output
+    from ccfm.io.h5ad import CSRH5adWriter, atomic_output
 
     rng = np.random.default_rng(seed)
     genes = gene_symbols(n_genes)
@@ -93,19 +93,19 @@ def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed
 
 
 def _preprocess(work: Path) -> None:
-    from ccfm.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import preprocess_dataset
 
     preprocess_dataset(work / "raw.h5ad", work / "processed.h5ad", dataset="bench", n_top_genes=2000, chunk_size=10000)
 
 
 def _preprocess_target(work: Path) -> None:
-    from ccfm.preprocess import preprocess_target
+    from ccfm.data.preprocess import preprocess_target
 
     preprocess_target(work / "raw.h5ad", work / "processed.h5ad", work / "target_processed.h5ad", dataset="bench", chunk_size=10000)
 
 
 def _split(work: Path) -> None:
-    from ccfm.splits import split_for_processed, write_real, write_split
+    from ccfm.data.splits import split_for_processed, write_real, write_split
 
     split = split_for_processed(work / "processed.h5ad", fold=1, seed=SEED, heldout_fraction=0.3, n_folds=5)
     write_real(work / "processed.h5ad", split, work / "real.h5ad", chunk_size=10000)
@@ -113,10 +113,10 @@ def _split(work: Path) -> None:
 
 
 def _calibration(work: Path) -> None:
-    from ccfm.calibration import calibrate, training_cell_indices
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.h5io import read_var
-    from ccfm.scgpt_model import build_tiny_checkpoint, read_vocab
+    from ccfm.scgpt.calibration import calibrate, training_cell_indices
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.io.h5ad import read_var
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
 
     model_dir = work.parent / "tiny_scgpt"
     if not (model_dir / "best_model.pt").exists():
@@ -131,21 +131,21 @@ def _calibration(work: Path) -> None:
 
 
 def _baseline(work: Path) -> None:
-    from ccfm.baselines import run_baseline
+    from ccfm.evaluate.baselines import run_baseline
 
     run_baseline("additive", work / "processed.h5ad", work / "split.json", work / "real.h5ad",
                  work / "pred.h5ad", work / "pred_means.csv", cells_per_perturbation=128, seed=SEED, chunk_size=10000)
 
 
 def _adaptation(work: Path) -> None:
-    """The adaptation data path (ccfm.adapt.read_control_rows + learn_shift) with a fixed encoder.
+    """The adaptation data path (ccfm.adapt.shift.read_control_rows + learn_shift) with a fixed encoder.
 
     A fixed random projection stands in for the model's control encoder, so this isolates the
     control-cell reading and the learner; ``adapt_model`` runs the rule with a trained model.
     """
     import torch
 
-    from ccfm.adapt import learn_shift, read_control_rows
+    from ccfm.adapt.shift import learn_shift, read_control_rows
 
     source = read_control_rows(work / "processed.h5ad")
     target = read_control_rows(work / "target_processed.h5ad")
@@ -160,7 +160,7 @@ def _adaptation(work: Path) -> None:
 
 def _train(work: Path) -> None:
     """A few steps of the train_ccfm rule (latent stream off: no scGPT), from scratch."""
-    from ccfm.training import train_from_files
+    from ccfm.model.training import train_from_files
 
     out = work / "ccfm"
     shutil.rmtree(out / "resume", ignore_errors=True)  # a finished checkpoint would skip the loop
@@ -171,7 +171,7 @@ def _train(work: Path) -> None:
 
 def _predict(work: Path) -> None:
     """The predict rule: every held-out perturbation of the fold from the trained model."""
-    from ccfm.generation import predict_to_files, prepare_generation
+    from ccfm.model.generation import predict_to_files, prepare_generation
 
     out = work / "ccfm"
     generation = prepare_generation(out / "model.pt", CCFM_GENERATE, threads=1, device="cpu")
@@ -181,7 +181,7 @@ def _predict(work: Path) -> None:
 
 def _adapt_model(work: Path) -> None:
     """The adapt_mmd rule: MMD shift of the target controls through the trained model's control encoder."""
-    from ccfm.adapt import AdaptSettings, adapt_to_files
+    from ccfm.adapt.shift import AdaptSettings, adapt_to_files
 
     out = work / "ccfm"
     adapt_to_files(out / "model.pt", work / "processed.h5ad", work / "target_processed.h5ad", out / "shift.safetensors",
@@ -200,8 +200,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[Path], None]] = {
     "adapt_model": _adapt_model,
 }
 STAGES = tuple(STAGE_FUNCTIONS)
-STAGE_MODULES = ("torch", "ccfm.adapt", "ccfm.baselines", "ccfm.calibration", "ccfm.extractor", "ccfm.generation",
-                 "ccfm.preprocess", "ccfm.splits", "ccfm.training")
+STAGE_MODULES = ("torch", "ccfm.adapt.shift", "ccfm.evaluate.baselines", "ccfm.scgpt.calibration", "ccfm.scgpt.extractor", "ccfm.model.generation",
+                 "ccfm.data.preprocess", "ccfm.data.splits", "ccfm.model.training")
 # What each stage writes, relative to the size's work directory.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "preprocess": ("processed.h5ad",),

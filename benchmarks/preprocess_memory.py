@@ -1,4 +1,4 @@
-"""Peak memory and wall time of ``ccfm.preprocess.preprocess_dataset`` on synthetic sparse counts.
+"""Peak memory and wall time of ``ccfm.data.preprocess.preprocess_dataset`` on synthetic sparse counts.
 
 Usage::
 
@@ -25,7 +25,7 @@ from rss import print_report, python_child, report_work, run_child
 
 def child(raw: Path, out: Path, chunk_size: int, n_top_genes: int) -> None:
     """Run preprocessing in this process and print its peak RSS and wall time."""
-    from ccfm.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import preprocess_dataset
 
     report = report_work(
         lambda: preprocess_dataset(raw, out, dataset="benchmark", n_top_genes=n_top_genes, chunk_size=chunk_size)

@@ -39,22 +39,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from ccfm import CONTROL_LABEL  # noqa: E402
-from ccfm.baselines import run_baseline  # noqa: E402
-from ccfm.generation import predict_to_files, prepare_generation  # noqa: E402
-from ccfm.metrics import compact_metrics  # noqa: E402
-from ccfm.preprocess import preprocess_dataset  # noqa: E402
-from ccfm.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
-from ccfm.splits import split_for_processed, write_real, write_split  # noqa: E402
-from ccfm.training import train_from_files  # noqa: E402
+from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.model.generation import predict_to_files, prepare_generation  # noqa: E402
+from ccfm.evaluate.metrics import compact_metrics  # noqa: E402
+from ccfm.data.preprocess import preprocess_dataset  # noqa: E402
+from ccfm.data.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
+from ccfm.data.splits import split_for_processed, write_real, write_split  # noqa: E402
+from ccfm.model.training import train_from_files  # noqa: E402
 
 
 def latent_inputs(work: Path, fold: "Fold", seed: int) -> dict[str, Path]:
     """Tiny scGPT checkpoint, gene vocabulary map and the fold's calibrated feature statistics."""
-    from ccfm.calibration import calibrate, training_cell_indices
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.h5io import read_var
-    from ccfm.scgpt_model import build_tiny_checkpoint, read_vocab
-    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
+    from ccfm.scgpt.calibration import calibrate, training_cell_indices
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.io.h5ad import read_var
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
+    from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     scgpt_dir = work / "scgpt_tiny"
     build_tiny_checkpoint(scgpt_dir, seed=seed, **TINY_SCGPT)

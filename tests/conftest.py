@@ -66,7 +66,7 @@ def tiny_scgpt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[
     Each (seed, sizes) is built once per session; tests must not modify it (copy it first with
     ``scgpt_test_data.copy_checkpoint``).
     """
-    from ccfm.scgpt_model import build_tiny_checkpoint
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint
 
     built: dict[tuple, Path] = {}
 

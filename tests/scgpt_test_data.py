@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm.scgpt_model import CHECKPOINT_FILES
+from ccfm.scgpt.checkpoint import CHECKPOINT_FILES
 
 # Census vocabulary ids 0..60693 are genes; the special tokens (<pad>, <cls>, <eoc>) follow.
 N_GENE_TOKENS = 60694

@@ -1,4 +1,4 @@
-"""MMD shift adaptation (ccfm.adapt): estimator, bandwidths, shift recovery, determinism,
+"""MMD shift adaptation (ccfm.adapt.shift): estimator, bandwidths, shift recovery, determinism,
 sparse-aware batching, shift files, and the rule entry points on a tiny model."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm import adapt
-from ccfm.adapt import (
+from ccfm.adapt.shift import shift as adapt
+from ccfm.adapt.shift import (
     AdaptSettings,
     CSRRowSource,
     align_shift,
@@ -239,8 +239,8 @@ def _processed(rng: np.random.Generator, labels: list[str], offset: np.ndarray) 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ccfm.perturbations import PerturbationVocab
-    from ccfm.training import build_denoiser, save_model
+    from ccfm.data.perturbations import PerturbationVocab
+    from ccfm.model.training import build_denoiser, save_model
 
     root = tmp_path_factory.mktemp("adapt_run")
     rng = np.random.default_rng(5)
@@ -255,7 +255,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_model_control_encoder_is_differentiable_and_frozen(tiny_run) -> None:
-    from ccfm.training import load_model
+    from ccfm.model.training import load_model
 
     model = load_model(tiny_run / "model.pt").denoiser.model
     x = torch.rand(5, len(GENES), requires_grad=True)
@@ -270,7 +270,7 @@ def test_model_control_encoder_is_differentiable_and_frozen(tiny_run) -> None:
 
 
 def test_rule_entry_points_write_contract_files(tiny_run) -> None:
-    from ccfm.generation import GenerateSettings, prepare_generation
+    from ccfm.model.generation import GenerateSettings, prepare_generation
 
     root = tiny_run
     out = root / "adapt"
@@ -314,7 +314,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
 
 
 def test_requested_target_labels_must_be_embeddable() -> None:
-    from ccfm.perturbations import PerturbationVocab
+    from ccfm.data.perturbations import PerturbationVocab
 
     vocab = PerturbationVocab.for_genes(GENES)
     assert adapt.target_labels_to_predict(["non-targeting", "G3", "NOPE"], [], vocab) == ["G3"]

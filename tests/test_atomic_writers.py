@@ -1,6 +1,6 @@
 """Result writers: outputs get the usual umask permissions, and a failed write leaves no file behind.
 
-Each writer goes through ``ccfm.h5io.atomic_output``. Under umask 022 an output must be 0644
+Each writer goes through ``ccfm.io.h5ad.atomic_output``. Under umask 022 an output must be 0644
 (group-readable: results folders are shared on clusters). A write that fails midway is simulated
 by making the serialiser write part of its file and then raise; the previous output must stay as
 it was and no temporary file may remain.
@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from ccfm.plots import plt, save_figure
-from ccfm.predictions import write_predictions, write_table_atomic
-from ccfm.vocab import map_genes, write_coverage_table, write_gene_vocab
+from ccfm.evaluate.plots import plt, save_figure
+from ccfm.io.predictions import write_predictions, write_table_atomic
+from ccfm.scgpt.vocab import map_genes, write_coverage_table, write_gene_vocab
 
 GENES = ["A", "B", "C"]
 
@@ -91,7 +91,7 @@ def test_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(
 
 def test_temporaries_of_a_killed_writer_are_removed_before_the_output_is_written(tmp_path: Path) -> None:
     """SIGKILL skips atomic_output's cleanup: the next write of that output removes the leftovers."""
-    from ccfm.h5io import atomic_output, stale_temporaries
+    from ccfm.io.h5ad import atomic_output, stale_temporaries
 
     out = tmp_path / "processed.h5ad"
     # names atomic_output gives its temporaries, as a killed job (or two SLURM attempts) left them

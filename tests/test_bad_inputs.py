@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.preprocess import ScaleError, preprocess_dataset, preprocess_target
-from ccfm.validation import (
+from ccfm.data.preprocess import ScaleError, preprocess_dataset, preprocess_target
+from ccfm.data.validation import (
     DuplicateCellsError,
     EmptyInputError,
     EnsemblIdsError,
@@ -146,7 +146,7 @@ def test_lower_case_ensembl_ids_are_ids() -> None:
 def test_noninteger_counts_are_normalised_when_configured_as_counts(tmp_path: Path, caplog) -> None:
     raw = _noninteger_counts(tmp_path / "raw.h5ad")
     out = tmp_path / "processed.h5ad"
-    with caplog.at_level(logging.WARNING, logger="ccfm.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.preprocess"):
         summary = preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32, input_scale="counts")
     assert summary["input_scale"] == "counts" and "non-integer counts?" in caplog.text
     processed = ad.read_h5ad(out)

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ccfm.mean_model import match_mean
+from ccfm.model.mean_model import match_mean
 import scipy.sparse as sp
 
-from ccfm.baselines import condition_means, run_baseline, sample_control_rows
-from ccfm.predictions import read_expression_h5ad, read_prediction_means
+from ccfm.evaluate.baselines import condition_means, run_baseline, sample_control_rows
+from ccfm.io.predictions import read_expression_h5ad, read_prediction_means
 
 GENES = ["g0", "g1", "g2"]
 # Control rows average to [1, 1, 1].

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.baselines import run_baseline
-from ccfm.celleval import score_prediction, write_score_tables
-from ccfm.predictions import PredictionError, write_predictions
+from ccfm.evaluate.baselines import run_baseline
+from ccfm.evaluate.celleval import score_prediction, write_score_tables
+from ccfm.io.predictions import PredictionError, write_predictions
 
 
 def _log1p_normalise(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:

@@ -1,11 +1,11 @@
-"""Perturbation label parsing (ccfm.conditions)."""
+"""Perturbation label parsing (ccfm.data.conditions)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from ccfm.conditions import (
+from ccfm.data.conditions import (
     CONTROL,
     ConditionError,
     canonicalize_labels,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccfm.denoiser import CascadedDenoiser, FlowSettings, mmd_rbf, weighted_mean
-from ccfm.model import CascadedFlowModel, ModelConfig
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, mmd_rbf, weighted_mean
+from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 N_GENES, B, G, D = 30, 4, 10, 8
 

@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ccfm.distributed import DistContext, shard_bounds, torchrun_command
-from ccfm.feature_cache import CACHE_FILES
-from ccfm.perturbations import PerturbationVocab
-from ccfm.training import (
+from ccfm.scgpt.feature_cache import CACHE_FILES
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.model.training import (
     Trainer,
     TrainSettings,
     build_denoiser,
@@ -51,7 +51,7 @@ def test_work_parts_cover_everything_once() -> None:
 def test_torchrun_command_is_an_argv_without_shell() -> None:
     argv = torchrun_command(4, "/tmp/x y/launch.json")
     assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
-    assert argv[-3:] == ["-m", "ccfm.train_worker", "/tmp/x y/launch.json"]
+    assert argv[-3:] == ["-m", "ccfm.model.train_worker", "/tmp/x y/launch.json"]
     with pytest.raises(ValueError):
         torchrun_command(1, "x.json")
 

@@ -1,4 +1,4 @@
-"""ccfm.download against a local HTTP server (no internet on CI)."""
+"""ccfm.data.download against a local HTTP server (no internet on CI)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ccfm.download import ChecksumError, DownloadError, download_dataset, download_file
+from ccfm.data.download import ChecksumError, DownloadError, download_dataset, download_file
 
 PAYLOAD = bytes((i * 7 + 3) % 251 for i in range(300_000))
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

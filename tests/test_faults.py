@@ -27,10 +27,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm import h5io
-from ccfm.download import ChecksumError, DownloadError, download_file
-from ccfm.preprocess import preprocess_dataset, preprocess_target
-from ccfm.splits import make_split, write_real, write_split
+from ccfm.io import h5ad as h5io
+from ccfm.data.download import ChecksumError, DownloadError, download_file
+from ccfm.data.preprocess import preprocess_dataset, preprocess_target
+from ccfm.data.splits import make_split, write_real, write_split
 
 PAYLOAD = np.random.default_rng(3).integers(0, 256, size=3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -104,7 +104,7 @@ def test_killed_download_process_resumes(server, tmp_path: Path) -> None:
     dest = tmp_path / "raw.h5ad"
     part = tmp_path / "raw.h5ad.part"
     code = (
-        "import sys; from pathlib import Path; from ccfm.download import download_file; "
+        "import sys; from pathlib import Path; from ccfm.data.download import download_file; "
         "download_file(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3], progress=False)"
     )
     child = subprocess.Popen([sys.executable, "-c", code, url, str(dest), SHA256])
@@ -221,7 +221,7 @@ def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     raw = _raw(tmp_path / "raw.h5ad", n_cells=2000)
     out = tmp_path / "results" / "processed.h5ad"
     code = (
-        "import sys, time; from ccfm import h5io; from ccfm.preprocess import preprocess_dataset\n"
+        "import sys, time; from ccfm import h5io; from ccfm.data.preprocess import preprocess_dataset\n"
         "append = h5io.CSRH5adWriter.append\n"
         "def slow(self, *a, **k):\n"
         "    append(self, *a, **k); self._file.flush(); time.sleep(0.3)\n"

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.celleval import TooFewPerturbationsError, check_enough_perturbations, score_prediction
-from ccfm.splits import check_fold_usable, split_for_processed
-from ccfm.training import train_from_files
-from ccfm.validation import BatchSizeError
+from ccfm.evaluate.celleval import TooFewPerturbationsError, check_enough_perturbations, score_prediction
+from ccfm.data.splits import check_fold_usable, split_for_processed
+from ccfm.model.training import train_from_files
+from ccfm.data.validation import BatchSizeError
 from training_data import MODEL, write_dataset
 
 
@@ -67,7 +67,7 @@ def test_batch_size_beyond_every_training_perturbation_fails_at_the_split(tmp_pa
 def test_batch_size_above_some_perturbations_is_logged(tmp_path: Path, caplog) -> None:
     processed = _processed(tmp_path / "processed.h5ad", SIZES)
     split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.3)
-    with caplog.at_level(logging.WARNING, logger="ccfm.splits"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
         check_fold_usable(processed, split, score_profile="vcc", batch_size=25)
     assert "fewer cells than train.batch_size=25 and are drawn with replacement" in caplog.text
 
@@ -84,13 +84,13 @@ def test_train_from_files_refuses_an_oversized_batch_and_writes_nothing(tmp_path
 
 def test_perturbations_with_one_or_two_cells_warn_and_a_minimum_leaves_them_out(tmp_path: Path, caplog) -> None:
     processed = _processed(tmp_path / "processed.h5ad", {**SIZES, "D": 2, "A+D": 1})
-    with caplog.at_level(logging.WARNING, logger="ccfm.splits"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
         split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.5)
     assert "2 perturbation(s) have only 1-2 cells" in caplog.text and "A+D (1), D (2)" in caplog.text
     assert "split.min_cells_per_perturbation" in caplog.text
     assert {"D", "A+D"} <= set(split["train"]) | set(split["test"]) and split["excluded_few_cells"] == []
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ccfm.splits"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
         strict = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.5, min_cells_per_perturbation=3)
     assert strict["excluded_few_cells"] == ["A+D", "D"]
     assert not {"D", "A+D"} & (set(strict["train"]) | set(strict["test"]))

@@ -9,10 +9,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from ccfm import CONTROL_LABEL, h5io
-from ccfm.generation import GenerateSettings, predict_label, predict_to_files, prepare_generation, read_control_cells
-from ccfm.perturbations import PerturbationVocab
-from ccfm.training import Trainer, TrainSettings, build_denoiser, load_expression, save_model
+from ccfm import CONTROL_LABEL
+
+from ccfm.io import h5ad as h5io
+from ccfm.model.generation import GenerateSettings, predict_label, predict_to_files, prepare_generation, read_control_cells
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.model.training import Trainer, TrainSettings, build_denoiser, load_expression, save_model
 from training_data import MODEL, write_dataset
 
 SETTINGS = GenerateSettings(cells_per_perturbation=7, method="euler", latent_steps=2, expr_steps=2, batch_size=4)

@@ -1,4 +1,4 @@
-"""Selective readers of ccfm.h5io: rows of X, labels and cell names without the rest of the file."""
+"""Selective readers of ccfm.io.h5ad: rows of X, labels and cell names without the rest of the file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm import h5io
+from ccfm.io import h5ad as h5io
 
 N_CELLS, N_GENES = 503, 31
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ccfm import CONTROL_LABEL
-from ccfm.generation import GenerateSettings, predict_label, read_control_cells
-from ccfm.mean_model import MeanModel, MeanModelSettings, build_mean_model, match_mean, shrink_effect
-from ccfm.training import fit_mean_model, load_expression, load_model, train_from_files
+from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
+from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model, match_mean, shrink_effect
+from ccfm.model.training import fit_mean_model, load_expression, load_model, train_from_files
 from training_data import MODEL, write_dataset
 
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.metrics import compact_metrics, energy_distance, mean_var, pearson_delta, top_de_indices, welch_t
-from ccfm.predictions import PredictionError
+from ccfm.evaluate.metrics import compact_metrics, energy_distance, mean_var, pearson_delta, top_de_indices, welch_t
+from ccfm.io.predictions import PredictionError
 
 GENES = ["g0", "g1", "g2", "g3"]
 # Controls: mean 1 and variance 0.5 (ddof=1) on every gene.
@@ -98,7 +98,7 @@ def test_missing_perturbation_is_an_error():
 
 
 def test_summary_means_per_fold_and_over_folds(tmp_path):
-    from ccfm.metrics import summarize_score_files
+    from ccfm.evaluate.metrics import summarize_score_files
 
     def compact(values):
         return pd.DataFrame({"perturbation": ["A+B", "C+D"], **{m: values for m in

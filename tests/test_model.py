@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccfm.model import CascadedFlowModel, DifferentialAttention, ModelConfig, lambda_init_for_depth
-from ccfm.perturbations import PerturbationVocab
+from ccfm.model.model import CascadedFlowModel, DifferentialAttention, ModelConfig, lambda_init_for_depth
+from ccfm.data.perturbations import PerturbationVocab
 
 N_GENES, B, G, D = 40, 3, 12, 16
 

@@ -3,7 +3,6 @@ and builds a report that a browser can show."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ccfm.evaluate import report_check
 from pipeline_utils import FAST_DEMO_OVERRIDES, REPO_ROOT, copy_pipeline, describe_failure, snakemake
 
 pytestmark = pytest.mark.slow
@@ -83,14 +83,6 @@ def test_rerun_of_a_finished_pipeline_does_nothing(demo_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def _load_report_checker():
-    spec = importlib.util.spec_from_file_location("check_report", REPO_ROOT / "workflow/scripts/check_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_report"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_adaptation_outputs(demo_run):
     mmd = pd.read_csv(demo_run / "results/demo/fold1/adapt/mmd.tsv", sep="\t").set_index("heldout_part")
     # Early stopping keeps the best shift on the validation controls (step 0, no shift, included).
@@ -106,7 +98,7 @@ def test_adaptation_outputs(demo_run):
 def test_report_builds_with_figures(demo_run, tmp_path):
     result = snakemake(demo_run, "demo", "--report", "report.html")
     assert result.returncode == 0, describe_failure(result, demo_run)
-    checker = _load_report_checker()
+    checker = report_check
     check = checker.check_report(
         demo_run / "report.html",
         screenshot=tmp_path / "report.png",

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.predictions import (
+from ccfm.io.predictions import (
     PredictionError,
     align_prediction_to_real,
     read_expression_h5ad,

@@ -1,4 +1,4 @@
-"""Preprocessing (ccfm.preprocess) and streaming h5ad I/O (ccfm.h5io)."""
+"""Preprocessing (ccfm.data.preprocess) and streaming h5ad I/O (ccfm.io.h5ad)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from ccfm.conditions import CONTROL
-from ccfm.h5io import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
-from ccfm.preprocess import (
+from ccfm.data.conditions import CONTROL
+from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
+from ccfm.data.preprocess import (
     RunningMoments,
     ScaleError,
     detect_input_scale,

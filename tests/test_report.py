@@ -1,13 +1,12 @@
 """Report figures draw what they claim, and the report checker catches broken reports.
 
-The checker (workflow/scripts/check_report.py) is exercised on a real Snakemake report built from
+The checker (ccfm.evaluate.report_check) is exercised on a real Snakemake report built from
 a two-rule workflow in a scratch directory, and, when Debian's chromium is installed, in a real
 headless browser.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.plots import (
+from ccfm.evaluate import report_check
+from ccfm.evaluate.plots import (
     choose_perturbations,
     plot_delta_scatter,
     plot_gene_vocab_coverage,
@@ -32,15 +32,7 @@ from ccfm.plots import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_report", REPO / "workflow" / "scripts" / "check_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_report"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-checker = _load_checker()
+checker = report_check
 
 
 def _assert_png_has_content(path: Path, min_width: int = 300) -> None:

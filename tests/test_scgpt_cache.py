@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.extractor import ScGPTFeatureExtractor
-from ccfm import feature_cache
-from ccfm.feature_cache import (
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt import feature_cache
+from ccfm.scgpt.feature_cache import (
     CACHE_FILES,
     MANIFEST,
     CachedSource,

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.calibration import (
+from ccfm.scgpt.calibration import (
     LatentStats,
     RunningStats,
     calibrate,
     choose_calibration_cells,
     training_cell_indices,
 )
-from ccfm.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 
 from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 

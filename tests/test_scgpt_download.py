@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ccfm.download import ChecksumError
-from ccfm.scgpt_model import (
+from ccfm.data.download import ChecksumError
+from ccfm.scgpt.checkpoint import (
     CHECKPOINT_FILES,
     CheckpointError,
     download_whole_human,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.extractor import ScGPTFeatureExtractor, quantile_bin, tie_break_draws
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor, quantile_bin, tie_break_draws
 
 from scgpt_test_data import copy_checkpoint, random_vocab_ids
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccfm.scgpt_compat import census_vocab_path, scgpt_package_dir, transformer_model_class
-from ccfm.scgpt_model import (
+from ccfm.scgpt.compat import census_vocab_path, scgpt_package_dir, transformer_model_class
+from ccfm.scgpt.checkpoint import (
     CheckpointError,
     build_model,
     build_tiny_checkpoint,
@@ -31,7 +31,7 @@ def tiny_dir(tiny_scgpt_checkpoint) -> Path:
 
 def test_import_workaround_skips_package_init_in_a_fresh_interpreter():
     code = (
-        "import sys, ccfm.scgpt_compat as c\n"
+        "import sys, ccfm.scgpt.compat as c\n"
         "T = c.transformer_model_class()\n"
         "print(T.__module__, T.__name__)\n"
         "print('torchtext' in sys.modules, hasattr(sys.modules['scgpt'], 'logger'))\n"

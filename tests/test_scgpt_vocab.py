@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ccfm.scgpt_model import census_vocab_with_specials
-from ccfm.vocab import (
+from ccfm.scgpt.checkpoint import census_vocab_with_specials
+from ccfm.scgpt.vocab import (
     check_gene_order,
     coverage_summary,
     coverage_table,

@@ -1,4 +1,4 @@
-"""Properties of the demo simulator (ccfm.simulate)."""
+"""Properties of the demo simulator (ccfm.data.simulate)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from ccfm.conditions import CONTROL
-from ccfm.simulate import OTHER_SYMBOLS, PERTURBABLE_SYMBOLS, load_ground_truth, simulate_demo
+from ccfm.data.conditions import CONTROL
+from ccfm.data.simulate import OTHER_SYMBOLS, PERTURBABLE_SYMBOLS, load_ground_truth, simulate_demo
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Condition splits and the per-fold real.h5ad (ccfm.splits)."""
+"""Condition splits and the per-fold real.h5ad (ccfm.data.splits)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from ccfm.conditions import CONTROL
-from ccfm.preprocess import preprocess_dataset
-from ccfm.simulate import simulate_demo
-from ccfm.splits import SplitLeakError, load_split, make_split, split_for_processed, write_real, write_split
+from ccfm.data.conditions import CONTROL
+from ccfm.data.preprocess import preprocess_dataset
+from ccfm.data.simulate import simulate_demo
+from ccfm.data.splits import SplitLeakError, load_split, make_split, split_for_processed, write_real, write_split
 
 SINGLES = [f"G{i:02d}" for i in range(12)]
 DOUBLES = [f"{a}+{b}" for i, a in enumerate(SINGLES) for b in SINGLES[i + 1 :]][:30]
@@ -49,7 +49,7 @@ def test_singles_only_dataset_holds_out_singles() -> None:
 
 
 def test_doubles_without_singles_are_warned(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="ccfm.splits"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
         split = make_split(["A", "B", "A+B", "A+C"], fold=1, seed=0, heldout_fraction=0.5)
     assert split["doubles_missing_singles"] == ["A+C"]
     assert "A+C" in caplog.text

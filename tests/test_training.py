@@ -12,9 +12,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.generation import GenerateSettings, perturbations_to_predict, predict_to_files, prepare_generation
-from ccfm.perturbations import PerturbationVocab
-from ccfm.training import (
+from ccfm.model.generation import GenerateSettings, perturbations_to_predict, predict_to_files, prepare_generation
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.model.training import (
     LOSS_COLUMNS,
     PerturbationBatchSampler,
     Trainer,

@@ -1,6 +1,6 @@
 """Kill-and-resume of training: SIGKILL a training process past its last checkpoint, rerun, compare.
 
-The killed process is a real ``ccfm.training.train_from_files`` run (the train_ccfm rule's code
+The killed process is a real ``ccfm.model.training.train_from_files`` run (the train_ccfm rule's code
 path) in a child interpreter. To kill it at a known point *after* a checkpoint, the child's
 ``Trainer.train_step`` is wrapped to report each finished step and to hold still after
 ``KILL_AFTER_STEP``, so the in-memory state is ahead of ``resume/checkpoint.pt`` when SIGKILL
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ccfm.training import CHECKPOINT_NAME, load_model, train_from_files
+from ccfm.model.training import CHECKPOINT_NAME, load_model, train_from_files
 from training_data import MODEL, write_dataset
 
 TRAIN = {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "infer_top_gene": 12,
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from ccfm import training
+from ccfm.model.model import training
 
 request = json.loads(sys.argv[1])
 pause_after, marker = request.pop("pause_after_step"), request.pop("step_marker")

@@ -17,18 +17,18 @@ import pandas as pd
 import pytest
 import torch
 
-from ccfm.adapt import AdaptSettings, adapt_to_files, predict_target_to_files, score_target_to_files
-from ccfm.baselines import BASELINE_METHODS, run_baseline
-from ccfm.celleval import score_prediction
-from ccfm.generation import predict_to_files, prepare_generation
-from ccfm.metrics import compact_metrics
-from ccfm.model import CascadedFlowModel, ModelConfig
-from ccfm.perturbations import PerturbationEncoder, PerturbationVocab, UnembeddablePerturbationError
-from ccfm.predictions import read_expression_h5ad
-from ccfm.preprocess import preprocess_dataset, preprocess_target
-from ccfm.splits import make_split, split_for_processed, write_real, write_split
-from ccfm.training import build_denoiser, load_model, save_model, train_from_files
-from ccfm.validation import UnknownPerturbationError
+from ccfm.adapt.shift import AdaptSettings, adapt_to_files, predict_target_to_files, score_target_to_files
+from ccfm.evaluate.baselines import BASELINE_METHODS, run_baseline
+from ccfm.evaluate.celleval import score_prediction
+from ccfm.model.generation import predict_to_files, prepare_generation
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.model.model import CascadedFlowModel, ModelConfig
+from ccfm.data.perturbations import PerturbationEncoder, PerturbationVocab, UnembeddablePerturbationError
+from ccfm.io.predictions import read_expression_h5ad
+from ccfm.data.preprocess import preprocess_dataset, preprocess_target
+from ccfm.data.splits import make_split, split_for_processed, write_real, write_split
+from ccfm.model.training import build_denoiser, load_model, save_model, train_from_files
+from ccfm.data.validation import UnknownPerturbationError
 from training_data import MODEL
 from unmeasured_data import write_unmeasured_dataset
 

@@ -4,7 +4,7 @@ Every case builds a small h5ad in ``tmp_path``, runs the package entry point of 
 that reads it (``preprocess_dataset`` / ``preprocess_target``) with its output in ``tmp_path``,
 and asserts the exception type, the message content and that the output location holds no
 file afterwards (not even a temporary one). scGPT checkpoint faults are checked against
-``ccfm.scgpt_model.load_scgpt``.
+``ccfm.scgpt.checkpoint.load_scgpt``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.preprocess import ScaleError, preprocess_dataset, preprocess_target
-from ccfm.splits import make_split
-from ccfm.validation import (
+from ccfm.data.preprocess import ScaleError, preprocess_dataset, preprocess_target
+from ccfm.data.splits import make_split
+from ccfm.data.validation import (
     ControlLabelMismatchError,
     DuplicateGenesError,
     EnsemblIdsError,
@@ -305,7 +305,7 @@ CHECKPOINT_FAULTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
 
 @pytest.mark.parametrize("case", sorted(CHECKPOINT_FAULTS))
 def test_scgpt_checkpoint_faults(tiny_scgpt: Path, tmp_path: Path, case: str) -> None:
-    from ccfm.scgpt_model import CheckpointError, load_scgpt
+    from ccfm.scgpt.checkpoint import CheckpointError, load_scgpt
 
     fault, fragments = CHECKPOINT_FAULTS[case]
     model_dir = copy_checkpoint(tiny_scgpt, tmp_path / "ckpt")
@@ -319,7 +319,7 @@ def test_scgpt_checkpoint_faults(tiny_scgpt: Path, tmp_path: Path, case: str) ->
 
 
 def test_scgpt_intact_checkpoint_loads(tiny_scgpt: Path) -> None:
-    from ccfm.scgpt_model import load_scgpt
+    from ccfm.scgpt.checkpoint import load_scgpt
 
     model, vocab, args = load_scgpt(tiny_scgpt)
     assert args["nlayers"] == 1 and "<cls>" in vocab and not any(p.requires_grad for p in model.parameters())

@@ -57,10 +57,10 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
     """:func:`write_dataset` with real gene symbols, plus the gene vocab and calibrated fold
     statistics of the (tiny, read-only) scGPT checkpoint ``scgpt_dir``: the data and latent
     keyword arguments of ``train_from_files``."""
-    from ccfm.calibration import calibrate
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.scgpt_model import census_vocab_with_specials
-    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
+    from ccfm.scgpt.calibration import calibrate
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.checkpoint import census_vocab_with_specials
+    from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     processed, split = write_dataset(root)
     # rename the genes to real symbols so they map into the census vocabulary

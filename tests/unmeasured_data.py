@@ -17,7 +17,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from ccfm.simulate import load_ground_truth, simulate_demo
+from ccfm.data.simulate import load_ground_truth, simulate_demo
 
 SIZES = {
     "n_genes": 90, "n_real_symbols": 40, "n_singles": 8, "n_doubles": 10,

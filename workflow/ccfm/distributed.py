@@ -1,7 +1,7 @@
 """Multi-process data-parallel training: process group, batch shards, collectives, launcher.
 
 ``train.gpus: N`` (N > 1) trains with N processes started by ``torchrun`` (torch's own launcher,
-``python -m torch.distributed.run --standalone``) around :mod:`ccfm.train_worker`; the model is
+``python -m torch.distributed.run --standalone``) around :mod:`ccfm.model.train_worker`; the model is
 wrapped in :class:`torch.nn.parallel.DistributedDataParallel`. The scheme keeps the result
 independent of the number of processes:
 
@@ -165,7 +165,7 @@ def torchrun_command(n_processes: int, request_json: str | Path) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc-per-node={int(n_processes)}",
-        "-m", "ccfm.train_worker", str(request_json),
+        "-m", "ccfm.model.train_worker", str(request_json),
     ]
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ccfm.adapt import AdaptSettings, adapt_to_files, plot_history
+from ccfm.adapt.shift import AdaptSettings, adapt_to_files, plot_history
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

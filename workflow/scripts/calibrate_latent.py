@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from ccfm.calibration import calibrate, training_cell_indices
-from ccfm.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.calibration import calibrate, training_cell_indices
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 from ccfm.logs import setup_rule_logging
-from ccfm.vocab import read_gene_vocab, vocab_id_array
+from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
 log = setup_rule_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)

@@ -1,9 +1,9 @@
 """Rule gene_vocab_map: map the dataset's genes to scGPT vocabulary ids."""
 
-from ccfm.h5io import read_var
+from ccfm.io.h5ad import read_var
 from ccfm.logs import setup_rule_logging
-from ccfm.scgpt_model import read_vocab
-from ccfm.vocab import coverage_summary, map_genes, write_coverage_table, write_gene_vocab
+from ccfm.scgpt.checkpoint import read_vocab
+from ccfm.scgpt.vocab import coverage_summary, map_genes, write_coverage_table, write_gene_vocab
 
 log = setup_rule_logging(snakemake.log[0])
 var = read_var(snakemake.input.processed)

@@ -1,6 +1,6 @@
 """Rule predict: two-stage cascaded generation for a fold's held-out and `predict:` perturbations."""
 
-from ccfm.generation import predict_to_files, prepare_generation
+from ccfm.model.generation import predict_to_files, prepare_generation
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

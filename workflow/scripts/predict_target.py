@@ -1,7 +1,7 @@
 """Rule predict_target: target perturbations from shifted and from unshifted target controls."""
 
-from ccfm.adapt import predict_target_to_files
-from ccfm.generation import prepare_generation
+from ccfm.adapt.shift import predict_target_to_files
+from ccfm.model.generation import prepare_generation
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

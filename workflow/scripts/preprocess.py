@@ -5,7 +5,7 @@ perturbed genes are counted in ``perturbed_genes.tsv`` and how ``predict:`` is v
 """
 
 from ccfm.logs import setup_rule_logging
-from ccfm.preprocess import preprocess_dataset
+from ccfm.data.preprocess import preprocess_dataset
 
 log = setup_rule_logging(snakemake.log[0])
 preprocess_dataset(

@@ -1,6 +1,6 @@
 """Rule score: cell-eval and the compact metrics of one prediction against the real held-out cells."""
 
-from ccfm.celleval import score_prediction, write_score_tables
+from ccfm.evaluate.celleval import score_prediction, write_score_tables
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ccfm.logs import setup_rule_logging
-from ccfm.simulate import simulate_demo
+from ccfm.data.simulate import simulate_demo
 
 log = setup_rule_logging(snakemake.log[0])
 out_dir = Path(snakemake.output.raw).parent

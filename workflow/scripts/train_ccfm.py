@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ccfm.logs import setup_rule_logging
-from ccfm.training import train_distributed, train_from_files
+from ccfm.model.training import train_distributed, train_from_files
 
 log = setup_rule_logging(snakemake.log[0])
 processes = int(snakemake.params.processes)

@@ -57,16 +57,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.baselines import condition_means, predict_baseline
-from ccfm.celleval import check_enough_perturbations, run_cell_eval
-from ccfm.conditions import parse_condition
-from ccfm.generation import GenerateSettings, GenerationSetup, controls_mean, default_device, predict_label
-from ccfm.h5io import LabelledRows, atomic_output, read_obs, read_rows_with_labels
-from ccfm.metrics import compact_metrics
-from ccfm.model import CascadedFlowModel
-from ccfm.perturbations import PerturbationVocab
-from ccfm.predictions import build_prediction_anndata, read_expression_h5ad, write_predictions, write_table_atomic
-from ccfm.training import ExpressionData, LoadedModel, load_model
+from ccfm.evaluate.baselines import condition_means, predict_baseline
+from ccfm.evaluate.celleval import check_enough_perturbations, run_cell_eval
+from ccfm.data.conditions import parse_condition
+from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, default_device, predict_label
+from ccfm.io.h5ad import LabelledRows, atomic_output, read_obs, read_rows_with_labels
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.model.model import CascadedFlowModel
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_predictions, write_table_atomic
+from ccfm.model.training import ExpressionData, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def load_shift(path: str | Path) -> tuple[Tensor, list[str], dict[str, Any]]:
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
         if SHIFT_TENSOR_NAME not in handle.keys() or "genes" not in header:
-            raise ValueError(f"{path} is not a shift file written by ccfm.adapt.save_shift")
+            raise ValueError(f"{path} is not a shift file written by ccfm.adapt.shift.save_shift")
         shift = handle.get_tensor(SHIFT_TENSOR_NAME)
     genes = json.loads(header["genes"])
     return shift, genes, json.loads(header.get("metadata", "{}"))
@@ -697,7 +697,7 @@ def adapt_to_files(
 class ShiftedExpression(ExpressionData):
     """Control cells whose dense batches come out shifted, ``max(X + s, 0)``.
 
-    Handed to :func:`ccfm.generation.predict_label` in place of the source data, so the model
+    Handed to :func:`ccfm.model.generation.predict_label` in place of the source data, so the model
     engineer's sampler runs unchanged on the adapted target controls.
     """
 
@@ -756,7 +756,7 @@ def predict_target_cells(
 ) -> dict[str, np.ndarray]:
     """Generate cells for every label from the (shifted) target controls with the cascaded sampler.
 
-    Source cells and noise are seeded per label (:func:`ccfm.generation.label_seed`), so the
+    Source cells and noise are seeded per label (:func:`ccfm.model.generation.label_seed`), so the
     adapted and unadapted predictions start from the same cells and the same noise: they differ
     only by the shift.
     """
@@ -934,7 +934,7 @@ def _celleval_means(aggregate: pd.DataFrame) -> pd.DataFrame:
 
 def plot_history(history_tsv: str | Path, out_png: str | Path, title: str) -> None:
     """Validation (and training-batch) MMD² over the adaptation steps."""
-    from ccfm.plots import plt, save_figure
+    from ccfm.evaluate.plots import plt, save_figure
 
     history = pd.read_csv(history_tsv, sep="\t")
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ccfm.conditions import CONTROL, parse_condition
+from ccfm.data.conditions import CONTROL, parse_condition
 
 SLOTS = 2
 # Same scale as the gene embedding rows (CascadedFlowModel.initialize_weights): behind a

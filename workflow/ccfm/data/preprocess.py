@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from ccfm.conditions import (
+from ccfm.data.conditions import (
     CONTROL,
     DEFAULT_GUIDE_TOKEN,
     ConditionError,
@@ -33,8 +33,8 @@ from ccfm.conditions import (
     perturbed_names,
     summarize_conditions,
 )
-from ccfm.h5io import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_obs_labels, read_var
-from ccfm.validation import (
+from ccfm.io.h5ad import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_obs_labels, read_var
+from ccfm.data.validation import (
     InputValidationError,
     InvalidValuesError,
     LabelParseError,
@@ -97,7 +97,7 @@ def classify_values(values: np.ndarray, where: str, configured: str = "auto") ->
     normalisation); an explicit ``configured`` scale decides.
     """
     # NaN/inf are reported with their rows by the streaming check of every chunk
-    # (ccfm.validation.check_chunk_values); the scale is judged on the finite values.
+    # (ccfm.data.validation.check_chunk_values); the scale is judged on the finite values.
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise ScaleError(f"{where}: the sampled rows contain no non-zero finite value; is the matrix empty?")
@@ -317,7 +317,7 @@ def canonical_obs(
 ) -> pd.DataFrame:
     """obs with ``target_gene``, ``condition_type`` and ``original_condition`` (canonical labels).
 
-    Raises the :mod:`ccfm.validation` errors for a missing column, unlabelled cells, duplicated
+    Raises the :mod:`ccfm.data.validation` errors for a missing column, unlabelled cells, duplicated
     cell names, numbers where a gene dataset needs symbols, unparsable labels and the absence of
     control cells (suggesting a near-matching control label when there is one).
     """
@@ -344,7 +344,7 @@ def canonical_obs(
 
 
 # --------------------------------------------------------------------------------------------
-# Perturbed genes: measured or not (see ccfm.perturbations)
+# Perturbed genes: measured or not (see ccfm.data.perturbations)
 # --------------------------------------------------------------------------------------------
 
 # Status of each perturbed gene (or drug) of a dataset, as written to perturbed_genes.tsv.
@@ -474,10 +474,10 @@ def preprocess_dataset(
     Selected genes are the ``n_top_genes`` most dispersed plus every perturbed gene present in
     ``var_names`` plus the genes of the ``predict`` entries, kept in input order. Perturbed
     genes absent from the input stay labels: the model embeds them with rows of their own
-    (:mod:`ccfm.perturbations`). How many perturbed genes are measured, unmeasured but perturbed
+    (:mod:`ccfm.data.perturbations`). How many perturbed genes are measured, unmeasured but perturbed
     in the cells, and unmeasured and unseen is logged and written to ``perturbed_genes_tsv``.
     The input is validated first (metadata, ``predict:`` entries, then every chunk's values
-    during pass 1): a :class:`ccfm.validation.InputValidationError` names the file, the problem
+    during pass 1): a :class:`ccfm.data.validation.InputValidationError` names the file, the problem
     and the fix, and no output is written.
     """
     raw, out = Path(raw), Path(out)

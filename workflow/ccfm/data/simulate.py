@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm.conditions import CONTROL
-from ccfm.h5io import atomic_output, write_h5ad_atomic
+from ccfm.data.conditions import CONTROL
+from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 

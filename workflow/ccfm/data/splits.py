@@ -10,7 +10,7 @@ on the singles instead -- ``heldout_fraction`` of the singles are held out, the 
 
 Gene perturbations outside the measured panel (``measured_genes`` given): a perturbed gene
 without an expression column is embedded by a learned row that only its training cells teach
-(:mod:`ccfm.perturbations`), so a condition is held out only if each of its unmeasured genes
+(:mod:`ccfm.data.perturbations`), so a condition is held out only if each of its unmeasured genes
 still trains: in the additive split a double is eligible when each unmeasured partner has a
 single; in the singles split an unmeasured single is never held out. Ineligible conditions train
 and are listed as ``kept_in_train_unmeasured``; with every gene measured the split is unchanged.
@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ccfm.conditions import CONTROL, condition_type
-from ccfm.h5io import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
-from ccfm.validation import FEW_CELLS, check_batch_size, few_cell_perturbations, warn_doubles_missing_singles
+from ccfm.data.conditions import CONTROL, condition_type
+from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
+from ccfm.data.validation import FEW_CELLS, check_batch_size, few_cell_perturbations, warn_doubles_missing_singles
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_
 
     Perturbations with fewer than ``min_cells_per_perturbation`` cells take part in neither
     side (listed under ``excluded_few_cells``); kept ones with fewer than
-    :data:`ccfm.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
+    :data:`ccfm.data.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
     For gene perturbations its ``var_names`` are the measured genes (see :func:`make_split`).
     """
     counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts()
@@ -181,10 +181,10 @@ def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_pro
     """Fail before training if the fold cannot be scored with ``score_profile`` or batched.
 
     Checks that enough perturbations are held out for the cell-eval profile
-    (:func:`ccfm.celleval.check_enough_perturbations`) and that ``train.batch_size`` fits the
-    training cells (:func:`ccfm.validation.check_batch_size`).
+    (:func:`ccfm.evaluate.celleval.check_enough_perturbations`) and that ``train.batch_size`` fits the
+    training cells (:func:`ccfm.data.validation.check_batch_size`).
     """
-    from ccfm.celleval import check_enough_perturbations
+    from ccfm.evaluate.celleval import check_enough_perturbations
 
     where = f"{processed} (fold {split['fold']})"
     check_enough_perturbations(len(split["test"]), score_profile, where)

@@ -6,7 +6,7 @@ wrong in the first minutes and how to repair the input or the config. The checks
 metadata checks read ``obs``/``var`` only, value checks run on the row chunks the streaming
 passes read anyway (:func:`check_chunk_values`), never on a whole matrix.
 
-Used by :mod:`ccfm.preprocess` (rules ``preprocess`` and ``preprocess_target``);
+Used by :mod:`ccfm.data.preprocess` (rules ``preprocess`` and ``preprocess_target``);
 :func:`validate_predict_entries` is also meant for the model stage, which knows the scGPT vocab.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm.conditions import CONTROL, CONTROL_TOKENS, condition_type, split_double
+from ccfm.data.conditions import CONTROL, CONTROL_TOKENS, condition_type, split_double
 
 log = logging.getLogger(__name__)
 

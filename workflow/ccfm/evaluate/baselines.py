@@ -2,7 +2,7 @@
 
 All three start from real control cells and move them by a per-gene shift on the log1p scale, so
 they produce cell-level predictions in the same file format as the model (see
-:mod:`ccfm.predictions`) and cell-eval can score them the same way:
+:mod:`ccfm.io.predictions`) and cell-eval can score them the same way:
 
 - ``nochange``: the sampled control cells unchanged (delta 0).
 - ``additive``: delta = Σ over the double's singles of (single mean − control mean), the
@@ -34,10 +34,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.conditions import parse_condition
-from ccfm.h5io import backed_matrix, read_obs_labels, read_rows_with_labels, read_var, write_h5ad_atomic
-from ccfm.mean_model import match_mean
-from ccfm.predictions import build_prediction_anndata, prediction_means, write_table_atomic
+from ccfm.data.conditions import parse_condition
+from ccfm.io.h5ad import backed_matrix, read_obs_labels, read_rows_with_labels, read_var, write_h5ad_atomic
+from ccfm.model.mean_model import match_mean
+from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def shifted_cells(control_block: sp.csr_matrix | np.ndarray, delta: np.ndarray,
     """Control cells moved by ``delta`` on the log1p scale, clamped at 0 (dense, one perturbation).
 
     With ``target_mean`` the per-gene shift is chosen so that the clamped cells' mean equals it
-    (:func:`ccfm.mean_model.match_mean`), instead of adding ``delta`` and clamping.
+    (:func:`ccfm.model.mean_model.match_mean`), instead of adding ``delta`` and clamping.
     """
     dense = control_block.toarray() if sp.issparse(control_block) else np.asarray(control_block)
     if target_mean is not None:

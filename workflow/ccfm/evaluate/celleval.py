@@ -2,10 +2,10 @@
 
 :func:`score_prediction` checks the prediction against the real held-out cells (same genes in the
 same order, every real perturbation predicted, controls in both; see
-:func:`ccfm.predictions.align_prediction_to_real`), runs ``cell_eval.MetricsEvaluator`` with
+:func:`ccfm.io.predictions.align_prediction_to_real`), runs ``cell_eval.MetricsEvaluator`` with
 ``break_on_error=True`` so a failing metric stops the run instead of silently vanishing from the
 table, and writes the per-perturbation and aggregate tables atomically. It also computes the
-compact literature metrics of :mod:`ccfm.metrics` on the same aligned pair.
+compact literature metrics of :mod:`ccfm.evaluate.metrics` on the same aligned pair.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.metrics import compact_metrics
-from ccfm.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
 

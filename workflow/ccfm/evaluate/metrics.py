@@ -1,6 +1,6 @@
 """Compact per-perturbation metrics, comparable with the perturbation-prediction literature.
 
-cell-eval (:mod:`ccfm.celleval`) gives the full picture; this module adds the handful of numbers
+cell-eval (:mod:`ccfm.evaluate.celleval`) gives the full picture; this module adds the handful of numbers
 most papers report, computed the way GEARS and scPerturb define them:
 
 - ``pearson_delta``: Pearson correlation between predicted and observed mean shifts,
@@ -32,7 +32,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.predictions import align_prediction_to_real, write_table_atomic
+from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
 
 log = logging.getLogger(__name__)
 

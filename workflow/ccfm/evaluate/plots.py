@@ -21,8 +21,8 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
-from ccfm.h5io import atomic_output  # noqa: E402
-from ccfm.metrics import pearson  # noqa: E402
+from ccfm.io.h5ad import atomic_output  # noqa: E402
+from ccfm.evaluate.metrics import pearson  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
 log = logging.getLogger(__name__)

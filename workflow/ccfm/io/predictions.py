@@ -7,7 +7,7 @@ against each file's own controls, so the prediction must carry the real ones). B
 ``pred_means.csv`` holds one row per predicted perturbation (mean log1p expression per gene), the
 small file figures and quick checks read without loading cells.
 
-Writers are atomic (:func:`ccfm.h5io.atomic_output`) so an interrupted job never leaves a
+Writers are atomic (:func:`ccfm.io.h5ad.atomic_output`) so an interrupted job never leaves a
 truncated file that Snakemake would take as finished.
 """
 
@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.h5io import atomic_output, write_h5ad_atomic
+from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _check_matrix(name: str, matrix: np.ndarray | sp.spmatrix, n_genes: int) -> 
 
 
 def write_table_atomic(frame: pd.DataFrame, path: str | Path, sep: str = ",", index: bool = True) -> None:
-    """Write a CSV/TSV through :func:`ccfm.h5io.atomic_output`."""
+    """Write a CSV/TSV through :func:`ccfm.io.h5ad.atomic_output`."""
     with atomic_output(path) as tmp:
         frame.to_csv(tmp, sep=sep, index=index)
 

@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
-from ccfm.model import CascadedFlowModel
+from ccfm.model.model import CascadedFlowModel
 
 ODE_METHODS = ("rk4", "euler", "midpoint", "dopri5")
 TIME_SCHEDULES = ("uniform", "logit_normal")
 # Where the expression flow starts: Gaussian noise (the plan) or the control cell moved by the
-# mean model's predicted shift (``model.anchor: additive``; see ccfm.mean_model).
+# mean model's predicted shift (``model.anchor: additive``; see ccfm.model.mean_model).
 SOURCES = ("gaussian", "control")
 
 

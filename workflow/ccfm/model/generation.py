@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL
-from ccfm.baselines import conditions_to_predict
-from ccfm.h5io import read_rows_with_labels
-from ccfm.mean_model import match_mean
-from ccfm.predictions import write_predictions
-from ccfm.training import ExpressionData, LoadedModel, load_model, read_split, row_moments
+from ccfm.evaluate.baselines import conditions_to_predict
+from ccfm.io.h5ad import read_rows_with_labels
+from ccfm.model.mean_model import match_mean
+from ccfm.io.predictions import write_predictions
+from ccfm.model.training import ExpressionData, LoadedModel, load_model, read_split, row_moments
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ccfm.perturbations import PerturbationEncoder
+from ccfm.data.perturbations import PerturbationEncoder
 
 
 @dataclass
@@ -467,7 +467,7 @@ class CascadedFlowModel(nn.Module):
             x_t: (B, G) noisy perturbed expression at time ``t_expr``.
             z_t: (B, G, D) noisy normalised scGPT features at ``t_latent`` (None without latent).
             t_expr, t_latent: (B,) flow times in [0, 1].
-            pert_ids: (B, 2) perturbation ids (see :mod:`ccfm.perturbations`).
+            pert_ids: (B, 2) perturbation ids (see :mod:`ccfm.data.perturbations`).
 
         Returns:
             ``(v_expr (B, G), v_latent (B, G, D))``; ``v_latent`` is None without latent stream.

@@ -1,9 +1,9 @@
 """One training process of a multi-process run; started by torchrun via :func:`ccfm.distributed.launch`.
 
-    python -m torch.distributed.run --standalone --nproc-per-node=N -m ccfm.train_worker request.json
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m ccfm.model.train_worker request.json
 
-``request.json`` holds the keyword arguments of :func:`ccfm.training.train_from_files` (written
-by :func:`ccfm.training.train_distributed`). Output (stdout/stderr) goes to the rule's log; rank 0
+``request.json`` holds the keyword arguments of :func:`ccfm.model.training.train_from_files` (written
+by :func:`ccfm.model.training.train_distributed`). Output (stdout/stderr) goes to the rule's log; rank 0
 logs progress, the other ranks only warnings and errors, each line tagged with its rank.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ccfm import distributed
-from ccfm.training import train_from_files
+from ccfm.model.training import train_from_files
 
 
 def _setup_logging(rank: int) -> None:
@@ -32,7 +32,7 @@ def _setup_logging(rank: int) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise SystemExit("usage: python -m ccfm.train_worker REQUEST_JSON (started by torchrun)")
+        raise SystemExit("usage: python -m ccfm.model.train_worker REQUEST_JSON (started by torchrun)")
     request = json.loads(Path(argv[0]).read_text())
     _setup_logging(int(os.environ.get("RANK", "0")))
     context = distributed.init_from_env()

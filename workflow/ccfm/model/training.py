@@ -36,13 +36,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.denoiser import BatchShard, CascadedDenoiser, FlowSettings
+from ccfm.model.denoiser import BatchShard, CascadedDenoiser, FlowSettings
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
-from ccfm.h5io import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
-from ccfm.mean_model import MeanModel, MeanModelSettings, build_mean_model
-from ccfm.model import CascadedFlowModel, ModelConfig
-from ccfm.perturbations import PerturbationVocab
-from ccfm.validation import check_batch_size
+from ccfm.io.h5ad import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
+from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model
+from ccfm.model.model import CascadedFlowModel, ModelConfig
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.data.validation import check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def input_identity(processed_h5ad: str | Path, split_json: str | Path, *, use_la
     """What a training run reads, as fingerprint parts (see :func:`run_fingerprint`).
 
     ``processed.h5ad`` and the scGPT weights can be many GB, so they are identified by size and
-    nanosecond mtime (:func:`ccfm.h5io.file_identity`); the small files by their content. The
+    nanosecond mtime (:func:`ccfm.io.h5ad.file_identity`); the small files by their content. The
     latent settings and files only enter for a latent run: the plain variant does not read them,
     and a new calibration must not throw away its checkpoint.
     """
@@ -608,7 +608,7 @@ def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048
 
 def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: MeanModelSettings, seed: int,
                    control_label: str = CONTROL_LABEL, coexpression_cells: int = 2000) -> MeanModel:
-    """The anchored flow's mean model from the training cells (see :mod:`ccfm.mean_model`)."""
+    """The anchored flow's mean model from the training cells (see :mod:`ccfm.model.mean_model`)."""
     means, noise = label_means(data, [*train_labels, control_label])
     if control_label not in means:
         raise ValueError(f"no control cells labelled {control_label!r} in the processed data")
@@ -629,7 +629,7 @@ def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: 
 
 
 def scgpt_latent_targets(source: Any, stats: Any) -> LatentTargets:
-    """Latent targets from a ``ccfm.feature_cache`` source and fold ``LatentStats``.
+    """Latent targets from a ``ccfm.scgpt.feature_cache`` source and fold ``LatentStats``.
 
     Raw features of the whole target cell -> ``stats.normalize`` at covered genes (others stay 0).
     """
@@ -753,10 +753,10 @@ def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir:
                    device: torch.device, draws: int,
                    dist: DistContext | None = None) -> tuple[LatentTargets, int, dict[str, Any]]:
     """Frozen scGPT extractor + feature source + fold statistics -> the latent-target callable."""
-    from ccfm.calibration import LatentStats, genes_hash
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.feature_cache import make_latent_source
-    from ccfm.vocab import check_gene_order, read_gene_vocab, vocab_id_array
+    from ccfm.scgpt.calibration import LatentStats, genes_hash
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.feature_cache import make_latent_source
+    from ccfm.scgpt.vocab import check_gene_order, read_gene_vocab, vocab_id_array
 
     if scgpt_dir is None or gene_vocab_tsv is None or latent_stats is None:
         raise ValueError("the latent stream needs scgpt_dir, gene_vocab_tsv and latent_stats (or set latent.enabled: false)")

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from ccfm.h5io import atomic_output, backed_matrix
+from ccfm.io.h5ad import atomic_output, backed_matrix
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def calibrate(
 ) -> LatentStats:
     """Stream (a seeded subsample of) ``cell_indices`` through ``extractor``; return the stats."""
     if genes is not None:
-        from ccfm.h5io import read_var
+        from ccfm.io.h5ad import read_var
 
         if list(read_var(processed_h5ad).index.astype(str)) != list(map(str, genes)):
             raise ValueError(
@@ -234,7 +234,7 @@ def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pe
 
     Held-out (``test``) perturbations are never included; a label in both lists is an error.
     """
-    from ccfm.h5io import read_obs_labels  # local import: h5io pulls in h5py-specific helpers
+    from ccfm.io.h5ad import read_obs_labels  # local import: h5io pulls in h5py-specific helpers
 
     split = json.loads(Path(split_json).read_text())
     for key in ("train", "test", "controls"):

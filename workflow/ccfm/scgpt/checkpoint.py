@@ -25,8 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ccfm.h5io import atomic_output
-from ccfm.scgpt_compat import census_vocab_path, transformer_model_class
+from ccfm.io.h5ad import atomic_output
+from ccfm.scgpt.compat import census_vocab_path, transformer_model_class
 
 log = logging.getLogger(__name__)
 
@@ -396,9 +396,9 @@ def download_checkpoint_http(
 ) -> Path:
     """Fetch ``{base_url}/{best_model.pt,vocab.json,args.json}`` (a mirror) with resume and checksums.
 
-    Uses :func:`ccfm.download.download_file`; files already present are verified, not re-fetched.
+    Uses :func:`ccfm.data.download.download_file`; files already present are verified, not re-fetched.
     """
-    from ccfm.download import download_file, verify_checksum
+    from ccfm.data.download import download_file, verify_checksum
 
     out_dir = Path(out_dir)
     digests = dict(sha256 or {})
@@ -473,7 +473,7 @@ def download_whole_human(
         os.replace(found[0], out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
     if sha256:
-        from ccfm.download import verify_checksum
+        from ccfm.data.download import verify_checksum
 
         for name, digest in sha256.items():
             verify_checksum(out_dir / name, sha256=digest)

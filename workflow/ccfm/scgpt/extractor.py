@@ -33,7 +33,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from ccfm.scgpt_model import load_scgpt
+from ccfm.scgpt.checkpoint import load_scgpt
 
 log = logging.getLogger(__name__)
 

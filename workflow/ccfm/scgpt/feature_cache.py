@@ -29,10 +29,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccfm.calibration import iter_expression_batches
+from ccfm.scgpt.calibration import iter_expression_batches
 from ccfm.distributed import DistContext
-from ccfm.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
-from ccfm.h5io import atomic_output, backed_matrix, file_identity
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
+from ccfm.io.h5ad import atomic_output, backed_matrix, file_identity
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ccfm.h5io import atomic_output
+from ccfm.io.h5ad import atomic_output
 
 log = logging.getLogger(__name__)
 
