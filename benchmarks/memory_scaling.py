@@ -138,17 +138,18 @@ def _baseline(work: Path) -> None:
 
 
 def _adaptation(work: Path) -> None:
-    """The adaptation data path (ccfm.adapt.shift.read_control_rows + learn_shift) with a fixed encoder.
+    """The adaptation data path (ccfm.io.h5ad.read_control_cells + learn_shift) with a fixed encoder.
 
     A fixed random projection stands in for the model's control encoder, so this isolates the
     control-cell reading and the learner; ``adapt_model`` runs the rule with a trained model.
     """
     import torch
 
-    from ccfm.adapt.shift import learn_shift, read_control_rows
+    from ccfm.adapt.shift import learn_shift
+    from ccfm.io.h5ad import read_control_cells
 
-    source = read_control_rows(work / "processed.h5ad")
-    target = read_control_rows(work / "target_processed.h5ad")
+    source = read_control_cells(work / "processed.h5ad")
+    target = read_control_cells(work / "target_processed.h5ad")
     generator = torch.Generator().manual_seed(SEED)
     projection = torch.randn(source.matrix.shape[1], 64, generator=generator) / source.matrix.shape[1] ** 0.5
 

@@ -13,8 +13,8 @@ import scipy.sparse as sp
 
 from ccfm.data.conditions import CONTROL
 from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
+from ccfm.data.moments import RunningMoments
 from ccfm.data.preprocess import (
-    RunningMoments,
     ScaleError,
     detect_input_scale,
     preprocess_dataset,

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from ccfm.data.moments import RunningMoments
 from ccfm.scgpt.calibration import (
     LatentStats,
-    RunningStats,
+    add_features,
     calibrate,
     choose_calibration_cells,
     training_cell_indices,
@@ -42,16 +43,17 @@ def test_running_stats_match_all_at_once_and_ignore_batching():
     data = torch.randn(1000, 8, dtype=torch.float64) * torch.linspace(0.1, 50, 8) + 1e3
     reference_mean, reference_var = data.mean(0), data.var(0, unbiased=False)
     for cut in (1, 7, 128, 1000):
-        stats = RunningStats(8)
+        stats = RunningMoments.empty(8)
         for start in range(0, 1000, cut):
-            stats.update(data[start : start + cut])
-        torch.testing.assert_close(stats.mean, reference_mean, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(stats.var, reference_var, rtol=1e-9, atol=1e-9)
-    left, right = RunningStats(8), RunningStats(8)
-    left.update(data[:300]); right.update(data[300:])
+            add_features(stats, data[start : start + cut])
+        torch.testing.assert_close(torch.from_numpy(stats.mean), reference_mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.from_numpy(stats.variance(ddof=0)), reference_var, rtol=1e-9, atol=1e-9)
+    left, right = RunningMoments.empty(8), RunningMoments.empty(8)
+    add_features(left, data[:300])
+    add_features(right, data[300:])
     left.merge(right)
-    assert left.count == 1000
-    torch.testing.assert_close(left.var, reference_var, rtol=1e-9, atol=1e-9)
+    assert left.n == 1000
+    torch.testing.assert_close(torch.from_numpy(left.variance(ddof=0)), reference_var, rtol=1e-9, atol=1e-9)
 
 
 def test_normalize_is_invertible_and_leaves_uncovered_positions_zero():

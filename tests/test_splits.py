@@ -13,7 +13,8 @@ import pytest
 from ccfm.data.conditions import CONTROL
 from ccfm.data.preprocess import preprocess_dataset
 from ccfm.data.simulate import simulate_demo
-from ccfm.data.splits import SplitLeakError, load_split, make_split, split_for_processed, write_real, write_split
+from ccfm.data.splits import make_split, split_for_processed, write_real
+from ccfm.io.splits import SplitLeakError, read_split, write_split
 
 SINGLES = [f"G{i:02d}" for i in range(12)]
 DOUBLES = [f"{a}+{b}" for i, a in enumerate(SINGLES) for b in SINGLES[i + 1 :]][:30]
@@ -63,7 +64,7 @@ def test_invalid_arguments_and_leak_detection(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"fold": 1, "seed": 1, "train": ["A+B"], "test": ["A+B"], "controls": CONTROL}))
     with pytest.raises(SplitLeakError, match="A\\+B"):
-        load_split(bad)
+        read_split(bad)
 
 
 def test_split_and_real_on_simulated_demo(tmp_path: Path) -> None:
@@ -74,7 +75,7 @@ def test_split_and_real_on_simulated_demo(tmp_path: Path) -> None:
     preprocess_dataset(paths["raw"], processed, dataset="demo", n_top_genes=30, chunk_size=100)
     split = split_for_processed(processed, fold=1, seed=42, heldout_fraction=0.3, n_folds=2)
     write_split(split, tmp_path / "splits" / "fold1.json")
-    loaded = load_split(tmp_path / "splits" / "fold1.json")
+    loaded = read_split(tmp_path / "splits" / "fold1.json")
     assert loaded["test"] == split["test"] and len(loaded["test"]) == 3
     assert loaded["n_cells"] == {"train": (6 + 10 - 3) * 20, "test": 3 * 20, "controls": 150}
 

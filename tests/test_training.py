@@ -12,7 +12,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.model.generation import GenerateSettings, perturbations_to_predict, predict_to_files, prepare_generation
+from ccfm.data.conditions import conditions_to_predict
+from ccfm.model.generation import GenerateSettings, predict_to_files, prepare_generation
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.model.training import (
     LOSS_COLUMNS,
@@ -156,8 +157,8 @@ def test_prepare_generation_loads_the_model_with_the_rule_settings(dataset, tmp_
     assert all(p.device.type == "cpu" for p in generation.model.denoiser.parameters())
 
 
-def test_perturbations_to_predict_canonicalises() -> None:
-    assert perturbations_to_predict(["A+B"], ["B+A", "C", "D+C"]) == ["A+B", "C", "C+D"]
+def test_conditions_to_predict_canonicalises() -> None:
+    assert conditions_to_predict(["A+B"], ["B+A", "C", "D+C"]) == ["A+B", "C", "C+D"]
 
 
 def test_loss_tsv(tmp_path) -> None:

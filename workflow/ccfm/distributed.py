@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
+def pick_device(gpus: int | None = None) -> torch.device:
+    """CUDA when a GPU is visible (and ``gpus`` > 0 when given), otherwise CPU; logged either way."""
+    use_cuda = torch.cuda.is_available() and (gpus is None or gpus > 0)
+    device = torch.device("cuda" if use_cuda else "cpu")
+    log.info("device: %s", device)
+    return device
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands in the group (``world_size == 1``: no group, plain training)."""

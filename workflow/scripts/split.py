@@ -8,7 +8,8 @@ split and every model trained on it; train_ccfm and score check them again when 
 
 from ccfm.config import dataset_section
 from ccfm.logs import setup_rule_logging
-from ccfm.data.splits import check_fold_usable, split_for_processed, write_real, write_split
+from ccfm.data.splits import check_fold_usable, split_for_processed, write_real
+from ccfm.io.splits import write_split
 
 log = setup_rule_logging(snakemake.log[0])
 dataset = snakemake.wildcards.ds

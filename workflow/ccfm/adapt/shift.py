@@ -56,12 +56,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
 from ccfm.evaluate.baselines import condition_means, predict_baseline
 from ccfm.evaluate.celleval import check_enough_perturbations, run_cell_eval
 from ccfm.data.conditions import parse_condition
-from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, default_device, predict_label
-from ccfm.io.h5ad import LabelledRows, atomic_output, read_obs, read_rows_with_labels
+from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
+from ccfm.distributed import pick_device
+from ccfm.io.h5ad import LabelledRows, atomic_output, read_control_cells, read_obs, read_rows_with_labels
 from ccfm.evaluate.metrics import compact_metrics
 from ccfm.model.model import CascadedFlowModel
 from ccfm.data.perturbations import PerturbationVocab
@@ -582,20 +583,6 @@ def write_history(path: str | Path, result: ShiftResult) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading control cells, sparse-aware
-# --------------------------------------------------------------------------------------------
-
-
-def read_control_rows(
-    h5ad_path: str | Path, *, control_label: str = CONTROL_LABEL, pert_column: str = PERT_COLUMN, chunk_size: int = 10000
-) -> LabelledRows:
-    """The control cells of an h5ad as CSR float32; raises if there are none."""
-    rows = read_rows_with_labels(h5ad_path, lambda labels: labels == control_label, pert_column=pert_column, chunk_size=chunk_size)
-    if rows.matrix.shape[0] == 0:
-        raise ValueError(f"{h5ad_path}: no cells with {pert_column} == {control_label!r} to adapt on")
-    return rows
-
-
 def _check_same_genes(model_genes: Sequence[str], genes: Sequence[str], what: str, model_pt: str | Path) -> None:
     if list(model_genes) != list(genes):
         raise ValueError(
@@ -660,10 +647,10 @@ def adapt_to_files(
     Source controls are the ``non-targeting`` cells of ``processed.h5ad``, target controls those
     of ``target_processed.h5ad``; both are read as CSR in row chunks.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else pick_device()
     loaded = load_model(model_pt, device)
-    source = read_control_rows(processed_h5ad, control_label=control_label, chunk_size=chunk_size)
-    target = read_control_rows(target_h5ad, control_label=control_label, chunk_size=chunk_size)
+    source = read_control_cells(processed_h5ad, control_label=control_label, chunk_size=chunk_size)
+    target = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
     _check_same_genes(loaded.genes, source.genes, str(processed_h5ad), model_pt)
     _check_same_genes(loaded.genes, target.genes, str(target_h5ad), model_pt)
     encoding = settings.encoding
@@ -795,7 +782,7 @@ def predict_target_to_files(
     cell-eval's deltas must be relative to the real target context. Returns the labels.
     """
     model = generation.model
-    controls = read_control_rows(target_h5ad, control_label=control_label, chunk_size=chunk_size)
+    controls = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
     _check_same_genes(model.genes, controls.genes, str(target_h5ad), generation.model_pt)
     shift, shift_genes, _ = load_shift(shift_path)
     shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
@@ -832,7 +819,7 @@ def target_baselines(
     ``additive`` moves the target controls by the sum of the source single-perturbation deltas
     (means from ``processed.h5ad``): the context-transfer baseline that needs no model at all.
     """
-    singles = sorted({part for label in labels for part in label.split("+")})
+    singles = sorted({part for label in labels for part in label.split(COMBO_SEPARATOR)})
     source_labels = set(read_obs(processed_h5ad)[PERT_COLUMN].astype(str))
     available = [s for s in singles if s in source_labels]
     means = condition_means(processed_h5ad, [CONTROL_LABEL, *available], chunk_size=chunk_size)

@@ -28,7 +28,9 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-CONTROL = "non-targeting"
+from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+
+CONTROL = CONTROL_LABEL
 CONDITION_TYPES = ("control", "single", "double")
 # Spellings of "no perturbation" seen in public releases (scPerturb, GEARS, CROP-seq, VCC).
 CONTROL_TOKENS = frozenset({"ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting"})
@@ -49,7 +51,7 @@ class Condition:
 
 
 def _split_tokens(label: str, separator: str) -> list[str]:
-    separators = {separator, "+"}
+    separators = {separator, COMBO_SEPARATOR}
     pattern = "|".join(re.escape(s) for s in sorted(separators, key=len, reverse=True))
     return [token.strip() for token in re.split(pattern, label)]
 
@@ -58,7 +60,7 @@ def parse_condition(
     label: str,
     *,
     control_label: str = CONTROL,
-    separator: str = "+",
+    separator: str = COMBO_SEPARATOR,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
 ) -> Condition:
     """Parse one perturbation label following the module's rule; see the module docstring."""
@@ -93,14 +95,14 @@ def parse_condition(
     if not perturbations:
         return Condition(CONTROL, "control", ())
     kind = "single" if len(perturbations) == 1 else "double"
-    return Condition("+".join(perturbations), kind, perturbations)
+    return Condition(COMBO_SEPARATOR.join(perturbations), kind, perturbations)
 
 
 def canonicalize_labels(
     labels: Iterable[str] | pd.Series,
     *,
     control_label: str = CONTROL,
-    separator: str = "+",
+    separator: str = COMBO_SEPARATOR,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
 ) -> pd.DataFrame:
     """Parse a column of labels (each distinct label once) into the ``obs`` columns.
@@ -118,7 +120,7 @@ def canonicalize_labels(
     }
     frame = pd.DataFrame(
         {
-            "target_gene": original.map(lambda v: parsed[v].canonical).astype("category"),
+            PERT_COLUMN: original.map(lambda v: parsed[v].canonical).astype("category"),
             "condition_type": pd.Categorical(
                 original.map(lambda v: parsed[v].condition_type), categories=list(CONDITION_TYPES)
             ),
@@ -134,13 +136,13 @@ def perturbed_names(canonical_labels: Iterable[str]) -> list[str]:
     names: set[str] = set()
     for label in canonical_labels:
         if label != CONTROL:
-            names.update(label.split("+"))
+            names.update(label.split(COMBO_SEPARATOR))
     return sorted(names)
 
 
 def split_double(label: str) -> tuple[str, str]:
     """The two singles of a canonical double ``A+B``; error for anything else."""
-    parts = label.split("+")
+    parts = label.split(COMBO_SEPARATOR)
     if len(parts) != 2:
         raise ConditionError(f"{label!r} is not a canonical double 'A+B'")
     return parts[0], parts[1]
@@ -150,7 +152,7 @@ def condition_type(label: str) -> str:
     """Type of a canonical label: ``control``, ``single`` or ``double``."""
     if label == CONTROL:
         return "control"
-    return "single" if "+" not in label else "double"
+    return "single" if COMBO_SEPARATOR not in label else "double"
 
 
 def summarize_conditions(canonical: Sequence[str]) -> dict[str, int]:
@@ -159,3 +161,13 @@ def summarize_conditions(canonical: Sequence[str]) -> dict[str, int]:
     for label in set(canonical):
         counts[condition_type(label)] += 1
     return counts
+
+
+def conditions_to_predict(test: Iterable[str], extra: Iterable[str], control_label: str = CONTROL_LABEL) -> list[str]:
+    """The fold's held-out perturbations followed by config ``predict:`` entries (canonicalised, deduplicated)."""
+    ordered: list[str] = []
+    for label in [*test, *map(str, extra)]:
+        canonical = parse_condition(label, control_label=control_label).canonical
+        if canonical != CONTROL and canonical not in ordered:
+            ordered.append(canonical)
+    return ordered

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ccfm import COMBO_SEPARATOR
 from ccfm.data.conditions import CONTROL, parse_condition
 
 SLOTS = 2
@@ -44,7 +45,7 @@ class UnembeddablePerturbationError(ValueError):
     """A gene is neither measured nor perturbed in training: the model cannot embed it."""
 
 
-def split_label(label: str, separator: str = "+") -> list[str]:
+def split_label(label: str, separator: str = COMBO_SEPARATOR) -> list[str]:
     """Canonical label ``A`` or ``A+B`` -> its parts (at most two)."""
     parts = [part for part in label.split(separator) if part]
     if not parts or len(parts) > SLOTS:
@@ -107,7 +108,7 @@ class PerturbationVocab:
     kind: str
     genes: list[str]
     drugs: list[str]
-    separator: str = "+"
+    separator: str = COMBO_SEPARATOR
     unmeasured: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -131,7 +132,7 @@ class PerturbationVocab:
         genes: Sequence[str],
         train_labels: Iterable[str] = (),
         other_labels: Iterable[str] = (),
-        separator: str = "+",
+        separator: str = COMBO_SEPARATOR,
         where: str = "perturbation vocabulary",
     ) -> "PerturbationVocab":
         """Gene vocabulary over the panel ``genes`` plus every unmeasured gene of the labels.
@@ -150,7 +151,7 @@ class PerturbationVocab:
         return cls("gene", list(genes), [], separator, unmeasured)
 
     @classmethod
-    def for_drugs(cls, genes: Sequence[str], labels: Iterable[str], separator: str = "+") -> "PerturbationVocab":
+    def for_drugs(cls, genes: Sequence[str], labels: Iterable[str], separator: str = COMBO_SEPARATOR) -> "PerturbationVocab":
         """Drug table from every drug named in ``labels`` (training and prediction labels)."""
         drugs = sorted({part for label in labels for part in split_label(label, separator)})
         return cls("drug", list(genes), drugs, separator)

@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
+from ccfm import COMBO_SEPARATOR, PERT_COLUMN
 from ccfm.data.conditions import (
     CONTROL,
     DEFAULT_GUIDE_TOKEN,
@@ -33,6 +34,7 @@ from ccfm.data.conditions import (
     perturbed_names,
     summarize_conditions,
 )
+from ccfm.data.moments import RunningMoments
 from ccfm.io.h5ad import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_obs_labels, read_var
 from ccfm.data.validation import (
     InputValidationError,
@@ -197,38 +199,6 @@ def normalize_log1p(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float
     scale = np.divide(target_sum, totals, out=np.zeros(totals.shape, dtype=np.float64), where=totals > 0)
     counts.data = np.log1p(counts.data * np.repeat(scale, np.diff(counts.indptr))).astype(np.float32)
     return counts
-
-
-@dataclass
-class RunningMoments:
-    """Per-gene count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
-
-    n: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def empty(cls, n_genes: int) -> "RunningMoments":
-        return cls(0, np.zeros(n_genes), np.zeros(n_genes))
-
-    def update(self, chunk: sp.csr_matrix) -> None:
-        """Merge the moments of a chunk (rows = cells) into the running totals."""
-        n_b = chunk.shape[0]
-        if n_b == 0:
-            return
-        sums = np.asarray(chunk.sum(axis=0), dtype=np.float64).ravel()
-        squares = np.asarray(chunk.multiply(chunk).sum(axis=0), dtype=np.float64).ravel()
-        mean_b = sums / n_b
-        m2_b = np.maximum(squares - n_b * mean_b**2, 0.0)
-        n_a, n = self.n, self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b / n)
-        self.n = n
-
-    def variance(self) -> np.ndarray:
-        """Unbiased variance (ddof=1), as scanpy's HVG statistics use."""
-        return self.m2 / max(self.n - 1, 1)
 
 
 def gene_statistics(
@@ -457,9 +427,9 @@ def preprocess_dataset(
     out: str | Path,
     *,
     dataset: str,
-    perturbation_column: str = "target_gene",
+    perturbation_column: str = PERT_COLUMN,
     control_label: str = CONTROL,
-    combo_separator: str = "+",
+    combo_separator: str = COMBO_SEPARATOR,
     input_scale: str = "auto",
     n_top_genes: int = 5000,
     target_sum: float = 1e4,
@@ -489,14 +459,14 @@ def preprocess_dataset(
     var = read_var(raw)
     var.index = var.index.astype(str)
     check_gene_names(var, raw)
-    names = perturbed_names(obs["target_gene"].astype(str).unique())
+    names = perturbed_names(obs[PERT_COLUMN].astype(str).unique())
     # Counted before the predict check so the log shows the counts even when it fails.
     status = perturbed_status(names, var.index, [g for entry in predict for g in predict_entry_genes(entry)], perturbation_type)
     log_perturbed_status(status, raw)
-    requested = _validate_predict(predict, perturbation_type, var.index, obs["target_gene"],
+    requested = _validate_predict(predict, perturbation_type, var.index, obs[PERT_COLUMN],
                                   where=f"{raw}: dataset {dataset!r} 'predict:'")
-    warn_doubles_missing_singles(obs["target_gene"].astype(str).unique(), raw, log)
-    counts_by_type = summarize_conditions(obs["target_gene"].astype(str).tolist())
+    warn_doubles_missing_singles(obs[PERT_COLUMN].astype(str).unique(), raw, log)
+    counts_by_type = summarize_conditions(obs[PERT_COLUMN].astype(str).tolist())
     log.info("conditions: %s", counts_by_type)
     layer, scale = choose_matrix(raw, input_scale)
     log.info("%s: input scale %s (configured %s)", raw, scale, input_scale)
@@ -548,9 +518,9 @@ def preprocess_target(
     out: str | Path,
     *,
     dataset: str,
-    perturbation_column: str = "target_gene",
+    perturbation_column: str = PERT_COLUMN,
     control_label: str = CONTROL,
-    combo_separator: str = "+",
+    combo_separator: str = COMBO_SEPARATOR,
     input_scale: str = "auto",
     target_sum: float = 1e4,
     chunk_size: int = 10000,
@@ -579,9 +549,9 @@ def preprocess_target(
     check_target_gene_overlap(list(genes), target_var.index.astype(str), target_raw, processed, min_shared_genes)
     # Drugs a target may be asked for: those of the source (trained) and of the target's labels.
     # Genes: the model trains on the source cells, so an unmeasured gene is embeddable when they perturb it.
-    known = pd.concat([pd.Series(read_obs_labels(processed, "target_gene")), obs["target_gene"].astype(str)])
+    known = pd.concat([pd.Series(read_obs_labels(processed, PERT_COLUMN)), obs[PERT_COLUMN].astype(str)])
     _validate_predict(predict, perturbation_type, genes, known, where=f"{processed}: target 'predict:' of dataset {dataset!r}",
-                      perturbed_source=pd.Series(read_obs_labels(processed, "target_gene")))
+                      perturbed_source=pd.Series(read_obs_labels(processed, PERT_COLUMN)))
     layer, scale = choose_matrix(target_raw, input_scale)
     position = pd.Series(np.arange(target_var.shape[0]), index=target_var.index.astype(str))
     if position.index.has_duplicates:
@@ -614,7 +584,7 @@ def preprocess_target(
         "n_genes": int(genes.size),
         "genes_absent": missing,
         "counts_available": scale == "counts",
-        "conditions": summarize_conditions(obs["target_gene"].astype(str).tolist()),
+        "conditions": summarize_conditions(obs[PERT_COLUMN].astype(str).tolist()),
     }
     selector = column_selector(source_index, target_var.shape[0])
     _write_selected(target_raw, out, layer, scale, selector, totals, target_sum, chunk_size, obs, out_var, {"ccfm": summary})

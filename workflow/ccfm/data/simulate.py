@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ccfm import COMBO_SEPARATOR, PERT_COLUMN
 from ccfm.data.conditions import CONTROL
 from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
 
@@ -378,7 +379,7 @@ def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWo
     interactions = ["none"] * perturbed.size + doubles.kinds
     shifts = [single_shift[str(g)] for g in perturbed] + doubles.shifts
     additive = [single_shift[str(g)] for g in perturbed] + [
-        single_shift[name.split("+")[0]] + single_shift[name.split("+")[1]] for name in doubles.names
+        single_shift[name.split(COMBO_SEPARATOR)[0]] + single_shift[name.split(COMBO_SEPARATOR)[1]] for name in doubles.names
     ]
     return SimulatedWorld(
         genes=genes,
@@ -440,7 +441,7 @@ def _context_anndata(
     # Shuffle cell order so no code can rely on cells being grouped by condition.
     order = rng.permutation(counts.shape[0])
     obs = pd.DataFrame(
-        {"target_gene": pd.Categorical(np.asarray(labels)[order])},
+        {PERT_COLUMN: pd.Categorical(np.asarray(labels)[order])},
         index=[f"{prefix}{i:06d}" for i in range(counts.shape[0])],
     )
     var = pd.DataFrame({"real_symbol": world.is_real_symbol}, index=pd.Index(world.genes, name=None))

@@ -22,7 +22,6 @@ in ``train`` (checked in :func:`make_split`, which raises if it ever did).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,15 +30,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ccfm import COMBO_SEPARATOR, PERT_COLUMN
 from ccfm.data.conditions import CONTROL, condition_type
+from ccfm.io.splits import SplitLeakError, write_split
 from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
 from ccfm.data.validation import FEW_CELLS, check_batch_size, few_cell_perturbations, warn_doubles_missing_singles
 
 log = logging.getLogger(__name__)
-
-
-class SplitLeakError(AssertionError):
-    """A held-out condition appears in the training set."""
 
 
 def _held_out(conditions: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
@@ -50,7 +47,7 @@ def _held_out(conditions: list[str], fraction: float, rng: np.random.Generator) 
 
 def _can_hold_out(condition: str, measured: set[str], singles: set[str], strategy: str) -> bool:
     """Whether holding ``condition`` out still leaves training cells for each unmeasured gene."""
-    unmeasured = [part for part in condition.split("+") if part not in measured]
+    unmeasured = [part for part in condition.split(COMBO_SEPARATOR) if part not in measured]
     if strategy == "singles":
         return not unmeasured  # a held-out single is its gene's only condition
     return all(part in singles for part in unmeasured)  # every single trains in the additive split
@@ -125,25 +122,6 @@ def make_split(
     }
 
 
-def write_split(split: dict[str, Any], path: str | Path) -> Path:
-    """Write a split dict as JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(split, indent=2) + "\n")
-    return Path(path)
-
-
-def load_split(path: str | Path) -> dict[str, Any]:
-    """Read a split JSON and check it is well-formed and leak-free."""
-    path = Path(path)
-    split = json.loads(path.read_text())
-    missing = {"fold", "seed", "train", "test", "controls"} - set(split)
-    if missing:
-        raise ValueError(f"{path} is not a split file: missing keys {sorted(missing)}")
-    if set(split["train"]) & set(split["test"]):
-        raise SplitLeakError(f"{path}: conditions in both train and test: {sorted(set(split['train']) & set(split['test']))}")
-    return split
-
-
 def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None,
                         min_cells_per_perturbation: int = 1, perturbation_type: str = "gene") -> dict[str, Any]:
     """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the labels and var only).
@@ -153,7 +131,7 @@ def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_
     :data:`ccfm.data.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
     For gene perturbations its ``var_names`` are the measured genes (see :func:`make_split`).
     """
-    counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts()
+    counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts()
     excluded = few_cell_perturbations(counts, min_cells_per_perturbation)
     if excluded:
         log.warning("%s: %d perturbation(s) with fewer than split.min_cells_per_perturbation=%d cells are left out "
@@ -188,7 +166,7 @@ def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_pro
 
     where = f"{processed} (fold {split['fold']})"
     check_enough_perturbations(len(split["test"]), score_profile, where)
-    counts = pd.Series(read_obs_labels(processed, "target_gene")).value_counts().to_dict()
+    counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts().to_dict()
     check_batch_size(counts, split["train"], int(batch_size), where, log)
 
 
@@ -199,10 +177,10 @@ def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, ch
     label columns of ``obs`` are kept, so the file matches the predictions' layout.
     """
     processed, out = Path(processed), Path(out)
-    labels = read_obs_labels(processed, "target_gene")
+    labels = read_obs_labels(processed, PERT_COLUMN)
     rows = np.flatnonzero(pd.Series(labels).isin(set(split["test"]) | {CONTROL}).to_numpy())
     var = read_var(processed)
-    out_obs = read_obs_subset(processed, rows, ["target_gene", "condition_type", "original_condition"])
+    out_obs = read_obs_subset(processed, rows, [PERT_COLUMN, "condition_type", "original_condition"])
     n_chunks = -(-matrix_shape(processed)[0] // chunk_size)
     with atomic_output(out) as tmp:
         with CSRH5adWriter(tmp, var) as writer:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ccfm import COMBO_SEPARATOR
 from ccfm.data.conditions import CONTROL, CONTROL_TOKENS, condition_type, split_double
 
 log = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ def _bad_rows(chunk: sp.spmatrix | np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def predict_entry_genes(entry: str) -> list[str]:
     """Gene names of a ``predict:`` entry (``A`` or ``A+B``; control tokens are ignored)."""
-    return [t.strip() for t in str(entry).split("+") if t.strip() and t.strip().lower() not in CONTROL_TOKENS | {CONTROL}]
+    return [t.strip() for t in str(entry).split(COMBO_SEPARATOR) if t.strip() and t.strip().lower() not in CONTROL_TOKENS | {CONTROL}]
 
 
 def _did_you_mean(name: str, known: Sequence[str], by_lower: Mapping[str, str]) -> str:

@@ -23,7 +23,6 @@ double never leaks into its own baseline.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +32,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.data.conditions import parse_condition
-from ccfm.io.h5ad import backed_matrix, read_obs_labels, read_rows_with_labels, read_var, write_h5ad_atomic
+from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.conditions import conditions_to_predict, parse_condition
+from ccfm.io.h5ad import backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
+from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
 from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
@@ -194,43 +194,15 @@ def predict_baseline(
     return BaselineResult(predicted=predicted, fallback_nochange=fallback, method=method)
 
 
-def conditions_to_predict(test: Sequence[str], extra: Sequence[str], control_label: str = CONTROL_LABEL) -> list[str]:
-    """The fold's held-out perturbations followed by config ``predict:`` entries (canonicalised, deduplicated)."""
-    ordered: list[str] = []
-    for label in [*test, *extra]:
-        canonical = parse_condition(label, control_label=control_label).canonical
-        if canonical != CONTROL_LABEL and canonical not in ordered:
-            ordered.append(canonical)
-    return ordered
-
-
 def training_conditions_needed(method: str, training: Sequence[str], conditions: Sequence[str]) -> list[str]:
     """Conditions whose means a method needs: controls plus the relevant training perturbations."""
     train_set = [t for t in training if t != CONTROL_LABEL]
     if method == "meanpert":
         return [CONTROL_LABEL, *train_set]
     if method == "additive":
-        singles = {part for cond in conditions for part in cond.split("+")}
+        singles = {part for cond in conditions for part in cond.split(COMBO_SEPARATOR)}
         return [CONTROL_LABEL, *[t for t in train_set if t in singles]]
     return [CONTROL_LABEL]
-
-
-def read_split(path: str | Path) -> dict:
-    """Read a fold's split JSON and check it has the keys the baselines need."""
-    path = Path(path)
-    split = json.loads(path.read_text())
-    for key in ("train", "test"):
-        if key not in split:
-            raise KeyError(f"{path}: split file has no {key!r} list; rerun the split rule")
-    return split
-
-
-def read_control_cells(real_path: str | Path, control_label: str = CONTROL_LABEL, pert_col: str = PERT_COLUMN) -> tuple[list[str], sp.csr_matrix]:
-    """Gene names and the control cells (CSR float32) of a fold's ``real.h5ad``; other cells are not read."""
-    controls = read_rows_with_labels(real_path, lambda labels: labels == control_label, pert_column=pert_col)
-    if controls.matrix.shape[0] == 0:
-        raise ValueError(f"{real_path}: no control cells labelled {control_label!r}; real.h5ad must carry all controls")
-    return controls.genes, controls.matrix
 
 
 def run_baseline(
@@ -253,10 +225,8 @@ def run_baseline(
     split = read_split(split_json)
     conditions = conditions_to_predict(split["test"], extra_predict)
     training = [t for t in split["train"] if t != CONTROL_LABEL]
-    leaked = sorted(set(training) & set(split["test"]))
-    if leaked:
-        raise ValueError(f"{split_json}: perturbations in both train and test: {leaked[:10]}; the split is invalid")
-    genes, controls = read_control_cells(real_h5ad)
+    controls = read_control_cells(real_h5ad)
+    genes, controls = controls.genes, controls.matrix
     means = condition_means(processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=chunk_size)
     if means.genes != genes:
         raise ValueError(

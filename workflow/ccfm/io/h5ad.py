@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm import PERT_COLUMN
+from ccfm import CONTROL_LABEL, PERT_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,6 @@ def read_var(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     with h5py.File(path, "r") as file:
         return ad.io.read_elem(_require(file, "var", path))
-
-
-def read_uns(path: str | Path) -> dict[str, Any]:
-    """The ``uns`` mapping of an h5ad file (empty if absent), without reading X."""
-    path = Path(path)
-    with h5py.File(path, "r") as file:
-        return ad.io.read_elem(file["uns"]) if "uns" in file else {}
 
 
 def _matrix_element(file: h5py.File, layer: str | None, path: Path) -> Any:
@@ -367,6 +360,24 @@ def read_rows_with_labels(
         return LabelledRows(sp.csr_matrix((0, len(genes)), dtype=np.float32), genes, labels[rows], [])
     matrix = read_csr_rows(h5ad_path, rows, chunk_size)
     return LabelledRows(matrix, genes, labels[rows], read_obs_names(h5ad_path, rows))
+
+
+def read_control_cells(
+    h5ad_path: str | Path,
+    control_label: str = CONTROL_LABEL,
+    *,
+    pert_column: str = PERT_COLUMN,
+    chunk_size: int = 10000,
+) -> LabelledRows:
+    """The control cells of an h5ad file (CSR float32, file order); raises if there are none.
+
+    The other cells are never loaded, so memory follows the number of control cells.
+    """
+    rows = read_rows_with_labels(h5ad_path, lambda labels: labels == control_label, pert_column=pert_column,
+                                 chunk_size=chunk_size)
+    if rows.matrix.shape[0] == 0:
+        raise ValueError(f"{h5ad_path}: no control cells ({pert_column} == {control_label!r})")
+    return rows
 
 
 class CSRH5adWriter:

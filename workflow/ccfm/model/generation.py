@@ -24,11 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL
-from ccfm.evaluate.baselines import conditions_to_predict
-from ccfm.io.h5ad import read_rows_with_labels
+from ccfm.data.conditions import conditions_to_predict
+from ccfm.distributed import pick_device
+from ccfm.io.h5ad import read_control_cells as read_h5ad_controls
+from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
 from ccfm.io.predictions import write_predictions
-from ccfm.model.training import ExpressionData, LoadedModel, load_model, read_split, row_moments
+from ccfm.model.training import ExpressionData, LoadedModel, load_model, row_moments
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,6 @@ class GenerateSettings:
     def from_section(cls, section: Mapping[str, Any]) -> "GenerateSettings":
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in section.items() if key in known})
-
-
-def default_device() -> torch.device:
-    """CUDA when available (generation and adaptation are GPU work), CPU otherwise."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -74,11 +71,11 @@ def prepare_generation(
     """Load ``model_pt`` for generation; ``settings`` may be the ``generate`` config section.
 
     ``threads`` caps torch's CPU threads (a rule's ``threads:``; torch would otherwise use every
-    core of a shared node); ``device`` defaults to :func:`default_device`.
+    core of a shared node); ``device`` defaults to :func:`ccfm.distributed.pick_device`.
     """
     if threads is not None:
         torch.set_num_threads(int(threads))
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else pick_device()
     if not isinstance(settings, GenerateSettings):
         settings = GenerateSettings.from_section(settings)
     log.info("generating on %s with %d CPU thread(s): %s", device, torch.get_num_threads(), settings)
@@ -88,14 +85,6 @@ def prepare_generation(
 def label_seed(seed: int, label: str) -> list[int]:
     """Seed sequence for one perturbation: the run seed and a checksum of its label."""
     return [int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode())]
-
-
-def perturbations_to_predict(test_labels: Sequence[str], extra: Iterable[str], control_label: str = CONTROL_LABEL) -> list[str]:
-    """Held-out labels then the canonicalised ``predict:`` entries, without duplicates.
-
-    Delegates to the baselines' rule so every method predicts exactly the same set.
-    """
-    return conditions_to_predict(list(test_labels), [str(label) for label in extra], control_label)
 
 
 def controls_mean(data: ExpressionData, control_rows: np.ndarray) -> np.ndarray:
@@ -143,12 +132,8 @@ def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.nda
 
 def read_control_cells(processed_h5ad: str | Path, control_label: str = CONTROL_LABEL,
                        chunk_size: int = 10000) -> ExpressionData:
-    """Only the control cells of ``processed.h5ad`` (CSR, read in row chunks), in file order.
-
-    They are the generation sources and the real controls of the prediction file; the other
-    cells are never loaded, so prediction memory does not grow with the perturbed cells.
-    """
-    rows = read_rows_with_labels(processed_h5ad, lambda labels: labels == control_label, chunk_size=chunk_size)
+    """The control cells of ``processed.h5ad`` (:func:`ccfm.io.h5ad.read_control_cells`) as generation sources."""
+    rows = read_h5ad_controls(processed_h5ad, control_label, chunk_size=chunk_size)
     return ExpressionData(rows.matrix, rows.genes, rows.labels)
 
 
@@ -167,11 +152,9 @@ def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, sp
             f"{processed_h5ad}; retrain the model after re-preprocessing"
         )
     split = read_split(split_json)
-    labels = perturbations_to_predict(split["test"], extra_labels, control_label)
+    labels = conditions_to_predict(split["test"], extra_labels, control_label)
     for label in labels:
         model.vocab.ids(label)  # fail before any generation on a gene the model cannot embed
-    if controls.matrix.shape[0] == 0:
-        raise ValueError(f"{processed_h5ad}: no control cells labelled {control_label!r} to use as sources")
     # Positions among the controls: draws the same cells as the controls' row numbers in the file would.
     control_rows = np.arange(controls.matrix.shape[0])
     started = time.perf_counter()

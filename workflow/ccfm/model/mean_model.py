@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ccfm import COMBO_SEPARATOR
+
 log = logging.getLogger(__name__)
 
 ANCHORS = ("additive", "none")
@@ -93,7 +95,7 @@ class MeanModelSettings:
         return asdict(self)
 
 
-def double_parts(label: str, separator: str = "+") -> tuple[str, str] | None:
+def double_parts(label: str, separator: str = COMBO_SEPARATOR) -> tuple[str, str] | None:
     parts = [p for p in label.split(separator) if p]
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
@@ -127,7 +129,7 @@ class MeanModel(nn.Module):
     """Predicted pseudobulk shift of a perturbation relative to the control mean (log1p scale)."""
 
     def __init__(self, genes: Sequence[str], control_mean: np.ndarray, singles: Sequence[str], single_deltas: np.ndarray,
-                 coexpression: Mapping[str, np.ndarray] | None, settings: MeanModelSettings, separator: str = "+") -> None:
+                 coexpression: Mapping[str, np.ndarray] | None, settings: MeanModelSettings, separator: str = COMBO_SEPARATOR) -> None:
         super().__init__()
         self.genes = list(genes)
         self.singles = list(singles)
@@ -405,7 +407,7 @@ def shrink_effect(delta: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
 
 def build_mean_model(genes: Sequence[str], control_mean: np.ndarray, condition_means: Mapping[str, np.ndarray],
                      control_sample: np.ndarray, settings: MeanModelSettings, seed: int,
-                     separator: str = "+", mean_noise_var: Mapping[str, np.ndarray] | None = None
+                     separator: str = COMBO_SEPARATOR, mean_noise_var: Mapping[str, np.ndarray] | None = None
                      ) -> tuple[MeanModel, FitReport | None]:
     """Mean model from training pseudobulks: singles' deltas, control co-expression, fitted r.
 

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.model.denoiser import BatchShard, CascadedDenoiser, FlowSettings
-from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
+from ccfm.distributed import DistContext, gather_rows, pick_device, sum_over_ranks
+from ccfm.io.splits import read_split
 from ccfm.io.h5ad import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
 from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model
 from ccfm.model.model import CascadedFlowModel, ModelConfig
@@ -115,19 +116,6 @@ def load_expression(processed_h5ad: str | Path, pert_col: str = PERT_COLUMN,
         return ExpressionData(read_csr_rows(path, np.arange(labels.size)), genes, labels)
     rows = np.flatnonzero(np.isin(labels, np.asarray(list(keep_labels), dtype=str)))
     return ExpressionData(read_csr_rows(path, rows), genes, labels, file_rows=rows)
-
-
-def read_split(split_json: str | Path) -> dict[str, Any]:
-    """Read a fold's split file and check train/test do not overlap."""
-    path = Path(split_json)
-    split = json.loads(path.read_text())
-    for key in ("train", "test"):
-        if key not in split:
-            raise KeyError(f"{path}: split file has no {key!r} list; rerun the split rule")
-    leaked = sorted(set(split["train"]) & set(split["test"]))
-    if leaked:
-        raise ValueError(f"{path}: perturbations {leaked[:5]} are both in 'train' and 'test'; the split is broken")
-    return split
 
 
 @dataclass
@@ -640,13 +628,6 @@ def scgpt_latent_targets(source: Any, stats: Any) -> LatentTargets:
         return stats.normalize(raw, source.covered_mask(cell_rows, expr))
 
     return targets
-
-
-def pick_device(gpus: int) -> torch.device:
-    """CUDA when a GPU is visible and ``train.gpus`` > 0, otherwise CPU (logged either way)."""
-    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
-    log.info("training device: %s", device)
-    return device
 
 
 def train_distributed(n_processes: int, log_path: str | Path | None, threads_per_process: int = 1,

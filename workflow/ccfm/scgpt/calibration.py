@@ -22,59 +22,25 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from ccfm.io.h5ad import atomic_output, backed_matrix
+from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.moments import RunningMoments
+from ccfm.io.h5ad import atomic_output, backed_matrix, read_obs_labels, read_var
+from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6
 
 
-class RunningStats:
-    """Mergeable per-dimension count / mean / M2 (Welford, Chan merge), in float64."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim = int(dim)
-        self.count = 0
-        self.mean = torch.zeros(self.dim, dtype=torch.float64)
-        self.m2 = torch.zeros(self.dim, dtype=torch.float64)
-
-    def update(self, features: torch.Tensor) -> None:
-        """Add rows of ``features`` (N, D)."""
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"expected features of shape (N, {self.dim}), got {tuple(features.shape)}")
-        n = int(features.shape[0])
-        if n == 0:
-            return
-        x = features.detach().to("cpu", torch.float64)
-        batch_mean = x.mean(dim=0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(dim=0)
-        self._merge(n, batch_mean, batch_m2)
-
-    def update_dense(self, features: torch.Tensor, covered: torch.Tensor) -> None:
-        """Add the covered positions of dense features (B, G, D) with mask (B, G)."""
-        self.update(features[covered.to(features.device)])
-
-    def merge(self, other: "RunningStats") -> None:
-        """Fold another accumulator into this one."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge stats of dimension {other.dim} into {self.dim}")
-        if other.count:
-            self._merge(other.count, other.mean, other.m2)
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        n_a = self.count
-        total = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / total)
-        self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b / total)
-        self.count = total
-
-    @property
-    def var(self) -> torch.Tensor:
-        """Population variance per dimension (zero before two samples)."""
-        if self.count < 2:
-            return torch.zeros(self.dim, dtype=torch.float64)
-        return self.m2 / self.count
+def add_features(moments: RunningMoments, features: torch.Tensor) -> None:
+    """Merge the rows of ``features`` (N, D) into ``moments`` (reduced in float64 on the CPU)."""
+    if features.ndim != 2 or features.shape[1] != moments.mean.shape[0]:
+        raise ValueError(f"expected features of shape (N, {moments.mean.shape[0]}), got {tuple(features.shape)}")
+    x = features.detach().to("cpu", torch.float64)
+    if x.shape[0] == 0:
+        return
+    batch_mean = x.mean(dim=0)
+    moments.merge_moments(int(x.shape[0]), batch_mean.numpy(), ((x - batch_mean) ** 2).sum(dim=0).numpy())
 
 
 @dataclass
@@ -130,12 +96,12 @@ class LatentStats:
         return cls(payload["mean"], payload["var"], float(payload["target_std"]), json.loads(payload["metadata_json"]))
 
     @classmethod
-    def from_running(cls, stats: RunningStats, target_std: float, metadata: dict[str, Any] | None = None) -> "LatentStats":
-        if stats.count < 2:
+    def from_running(cls, stats: RunningMoments, target_std: float, metadata: dict[str, Any] | None = None) -> "LatentStats":
+        if stats.n < 2:
             raise ValueError("calibration saw fewer than two covered gene features: no usable statistics")
         meta = dict(metadata or {})
-        meta["n_features"] = int(stats.count)
-        return cls(stats.mean.clone(), stats.var.clone(), float(target_std), meta)
+        meta["n_features"] = int(stats.n)
+        return cls(torch.from_numpy(stats.mean.copy()), torch.from_numpy(stats.variance(ddof=0)), float(target_std), meta)
 
     def check_compatible(self, model_id: str, genes_hash: str) -> None:
         """Raise if these stats were computed for another model or gene panel."""
@@ -195,7 +161,6 @@ def calibrate(
 ) -> LatentStats:
     """Stream (a seeded subsample of) ``cell_indices`` through ``extractor``; return the stats."""
     if genes is not None:
-        from ccfm.io.h5ad import read_var
 
         if list(read_var(processed_h5ad).index.astype(str)) != list(map(str, genes)):
             raise ValueError(
@@ -205,11 +170,11 @@ def calibrate(
     cells = choose_calibration_cells(cell_indices, max_cells, seed)
     if cells.size == 0:
         raise ValueError("no cells to calibrate on: the training cell list is empty")
-    stats = RunningStats(extractor.dim)
+    stats = RunningMoments.empty(extractor.dim)
     for _, rows in iter_expression_batches(processed_h5ad, cells, batch_size, progress="calibrating scGPT features"):
         _, features = extractor.extract_sparse(rows)
         if features:
-            stats.update(torch.cat([f.cpu() for f in features], dim=0))
+            add_features(stats, torch.cat([f.cpu() for f in features], dim=0))
     gene_names = list(genes) if genes is not None else [str(i) for i in range(extractor.n_genes)]
     metadata = {
         "model_id": extractor.model_id,
@@ -224,29 +189,21 @@ def calibrate(
     result = LatentStats.from_running(stats, target_std, metadata)
     log.info(
         "calibrated on %d cells, %d covered gene features; feature std range %.4g..%.4g",
-        cells.size, stats.count, float(result.std.min()), float(result.std.max()),
+        cells.size, stats.n, float(result.std.min()), float(result.std.max()),
     )
     return result
 
 
-def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pert_col: str = "target_gene") -> np.ndarray:
+def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pert_col: str = PERT_COLUMN) -> np.ndarray:
     """Rows of ``processed_h5ad`` a fold may learn from: its training perturbations and the controls.
 
     Held-out (``test``) perturbations are never included; a label in both lists is an error.
     """
-    from ccfm.io.h5ad import read_obs_labels  # local import: h5io pulls in h5py-specific helpers
-
-    split = json.loads(Path(split_json).read_text())
-    for key in ("train", "test", "controls"):
-        if key not in split:
-            raise ValueError(f"{split_json} lacks '{key}': not a split file (rerun the split rule)")
-    train, test = set(map(str, split["train"])), set(map(str, split["test"]))
-    leaked = sorted(train & test)
-    if leaked:
-        raise ValueError(f"{split_json}: labels in both train and test: {leaked[:10]}")
+    split = read_split(split_json)
+    train = set(map(str, split["train"]))
     try:
         labels = read_obs_labels(processed_h5ad, pert_col)  # the label column only: not names, not other columns
     except KeyError as error:
         raise ValueError(f"{processed_h5ad} has no obs column '{pert_col}' (expected from the preprocess rule)") from error
-    allowed = train | {str(split["controls"])}
+    allowed = train | {str(split.get("controls", CONTROL_LABEL))}
     return np.flatnonzero(np.isin(labels, sorted(allowed))).astype(np.int64)
