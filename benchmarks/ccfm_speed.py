@@ -62,8 +62,14 @@ SIZES = {
 
 def _denoiser(size: Size, latent_dim: int) -> CascadedDenoiser:
     torch.manual_seed(0)
-    config = ModelConfig(n_genes=size.n_genes, d_model=size.d_model, nhead=size.nhead, nlayers=size.nlayers,
-                         latent_dim=latent_dim, bottleneck=128)
+    config = ModelConfig(
+        n_genes=size.n_genes,
+        d_model=size.d_model,
+        nhead=size.nhead,
+        nlayers=size.nlayers,
+        latent_dim=latent_dim,
+        bottleneck=128,
+    )
     return CascadedDenoiser(CascadedFlowModel(config), FlowSettings())
 
 
@@ -98,17 +104,25 @@ def time_training(size: Size, latent_dim: int, steps: int) -> float:
 
 def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     """Seconds to extract scGPT features of one training batch (on the fly), and D."""
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 
-    model_dir = build_tiny_checkpoint(workdir / f"scgpt_{size.name}", seed=0, embsize=size.scgpt_width,
-                                      nlayers=size.scgpt_layers, nheads=size.scgpt_heads, d_hid=size.scgpt_width)
+    model_dir = build_tiny_checkpoint(
+        workdir / f"scgpt_{size.name}",
+        seed=0,
+        embsize=size.scgpt_width,
+        nlayers=size.scgpt_layers,
+        nheads=size.scgpt_heads,
+        d_hid=size.scgpt_width,
+    )
     rng = np.random.default_rng(0)
     vocab_ids = rng.choice(60000, size=size.n_genes, replace=False).astype(np.int64)
     extractor = ScGPTFeatureExtractor(model_dir, vocab_ids, "cpu", 1200, seed=0)
     expr = np.zeros((cells, size.n_genes), dtype=np.float32)
     for row in expr:
-        row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(2.0, 1.0, size.expressed_per_cell)
+        row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(
+            2.0, 1.0, size.expressed_per_cell
+        )
     extractor.extract(expr[:1])  # warm-up
     started = time.perf_counter()
     extractor.extract(expr)

@@ -52,12 +52,24 @@ def main() -> None:
         started = time.perf_counter()
         write_synthetic(raw, args.cells, args.genes, args.density, args.seed)
         generated = time.perf_counter() - started
-        command = python_child(__file__, "--child", str(raw), str(out), "--chunk-size", str(args.chunk_size),
-                               "--n-top-genes", str(args.n_top_genes))
+        command = python_child(
+            __file__,
+            "--child",
+            str(raw),
+            str(out),
+            "--chunk-size",
+            str(args.chunk_size),
+            "--n-top-genes",
+            str(args.n_top_genes),
+        )
         report = run_child(command, f"preprocessing {raw}")
         report.update(
-            cells=args.cells, genes=args.genes, density=args.density, chunk_size=args.chunk_size,
-            input_mb=round(raw.stat().st_size / 2**20, 1), output_mb=round(out.stat().st_size / 2**20, 1),
+            cells=args.cells,
+            genes=args.genes,
+            density=args.density,
+            chunk_size=args.chunk_size,
+            input_mb=round(raw.stat().st_size / 2**20, 1),
+            output_mb=round(out.stat().st_size / 2**20, 1),
             generate_s=round(generated, 1),
         )
         print(json.dumps(report))

@@ -5,8 +5,8 @@ The tiny checkpoints themselves come from the session fixture ``tiny_scgpt_check
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import anndata as ad
 import numpy as np

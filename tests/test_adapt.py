@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.adapt.shift import shift as adapt
+from ccfm.adapt import shift as adapt
 from ccfm.adapt.shift import (
     AdaptSettings,
     CSRRowSource,
@@ -24,6 +24,7 @@ from ccfm.adapt.shift import (
     multiscale_rbf_mmd,
     save_shift,
 )
+from ccfm.evaluate.plots import plot_adapt_history
 
 N_GENES, N_FEATURES = 20, 32
 
@@ -76,7 +77,10 @@ def _mmd2_by_loops(x: torch.Tensor, y: torch.Tensor, sigmas) -> float:
 
 def test_unbiased_mmd_matches_the_definition() -> None:
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
+    x, y = (
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5,
+    )
     sigmas = (0.5, 1.0, 2.0)
     assert float(mmd2_unbiased(x, y, sigmas)) == pytest.approx(_mmd2_by_loops(x, y, sigmas), rel=1e-9, abs=1e-12)
 
@@ -145,7 +149,9 @@ def test_learner_never_densifies_and_batches_stay_small(offset_problem) -> None:
         seen_batch_rows.append(x.shape[0])
         return encoder(x)
 
-    result = learn_shift(spying_encoder, _NoDensify(target), _NoDensify(source), seed=0, **{**FAST, "steps": 40, "batch_size": 64})
+    result = learn_shift(
+        spying_encoder, _NoDensify(target), _NoDensify(source), seed=0, **{**FAST, "steps": 40, "batch_size": 64}
+    )
     assert result.shift.shape == (N_GENES,)
     assert max(seen_batch_rows) <= 64
 
@@ -240,7 +246,8 @@ def _processed(rng: np.random.Generator, labels: list[str], offset: np.ndarray) 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from ccfm.data.perturbations import PerturbationVocab
-    from ccfm.model.training import build_denoiser, save_model
+    from ccfm.model.checkpoint import save_model
+    from ccfm.model.training import build_denoiser
 
     root = tmp_path_factory.mktemp("adapt_run")
     rng = np.random.default_rng(5)
@@ -255,7 +262,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_model_control_encoder_is_differentiable_and_frozen(tiny_run) -> None:
-    from ccfm.model.training import load_model
+    from ccfm.model.checkpoint import load_model
 
     model = load_model(tiny_run / "model.pt").denoiser.model
     x = torch.rand(5, len(GENES), requires_grad=True)
@@ -274,18 +281,37 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
 
     root = tiny_run
     out = root / "adapt"
-    settings = AdaptSettings(steps=30, lr=0.05, batch_size=32, holdout_fraction=0.3, eval_every=10, patience=3, encoding="tokens")
-    result = adapt.adapt_to_files(root / "model.pt", root / "processed.h5ad", root / "target.h5ad", out / "shift.safetensors",
-                                  out / "mmd.tsv", out / "history.tsv", settings, seed=1, device="cpu")
+    settings = AdaptSettings(
+        steps=30, lr=0.05, batch_size=32, holdout_fraction=0.3, eval_every=10, patience=3, encoding="tokens"
+    )
+    result = adapt.adapt_to_files(
+        root / "model.pt",
+        root / "processed.h5ad",
+        root / "target.h5ad",
+        out / "shift.safetensors",
+        out / "mmd.tsv",
+        out / "history.tsv",
+        settings,
+        seed=1,
+        device="cpu",
+    )
     shift, genes, metadata = load_shift(out / "shift.safetensors")
     assert genes == GENES and torch.equal(shift, result.shift) and metadata["encoding"] == "tokens"
     table = pd.read_csv(out / "mmd.tsv", sep="\t")
     assert list(table["heldout_part"]) == ["test", "validation"] and np.isfinite(table["mmd2_after"]).all()
-    adapt.plot_history(out / "history.tsv", out / "history.png", "tiny")
+    plot_adapt_history(out / "history.tsv", out / "history.png", "tiny")
     assert (out / "history.png").stat().st_size > 1000
 
     generate = GenerateSettings(cells_per_perturbation=6, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
-    paths = [out / n for n in ("target_pred.h5ad", "target_pred_means.csv", "target_pred_unadapted.h5ad", "target_pred_unadapted_means.csv")]
+    paths = [
+        out / n
+        for n in (
+            "target_pred.h5ad",
+            "target_pred_means.csv",
+            "target_pred_unadapted.h5ad",
+            "target_pred_unadapted_means.csv",
+        )
+    ]
     generation = prepare_generation(root / "model.pt", generate, device="cpu")
     labels = adapt.predict_target_to_files(generation, root / "target.h5ad", out / "shift.safetensors", *paths, seed=1)
     assert labels == ["G1", "G1+G2", "G11"]
@@ -302,9 +328,17 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
     unadapted = ad.read_h5ad(paths[2])
     assert not np.allclose(pred.X.toarray()[:18], unadapted.X.toarray()[:18])
 
-    summary = adapt.score_target_to_files(root / "target.h5ad", root / "processed.h5ad", paths[0], paths[2],
-                                          out / "target_metrics.tsv", out / "target_summary.tsv", n_cells=6, seed=1,
-                                          cell_eval_profile=None)
+    summary = adapt.score_target_to_files(
+        root / "target.h5ad",
+        root / "processed.h5ad",
+        paths[0],
+        paths[2],
+        out / "target_metrics.tsv",
+        out / "target_summary.tsv",
+        n_cells=6,
+        seed=1,
+        cell_eval_profile=None,
+    )
     assert list(summary["method"]) == list(adapt.TARGET_METHODS)
     metrics = pd.read_csv(out / "target_metrics.tsv", sep="\t")
     assert set(metrics["perturbation"]) == {"G1", "G1+G2", "G11"}

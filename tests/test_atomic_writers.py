@@ -9,8 +9,8 @@ it was and no temporary file may remain.
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import anndata as ad
 import numpy as np
@@ -97,7 +97,11 @@ def test_temporaries_of_a_killed_writer_are_removed_before_the_output_is_written
     # names atomic_output gives its temporaries, as a killed job (or two SLURM attempts) left them
     stale = [tmp_path / ".processed.h5ad.0123456789ab.tmp.h5ad", tmp_path / ".processed.h5ad.ba9876543210.tmp.h5ad"]
     # not temporaries of this output: another output's, a download's .part, a user's hidden file
-    kept = [tmp_path / ".pred.h5ad.0123456789ab.tmp.h5ad", tmp_path / "processed.h5ad.part", tmp_path / ".processed.h5ad.notes"]
+    kept = [
+        tmp_path / ".pred.h5ad.0123456789ab.tmp.h5ad",
+        tmp_path / "processed.h5ad.part",
+        tmp_path / ".processed.h5ad.notes",
+    ]
     for path in stale + kept:
         path.write_bytes(b"x" * 10)
     assert stale_temporaries(out) == sorted(stale)

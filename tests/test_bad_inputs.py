@@ -6,8 +6,9 @@ and leaves no output, not even a temporary file. Accepted variants are checked t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -42,12 +43,20 @@ def _labels(seed: int = 0, names: tuple[str, ...] = ("non-targeting", "G1", "G2"
     return np.random.default_rng(seed).choice(list(names), size=N_CELLS)
 
 
-def _write(path: Path, *, x: Any = None, labels: Any = None, var_names: list[str] | None = None,
-           cell_names: list[str] | None = None, dense: bool = False) -> Path:
+def _write(
+    path: Path,
+    *,
+    x: Any = None,
+    labels: Any = None,
+    var_names: list[str] | None = None,
+    cell_names: list[str] | None = None,
+    dense: bool = False,
+) -> Path:
     x = _counts() if x is None else x
     n = x.shape[0]
-    obs = pd.DataFrame({"target_gene": _labels() if labels is None else labels},
-                       index=cell_names or [f"c{i}" for i in range(n)])
+    obs = pd.DataFrame(
+        {"target_gene": _labels() if labels is None else labels}, index=cell_names or [f"c{i}" for i in range(n)]
+    )
     adata = ad.AnnData(X=x if dense else sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=var_names or GENES))
     adata.write_h5ad(path)
     return path
@@ -86,36 +95,62 @@ def _duplicated_cells(path: Path) -> Path:
 # (builder, preprocess kwargs, exception, message fragments)
 CASES: dict[str, tuple[Callable[[Path], Path], dict[str, Any], type[Exception], list[str]]] = {
     "float16_dense": (
-        lambda p: _as_float16(_write(p, dense=True), dense=True), {}, UnsupportedDtypeError,
+        lambda p: _as_float16(_write(p, dense=True), dense=True),
+        {},
+        UnsupportedDtypeError,
         ["X is stored as float16", "adata.X = adata.X.astype('float32')"],
     ),
     "float16_sparse": (
-        lambda p: _as_float16(_write(p), dense=False), {}, UnsupportedDtypeError,
+        lambda p: _as_float16(_write(p), dense=False),
+        {},
+        UnsupportedDtypeError,
         ["X is stored as float16", "not float16", "write the file again"],
     ),
     "zero_cells": (_empty, {}, EmptyInputError, ["the file is empty", "0 x 30", "no cells", "right file"]),
     "duplicated_cell_names": (
-        _duplicated_cells, {}, DuplicateCellsError, ["20 cell names occur more than once", "c0 x2", "obs_names_make_unique"],
+        _duplicated_cells,
+        {},
+        DuplicateCellsError,
+        ["20 cell names occur more than once", "c0 x2", "obs_names_make_unique"],
     ),
     "lower_case_ensembl_ids": (
-        lambda p: _write(p, var_names=[f"ensg{i:011d}" for i in range(N_GENES)]), {}, EnsemblIdsError,
+        lambda p: _write(p, var_names=[f"ensg{i:011d}" for i in range(N_GENES)]),
+        {},
+        EnsemblIdsError,
         ["Ensembl ids", "ensg00000000000", "HGNC symbols"],
     ),
     "noninteger_counts_under_auto": (
-        _noninteger_counts, {}, ScaleError,
+        _noninteger_counts,
+        {},
+        ScaleError,
         ["are whole numbers", "non-integer counts", "ambient", "input_scale: counts", "never normalised"],
     ),
     "integer_labels_for_a_gene_dataset": (
-        lambda p: _write(p, labels=_labels(names=("non-targeting", "1", "2", "17"))), {}, NotGeneSymbolsError,
-        ["holds numbers", "1, 2, 17", "the column is not gene symbols", "perturbation_column", "perturbation_type: drug"],
+        lambda p: _write(p, labels=_labels(names=("non-targeting", "1", "2", "17"))),
+        {},
+        NotGeneSymbolsError,
+        [
+            "holds numbers",
+            "1, 2, 17",
+            "the column is not gene symbols",
+            "perturbation_column",
+            "perturbation_type: drug",
+        ],
     ),
     "three_perturbations_in_a_label": (
-        lambda p: _write(p, labels=_labels(names=("non-targeting", "G1", "G1+G2+G3"))), {}, LabelParseError,
+        lambda p: _write(p, labels=_labels(names=("non-targeting", "G1", "G1+G2+G3"))),
+        {},
+        LabelParseError,
         ["obs['target_gene']", "names 3 perturbations", "combo_separator"],
     ),
     "drug_predict_entry_not_in_the_data": (
         lambda p: _write(p, labels=_labels(names=("DMSO", "DrugA", "DrugB", "DrugA+DrugB"))),
-        {"perturbation_type": "drug", "control_label": "DMSO", "guide_token_pattern": None, "predict": ["druga+DrugB", "DrugZ"]},
+        {
+            "perturbation_type": "drug",
+            "control_label": "DMSO",
+            "guide_token_pattern": None,
+            "predict": ["druga+DrugB", "DrugZ"],
+        },
         UnknownPerturbationError,
         ["drug 'druga' is not among the drugs of the data (did you mean 'DrugA'?)", "drug 'DrugZ'", "DrugA, DrugB"],
     ),
@@ -157,20 +192,46 @@ def test_noninteger_counts_are_normalised_when_configured_as_counts(tmp_path: Pa
 def test_drug_predict_entries_are_checked_against_drugs_not_genes(tmp_path: Path) -> None:
     raw = _write(tmp_path / "raw.h5ad", labels=_labels(names=("DMSO", "DrugA", "DrugB", "DrugA+DrugB")))
     out = tmp_path / "processed.h5ad"
-    summary = preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32, perturbation_type="drug",
-                                 control_label="DMSO", guide_token_pattern=None, predict=["DrugA+DrugB", "DrugB"])
+    summary = preprocess_dataset(
+        raw,
+        out,
+        dataset="ds",
+        n_top_genes=10,
+        chunk_size=32,
+        perturbation_type="drug",
+        control_label="DMSO",
+        guide_token_pattern=None,
+        predict=["DrugA+DrugB", "DrugB"],
+    )
     assert summary["n_genes"] == 10  # a drug is not a gene column to keep
     # the target's predict entries too (drugs of the source or of the target)
     target = _write(tmp_path / "target.h5ad", labels=_labels(1, names=("DMSO", "DrugA", "DrugC")))
-    preprocess_target(target, out, tmp_path / "target_processed.h5ad", dataset="ds", chunk_size=32,
-                      perturbation_type="drug", control_label="DMSO", guide_token_pattern=None, predict=["DrugB", "DrugC"])
+    preprocess_target(
+        target,
+        out,
+        tmp_path / "target_processed.h5ad",
+        dataset="ds",
+        chunk_size=32,
+        perturbation_type="drug",
+        control_label="DMSO",
+        guide_token_pattern=None,
+        predict=["DrugB", "DrugC"],
+    )
     assert (tmp_path / "target_processed.h5ad").exists()
 
 
 def test_numeric_drug_names_are_fine(tmp_path: Path) -> None:
     raw = _write(tmp_path / "raw.h5ad", labels=_labels(names=("0", "101", "202", "101+202")))
-    summary = preprocess_dataset(raw, tmp_path / "p.h5ad", dataset="ds", n_top_genes=10, chunk_size=32,
-                                 perturbation_type="drug", control_label="0", guide_token_pattern=None)
+    summary = preprocess_dataset(
+        raw,
+        tmp_path / "p.h5ad",
+        dataset="ds",
+        n_top_genes=10,
+        chunk_size=32,
+        perturbation_type="drug",
+        control_label="0",
+        guide_token_pattern=None,
+    )
     assert summary["conditions"] == {"control": 1, "single": 2, "double": 1}
 
 
@@ -180,10 +241,13 @@ def _processed(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("target_genes", "fragments"), [
-    ([g.lower() for g in GENES], ["shares only 0 of the", "match when case is ignored", "min_shared_genes"]),
-    ([f"X{i}" for i in range(N_GENES)], ["shares only 0 of the", "below the minimum 50%", "same species"]),
-])
+@pytest.mark.parametrize(
+    ("target_genes", "fragments"),
+    [
+        ([g.lower() for g in GENES], ["shares only 0 of the", "match when case is ignored", "min_shared_genes"]),
+        ([f"X{i}" for i in range(N_GENES)], ["shares only 0 of the", "below the minimum 50%", "same species"]),
+    ],
+)
 def test_target_sharing_few_genes_fails(tmp_path: Path, target_genes: list[str], fragments: list[str]) -> None:
     processed = _processed(tmp_path)
     target = _write(tmp_path / "target_raw.h5ad", var_names=target_genes)
@@ -227,8 +291,12 @@ def test_empty_target_says_the_file_is_empty(tmp_path: Path) -> None:
 
 def test_float16_counts_layer_is_refused_but_an_unused_float16_layer_is_not(tmp_path: Path) -> None:
     raw = tmp_path / "raw.h5ad"
-    adata = ad.AnnData(X=sp.csr_matrix(np.log1p(_counts())), obs=pd.DataFrame({"target_gene": _labels()}, index=[f"c{i}" for i in range(N_CELLS)]),
-                       var=pd.DataFrame(index=GENES), layers={"counts": sp.csr_matrix(_counts()), "spliced": sp.csr_matrix(_counts())})
+    adata = ad.AnnData(
+        X=sp.csr_matrix(np.log1p(_counts())),
+        obs=pd.DataFrame({"target_gene": _labels()}, index=[f"c{i}" for i in range(N_CELLS)]),
+        var=pd.DataFrame(index=GENES),
+        layers={"counts": sp.csr_matrix(_counts()), "spliced": sp.csr_matrix(_counts())},
+    )
     adata.write_h5ad(raw)
     with h5py.File(raw, "r+") as file:  # an unused layer in float16: irrelevant
         values = file["layers/spliced/data"][...]

@@ -8,12 +8,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-
-from ccfm.model.mean_model import match_mean
 import scipy.sparse as sp
 
 from ccfm.evaluate.baselines import condition_means, run_baseline, sample_control_rows
 from ccfm.io.predictions import read_expression_h5ad, read_prediction_means
+from ccfm.model.mean_model import match_mean
 
 GENES = ["g0", "g1", "g2"]
 # Control rows average to [1, 1, 1].
@@ -53,9 +52,16 @@ def toy_fold(tmp_path):
 def _run(fold_dir, method, extra=(), n_cells=4):
     out = fold_dir / method
     result = run_baseline(
-        method, fold_dir / "processed.h5ad", fold_dir / "split.json", fold_dir / "real.h5ad",
-        out / "pred.h5ad", out / "pred_means.csv", extra_predict=extra,
-        cells_per_perturbation=n_cells, seed=3, chunk_size=2,
+        method,
+        fold_dir / "processed.h5ad",
+        fold_dir / "split.json",
+        fold_dir / "real.h5ad",
+        out / "pred.h5ad",
+        out / "pred_means.csv",
+        extra_predict=extra,
+        cells_per_perturbation=n_cells,
+        seed=3,
+        chunk_size=2,
     )
     return result, read_expression_h5ad(out / "pred.h5ad"), read_prediction_means(out / "pred_means.csv")
 

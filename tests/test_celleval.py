@@ -33,7 +33,9 @@ def synthetic_pair(tmp_path_factory):
     def sample(n: int, effect: np.ndarray) -> sp.csr_matrix:
         return _log1p_normalise(sp.csr_matrix(rng.poisson(base * effect, size=(n, n_genes)).astype(np.float32)))
 
-    effects = {p: np.where(rng.random(n_genes) < 0.25, np.exp(rng.normal(0, 1.2, n_genes)), 1.0) for p in ["A", "B", "A+B"]}
+    effects = {
+        p: np.where(rng.random(n_genes) < 0.25, np.exp(rng.normal(0, 1.2, n_genes)), 1.0) for p in ["A", "B", "A+B"]
+    }
     controls = sample(80, np.ones(n_genes))
     real_blocks = {p: sample(50, e) for p, e in effects.items()}
     labels = ["non-targeting"] * 80 + [p for p in real_blocks for _ in range(50)]
@@ -87,10 +89,9 @@ def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
     raw = ad.read_h5ad(papalexi_h5ad)
     rng = np.random.default_rng(0)
     keep_targets = ["non-targeting", "IFNGR1", "IFNGR2", "JAK2", "IRF1"]
-    rows = np.concatenate([
-        rng.choice(np.flatnonzero(raw.obs["target"].astype(str) == t), size=150, replace=False)
-        for t in keep_targets
-    ])
+    rows = np.concatenate(
+        [rng.choice(np.flatnonzero(raw.obs["target"].astype(str) == t), size=150, replace=False) for t in keep_targets]
+    )
     sub = raw[np.sort(rows)].copy()
     processed = ad.AnnData(
         X=_log1p_normalise(sp.csr_matrix(sub.X, dtype=np.float32)),
@@ -108,9 +109,14 @@ def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
     scores = {}
     for method in ("nochange", "meanpert"):
         run_baseline(
-            method, tmp_path / "processed.h5ad", tmp_path / "split.json", tmp_path / "real.h5ad",
-            tmp_path / method / "pred.h5ad", tmp_path / method / "pred_means.csv",
-            cells_per_perturbation=64, seed=1,
+            method,
+            tmp_path / "processed.h5ad",
+            tmp_path / "split.json",
+            tmp_path / "real.h5ad",
+            tmp_path / method / "pred.h5ad",
+            tmp_path / method / "pred_means.csv",
+            cells_per_perturbation=64,
+            seed=1,
         )
         scores[method] = score_prediction(tmp_path / method / "pred.h5ad", tmp_path / "real.h5ad", profile="minimal")
     for tables in scores.values():

@@ -79,7 +79,9 @@ def _workflow_rule_names() -> set[str]:
     import re
 
     root = Path(__file__).resolve().parents[1]
-    text = "\n".join(path.read_text() for path in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))])
+    text = "\n".join(
+        path.read_text() for path in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+    )
     return set(re.findall(r"^rule (\w+):", text, re.M)) | set(re.findall(r"^use rule \w+ as (\w+)", text, re.M))
 
 
@@ -90,7 +92,9 @@ def test_dataset_named_like_a_rule_is_rejected(config, name):
     with pytest.raises(ConfigError) as caught:
         validate_config(config)
     message = str(caught.value)
-    assert f"dataset name {name!r}" in message and "is the name of a rule" in message and "Rename the dataset" in message
+    assert (
+        f"dataset name {name!r}" in message and "is the name of a rule" in message and "Rename the dataset" in message
+    )
 
 
 def test_reserved_dataset_names_are_exactly_the_rules():

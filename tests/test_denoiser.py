@@ -13,7 +13,9 @@ N_GENES, B, G, D = 30, 4, 10, 8
 
 def _denoiser(latent_dim: int = D, **settings) -> CascadedDenoiser:
     torch.manual_seed(0)
-    model = CascadedFlowModel(ModelConfig(n_genes=N_GENES, d_model=32, nhead=4, nlayers=1, latent_dim=latent_dim, bottleneck=8, dh_depth=1))
+    model = CascadedFlowModel(
+        ModelConfig(n_genes=N_GENES, d_model=32, nhead=4, nlayers=1, latent_dim=latent_dim, bottleneck=8, dh_depth=1)
+    )
     return CascadedDenoiser(model, FlowSettings(**settings))
 
 
@@ -35,8 +37,8 @@ def test_sample_t_marginals_uniform() -> None:
     # P(latent branch) = choose_latent_p (binomial sd = 0.0035)
     assert latent.float().mean().item() == pytest.approx(0.4, abs=0.015)
     torch.testing.assert_close(ts.w_expr, 1 - ts.w_latent)
-    assert torch.all(ts.t_expr[latent] == 0)            # expression stream is pure noise
-    assert torch.all(ts.t_latent[~latent] == 1)         # latent is clean in the expression branch
+    assert torch.all(ts.t_expr[latent] == 0)  # expression stream is pure noise
+    assert torch.all(ts.t_latent[~latent] == 1)  # latent is clean in the expression branch
     # the trained stream's time is U(0,1): mean 1/2, variance 1/12
     for t in (ts.t_latent[latent], ts.t_expr[~latent]):
         assert t.mean().item() == pytest.approx(0.5, abs=0.015)
@@ -47,7 +49,10 @@ def test_sample_t_logit_normal_and_noised_stage2() -> None:
     den = _denoiser(time_schedule="logit_normal", stage2_noised=True, noised_low=0.75)
     ts = den.sample_t(20000, generator=torch.Generator().manual_seed(1))
     latent = ts.w_latent > 0
-    logit = lambda t: torch.log(t / (1 - t))
+
+    def logit(t):
+        return torch.log(t / (1 - t))
+
     assert logit(ts.t_latent[latent]).mean().item() == pytest.approx(-1.2, abs=0.05)
     assert logit(ts.t_latent[latent]).std().item() == pytest.approx(1.0, abs=0.05)
     assert logit(ts.t_expr[~latent]).mean().item() == pytest.approx(-0.4, abs=0.05)
@@ -77,9 +82,13 @@ def test_weighted_mean_ignores_zero_weight_samples() -> None:
 
 def test_loss_branches_respect_weights() -> None:
     gene_ids, source, target, pert, z = _batch()
-    only_latent = _denoiser(choose_latent_p=1.0, mmd=False).loss(gene_ids, source, target, pert, z, torch.Generator().manual_seed(0))
+    only_latent = _denoiser(choose_latent_p=1.0, mmd=False).loss(
+        gene_ids, source, target, pert, z, torch.Generator().manual_seed(0)
+    )
     assert only_latent["expr"].item() == 0 and only_latent["latent"].item() > 0
-    only_expr = _denoiser(choose_latent_p=0.0, mmd=False).loss(gene_ids, source, target, pert, z, torch.Generator().manual_seed(0))
+    only_expr = _denoiser(choose_latent_p=0.0, mmd=False).loss(
+        gene_ids, source, target, pert, z, torch.Generator().manual_seed(0)
+    )
     assert only_expr["latent"].item() == 0 and only_expr["expr"].item() > 0
     # With the zero-initialised latent head, v_latent = 0, so the latent loss is E|z1 - z0|^2 ≈ E z1² + 1.
     assert only_latent["latent"].item() == pytest.approx((z.pow(2).mean() + 1).item(), rel=0.3)
@@ -108,12 +117,18 @@ def test_mmd_rbf_separates_distributions() -> None:
 def test_generate_shapes_nonnegative_and_reproducible() -> None:
     den = _denoiser().eval()
     gene_ids, source, _, pert, _ = _batch()
-    x, z = den.generate(gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0))
+    x, z = den.generate(
+        gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (B, G) and z is not None and z.shape == (B, G, D)
     assert (x >= 0).all() and (x == 0).any()  # clamped at 0 (Gaussian start gives negatives)
-    x2, _ = den.generate(gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0))
+    x2, _ = den.generate(
+        gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(x, x2)
-    x_nl, z_nl = _denoiser(latent_dim=0).eval().generate(gene_ids, source, pert, 3, 3, "euler", torch.Generator().manual_seed(0))
+    x_nl, z_nl = (
+        _denoiser(latent_dim=0).eval().generate(gene_ids, source, pert, 3, 3, "euler", torch.Generator().manual_seed(0))
+    )
     assert x_nl.shape == (B, G) and z_nl is None
 
 
@@ -139,8 +154,8 @@ def test_x_prediction_converts_to_velocity() -> None:
     den = _denoiser(prediction="x")
     x_t, t = torch.ones(2, 3), torch.tensor([0.5, 0.99])
     v = den._to_velocity(torch.full((2, 3), 3.0), x_t, t)
-    torch.testing.assert_close(v[0], torch.full((3,), 4.0))          # (3-1)/(1-0.5)
-    torch.testing.assert_close(v[1], torch.full((3,), 40.0))         # denominator clamped at 0.05
+    torch.testing.assert_close(v[0], torch.full((3,), 4.0))  # (3-1)/(1-0.5)
+    torch.testing.assert_close(v[1], torch.full((3,), 40.0))  # denominator clamped at 0.05
 
 
 def test_bad_settings_fail_clearly() -> None:

@@ -14,23 +14,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ccfm.distributed import DistContext, shard_bounds, torchrun_command
-from ccfm.scgpt.feature_cache import CACHE_FILES
 from ccfm.data.perturbations import PerturbationVocab
-from ccfm.model.training import (
-    Trainer,
-    TrainSettings,
-    build_denoiser,
-    load_expression,
-    load_model,
-    train_distributed,
-    train_from_files,
-)
+from ccfm.distributed import DistContext, shard_bounds, torchrun_command
+from ccfm.model.checkpoint import load_model
+from ccfm.model.expression import load_expression
+from ccfm.model.training import Trainer, TrainSettings, build_denoiser, train_distributed, train_from_files
+from ccfm.scgpt.feature_cache import CACHE_FILES
 from scgpt_test_data import SMALL_SCGPT_SIZES
 from training_data import MODEL, FakeLatent, tiny_scgpt_inputs, write_dataset
 
-TRAIN = {"steps": 24, "batch_size": 16, "lr": 2e-3, "warmup_steps": 4, "infer_top_gene": 12,
-         "checkpoint_every": 8, "log_every": 4, "mmd": True, "gamma": 0.5}
+TRAIN = {
+    "steps": 24,
+    "batch_size": 16,
+    "lr": 2e-3,
+    "warmup_steps": 4,
+    "infer_top_gene": 12,
+    "checkpoint_every": 8,
+    "log_every": 4,
+    "mmd": True,
+    "gamma": 0.5,
+}
 
 
 def test_shard_bounds_split_the_global_batch_evenly() -> None:
@@ -71,8 +74,17 @@ def _trainer(processed: Path, split: Path, resume: Path, latent_dim: int, contex
     labels = json.loads(split.read_text())["train"]
     vocab = PerturbationVocab.for_genes(data.genes)
     denoiser = build_denoiser(data.n_genes, MODEL, TRAIN, latent_dim, vocab, seed=11)
-    trainer = Trainer(denoiser, data, labels, vocab, TrainSettings.from_train_section(TRAIN), seed=11,
-                      resume_dir=resume, latent_targets=FakeLatent(latent_dim) if latent_dim else None, dist=context)
+    trainer = Trainer(
+        denoiser,
+        data,
+        labels,
+        vocab,
+        TrainSettings.from_train_section(TRAIN),
+        seed=11,
+        resume_dir=resume,
+        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
+        dist=context,
+    )
     trainer.rows_seen = []
     return trainer
 
@@ -83,8 +95,14 @@ def _rank_main(rank: int, world: int, port: int, processed: Path, split: Path, o
     try:
         trainer = _trainer(processed, split, out / "resume", latent_dim, DistContext(rank, world, rank))
         result = trainer.run(progress=False)
-        torch.save({"rows": [torch.from_numpy(r) for r in trainer.rows_seen], "history": torch.tensor(result.history),
-                    "params": trainer.denoiser.model.state_dict()}, out / f"rank{rank}.pt")
+        torch.save(
+            {
+                "rows": [torch.from_numpy(r) for r in trainer.rows_seen],
+                "history": torch.tensor(result.history),
+                "params": trainer.denoiser.model.state_dict(),
+            },
+            out / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -125,8 +143,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
     # differs and Adam amplifies the difference on near-zero gradients (zero-initialised heads).
     torch.set_num_threads(1)
     processed, split = write_dataset(tmp_path)
-    common = dict(processed_h5ad=processed, split_json=split, model_section=MODEL, train_section={**TRAIN, "gpus": 2},
-                  latent_section={}, seed=5, use_latent=False)
+    common = dict(
+        processed_h5ad=processed,
+        split_json=split,
+        model_section=MODEL,
+        train_section={**TRAIN, "gpus": 2},
+        latent_section={},
+        seed=5,
+        use_latent=False,
+    )
     train_from_files(**_files_kwargs(tmp_path / "one"), **common, device="cpu", progress=False)
     log_path = tmp_path / "train.log"
     log_path.write_text("")
@@ -152,9 +177,18 @@ def test_torchrun_failure_names_the_log(tmp_path) -> None:
     log_path = tmp_path / "train.log"
     log_path.write_text("")
     with pytest.raises(RuntimeError, match=r"distributed training failed .*train\.log"):
-        train_distributed(2, log_path, **_files_kwargs(tmp_path / "bad"), processed_h5ad=processed, split_json=split,
-                          model_section=MODEL, train_section={**TRAIN, "batch_size": 15}, latent_section={}, seed=5,
-                          use_latent=False)
+        train_distributed(
+            2,
+            log_path,
+            **_files_kwargs(tmp_path / "bad"),
+            processed_h5ad=processed,
+            split_json=split,
+            model_section=MODEL,
+            train_section={**TRAIN, "batch_size": 15},
+            latent_section={},
+            seed=5,
+            use_latent=False,
+        )
     assert "batch_size=15 cannot be split evenly over 2 processes" in log_path.read_text()
     assert not (tmp_path / "bad" / "model.pt").exists() and not (tmp_path / "bad" / "loss.tsv").exists()
 
@@ -163,9 +197,18 @@ def test_torchrun_with_scgpt_latent_builds_one_shared_feature_cache(tmp_path, ti
     inputs = tiny_scgpt_inputs(tmp_path, tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES))
     latent = {"cache": "on", "cache_max_gb": 1, "max_tokens_per_cell": 1200}
     train = {**TRAIN, "steps": 8, "batch_size": 8, "checkpoint_every": 4}
-    common = dict(processed_h5ad=inputs["processed_h5ad"], split_json=inputs["split_json"], model_section=MODEL,
-                  train_section=train, latent_section=latent, seed=5, use_latent=True, scgpt_dir=inputs["scgpt_dir"],
-                  gene_vocab_tsv=inputs["gene_vocab_tsv"], latent_stats=inputs["latent_stats"])
+    common = dict(
+        processed_h5ad=inputs["processed_h5ad"],
+        split_json=inputs["split_json"],
+        model_section=MODEL,
+        train_section=train,
+        latent_section=latent,
+        seed=5,
+        use_latent=True,
+        scgpt_dir=inputs["scgpt_dir"],
+        gene_vocab_tsv=inputs["gene_vocab_tsv"],
+        latent_stats=inputs["latent_stats"],
+    )
     train_from_files(**_files_kwargs(tmp_path / "one"), **common, device="cpu", progress=False)
     log_path = tmp_path / "train.log"
     log_path.write_text("")

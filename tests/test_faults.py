@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import anndata as ad
 import numpy as np
@@ -27,10 +27,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.io import h5ad as h5io
 from ccfm.data.download import ChecksumError, DownloadError, download_file
 from ccfm.data.preprocess import preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, write_real, write_split
+from ccfm.io import h5ad as h5io
 
 PAYLOAD = np.random.default_rng(3).integers(0, 256, size=3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -141,8 +141,10 @@ def test_resumed_bytes_that_do_not_match_are_rejected(server, tmp_path: Path) ->
 def _raw(path: Path, n_cells: int = 600, n_genes: int = 40, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     x = sp.csr_matrix(rng.poisson(0.8, size=(n_cells, n_genes)).astype(np.float32))
-    obs = pd.DataFrame({"target_gene": rng.choice(["non-targeting", "G1", "G2", "G3", "G1+G2", "G1+G3"], n_cells)},
-                       index=[f"c{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"target_gene": rng.choice(["non-targeting", "G1", "G2", "G3", "G1+G2", "G1+G3"], n_cells)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
     ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])).write_h5ad(path)
     return path
 
@@ -184,7 +186,9 @@ def test_exception_mid_preprocess_leaves_no_output(tmp_path: Path, monkeypatch: 
     _assert_nothing_at(out)
 
 
-def test_exception_mid_target_and_real_leaves_no_output(processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exception_mid_target_and_real_leaves_no_output(
+    processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = _raw(tmp_path / "target.h5ad", seed=1)
     split = make_split(read_labels(processed), fold=1, seed=0, heldout_fraction=0.5)
     calls = _fail_on_second_append(monkeypatch)
@@ -228,8 +232,11 @@ def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
         "h5io.CSRH5adWriter.append = slow\n"
         "preprocess_dataset(sys.argv[1], sys.argv[2], dataset='ds', n_top_genes=10, chunk_size=100)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(raw), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(raw), str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not (out.parent.exists() and any(out.parent.iterdir())):
         assert child.poll() is None and time.monotonic() < deadline, "child finished before it could be killed"

@@ -14,18 +14,21 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate.celleval import TooFewPerturbationsError, check_enough_perturbations, score_prediction
 from ccfm.data.splits import check_fold_usable, split_for_processed
+from ccfm.data.validation import BatchSizeError, TooFewPerturbationsError, check_enough_perturbations
+from ccfm.evaluate.celleval import score_prediction
 from ccfm.model.training import train_from_files
-from ccfm.data.validation import BatchSizeError
 from training_data import MODEL, write_dataset
 
 
 def _processed(path: Path, sizes: dict[str, int], n_genes: int = 8) -> Path:
     labels = [label for label, n in sizes.items() for _ in range(n)]
     x = np.log1p(np.random.default_rng(0).poisson(2.0, size=(len(labels), n_genes)).astype(np.float32))
-    ad.AnnData(X=sp.csr_matrix(x), obs=pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]),
-               var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])).write_h5ad(path)
+    ad.AnnData(
+        X=sp.csr_matrix(x),
+        obs=pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    ).write_h5ad(path)
     return path
 
 
@@ -39,8 +42,15 @@ def test_fold_with_too_few_held_out_perturbations_for_the_full_profile(tmp_path:
     with pytest.raises(TooFewPerturbationsError) as caught:
         check_fold_usable(processed, split, score_profile="full", batch_size=16)
     message = str(caught.value)
-    for fragment in (str(processed), "fold 1", "holds out 1 perturbation", "'full' profile needs at least 3",
-                     "split.heldout_fraction", "score.profile", "vcc"):
+    for fragment in (
+        str(processed),
+        "fold 1",
+        "holds out 1 perturbation",
+        "'full' profile needs at least 3",
+        "split.heldout_fraction",
+        "score.profile",
+        "vcc",
+    ):
         assert fragment in message, f"{fragment!r} not in: {message}"
     check_fold_usable(processed, split, score_profile="vcc", batch_size=16)  # vcc scores a single one
 
@@ -59,8 +69,13 @@ def test_batch_size_beyond_every_training_perturbation_fails_at_the_split(tmp_pa
     with pytest.raises(BatchSizeError) as caught:
         check_fold_usable(processed, split, score_profile="vcc", batch_size=4096)
     message = str(caught.value)
-    for fragment in ("train.batch_size is 4096", "largest training perturbation has 30 cells", "60 control cells",
-                     "at most 30", str(processed)):
+    for fragment in (
+        "train.batch_size is 4096",
+        "largest training perturbation has 30 cells",
+        "60 control cells",
+        "at most 30",
+        str(processed),
+    ):
         assert fragment in message, f"{fragment!r} not in: {message}"
 
 
@@ -76,9 +91,20 @@ def test_train_from_files_refuses_an_oversized_batch_and_writes_nothing(tmp_path
     processed, split = write_dataset(tmp_path)  # 40 cells per perturbation, 120 controls
     out = tmp_path / "out"
     with pytest.raises(BatchSizeError, match="train.batch_size is 500"):
-        train_from_files(processed, split, out / "model.pt", out / "loss.tsv", out / "resume", model_section=MODEL,
-                         train_section={"steps": 2, "batch_size": 500}, latent_section={}, seed=0, use_latent=False,
-                         device="cpu", progress=False)
+        train_from_files(
+            processed,
+            split,
+            out / "model.pt",
+            out / "loss.tsv",
+            out / "resume",
+            model_section=MODEL,
+            train_section={"steps": 2, "batch_size": 500},
+            latent_section={},
+            seed=0,
+            use_latent=False,
+            device="cpu",
+            progress=False,
+        )
     assert not out.exists() or not any(out.rglob("*"))
 
 

@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 
 from ccfm import CONTROL_LABEL
-
-from ccfm.io import h5ad as h5io
-from ccfm.model.generation import GenerateSettings, predict_label, predict_to_files, prepare_generation, read_control_cells
 from ccfm.data.perturbations import PerturbationVocab
-from ccfm.model.training import Trainer, TrainSettings, build_denoiser, load_expression, save_model
+from ccfm.io import h5ad as h5io
+from ccfm.model.checkpoint import save_model
+from ccfm.model.expression import load_expression
+from ccfm.model.generation import (
+    GenerateSettings,
+    predict_label,
+    predict_to_files,
+    prepare_generation,
+    read_control_cells,
+)
+from ccfm.model.training import Trainer, TrainSettings, build_denoiser
 from training_data import MODEL, write_dataset
 
 SETTINGS = GenerateSettings(cells_per_perturbation=7, method="euler", latent_steps=2, expr_steps=2, batch_size=4)
@@ -28,8 +35,9 @@ def trained(tmp_path: Path) -> tuple[Path, Path, Path]:
     vocab = PerturbationVocab.for_genes(data.genes)
     train = {"steps": 5, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "infer_top_gene": 12, "checkpoint_every": 5}
     denoiser = build_denoiser(data.n_genes, MODEL, train, 0, vocab, seed=1)
-    trainer = Trainer(denoiser, data, labels, vocab, TrainSettings.from_train_section(train), seed=1,
-                      resume_dir=tmp_path / "resume")
+    trainer = Trainer(
+        denoiser, data, labels, vocab, TrainSettings.from_train_section(train), seed=1, resume_dir=tmp_path / "resume"
+    )
     trainer.run(progress=False)
     model_pt = tmp_path / "model.pt"
     save_model(model_pt, trainer.denoiser, vocab)

@@ -29,8 +29,12 @@ def _write(path: Path, dense: bool = False) -> ad.AnnData:
         {"target_gene": labels, "batch": rng.choice(["b1", "b2"], N_CELLS).astype(object)},
         index=[f"cell{i}" for i in range(N_CELLS)],
     )
-    adata = ad.AnnData(X=x.toarray() if dense else x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(N_GENES)]),
-                       layers={"counts": sp.csr_matrix(x * 3)})
+    adata = ad.AnnData(
+        X=x.toarray() if dense else x,
+        obs=obs,
+        var=pd.DataFrame(index=[f"G{i}" for i in range(N_GENES)]),
+        layers={"counts": sp.csr_matrix(x * 3)},
+    )
     adata.write_h5ad(path)
     return adata
 
@@ -41,8 +45,13 @@ def test_read_csr_rows_equals_indexing_the_whole_matrix(tmp_path: Path, dense: b
     adata = _write(tmp_path / "a.h5ad", dense)
     expected = sp.csr_matrix(adata.X)
     rng = np.random.default_rng(1)
-    selections = [np.sort(rng.choice(N_CELLS, 60, replace=False)), np.arange(N_CELLS), np.arange(10, 20),
-                  np.array([0, N_CELLS - 1]), np.zeros(0, dtype=np.int64)]
+    selections = [
+        np.sort(rng.choice(N_CELLS, 60, replace=False)),
+        np.arange(N_CELLS),
+        np.arange(10, 20),
+        np.array([0, N_CELLS - 1]),
+        np.zeros(0, dtype=np.int64),
+    ]
     for rows in selections:
         got = h5io.read_csr_rows(tmp_path / "a.h5ad", rows, chunk_size)
         assert sp.issparse(got) and got.dtype == np.float32 and got.shape == (rows.size, N_GENES)
@@ -75,7 +84,9 @@ def test_read_obs_labels_and_names_match_the_obs_table(tmp_path: Path) -> None:
 
 def test_read_rows_with_labels_keeps_only_the_selected_cells(tmp_path: Path) -> None:
     adata = _write(tmp_path / "a.h5ad")
-    picked = h5io.read_rows_with_labels(tmp_path / "a.h5ad", lambda labels: np.isin(labels, ["A", "A+B"]), chunk_size=50)
+    picked = h5io.read_rows_with_labels(
+        tmp_path / "a.h5ad", lambda labels: np.isin(labels, ["A", "A+B"]), chunk_size=50
+    )
     mask = adata.obs["target_gene"].astype(str).isin(["A", "A+B"]).to_numpy()
     np.testing.assert_array_equal(picked.matrix.toarray(), adata.X[mask].toarray())
     assert picked.cell_names == list(adata.obs_names[mask]) and set(picked.labels) == {"A", "A+B"}

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from ccfm import CONTROL_LABEL
+from ccfm.model.checkpoint import load_model
+from ccfm.model.expression import load_expression
 from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
 from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model, match_mean, shrink_effect
-from ccfm.model.training import fit_mean_model, load_expression, load_model, train_from_files
+from ccfm.model.training import fit_mean_model, train_from_files
 from training_data import MODEL, write_dataset
 
 
@@ -43,7 +45,10 @@ def _module_screen(seed: int, interaction: str, noise: float = 0.02, joint: floa
     joint_programme = rng.normal(0, 1, size=(3, n_genes)) * (rng.random((3, n_genes)) < 0.3)
     control = rng.gamma(2.0, 1.0, size=n_genes)
     singles = {f"s{m}{k}": m for m in range(3) for k in range(5)}
-    means = {name: control + programmes[m] * rng.uniform(0.8, 1.2) + rng.normal(0, noise, n_genes) for name, m in singles.items()}
+    means = {
+        name: control + programmes[m] * rng.uniform(0.8, 1.2) + rng.normal(0, noise, n_genes)
+        for name, m in singles.items()
+    }
     names = sorted(singles)
     doubles = {}
     for i, a in enumerate(names):
@@ -112,15 +117,34 @@ def test_settings_reject_unknown_values() -> None:
 
 # -- the anchored flow, end to end through the rule functions ----------------------------------
 
-TRAIN = {"steps": 1, "batch_size": 8, "lr": 1e-12, "warmup_steps": 0, "infer_top_gene": 20, "checkpoint_every": 5,
-         "mmd": False}
+TRAIN = {
+    "steps": 1,
+    "batch_size": 8,
+    "lr": 1e-12,
+    "warmup_steps": 0,
+    "infer_top_gene": 20,
+    "checkpoint_every": 5,
+    "mmd": False,
+}
 
 
 def _trained(tmp_path: Path, **model) -> tuple[Path, Path]:
     processed, split = write_dataset(tmp_path)
     model_pt = tmp_path / "model.pt"
-    train_from_files(processed, split, model_pt, tmp_path / "loss.tsv", tmp_path / "resume", model_section={**MODEL, **model},
-                     train_section=TRAIN, latent_section={}, seed=3, use_latent=False, device="cpu", progress=False)
+    train_from_files(
+        processed,
+        split,
+        model_pt,
+        tmp_path / "loss.tsv",
+        tmp_path / "resume",
+        model_section={**MODEL, **model},
+        train_section=TRAIN,
+        latent_section={},
+        seed=3,
+        use_latent=False,
+        device="cpu",
+        progress=False,
+    )
     return model_pt, processed
 
 

@@ -101,14 +101,22 @@ def test_summary_means_per_fold_and_over_folds(tmp_path):
     from ccfm.evaluate.metrics import summarize_score_files
 
     def compact(values):
-        return pd.DataFrame({"perturbation": ["A+B", "C+D"], **{m: values for m in
-                            ["pearson_delta", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]}})
+        return pd.DataFrame(
+            {
+                "perturbation": ["A+B", "C+D"],
+                **{m: values for m in ["pearson_delta", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]},
+            }
+        )
 
     def agg(mean):
         return pd.DataFrame({"statistic": ["count", "mean"], "mae": [2.0, mean]})
 
     paths = []
-    for method, fold, values, mae in [("additive", 1, [0.2, 0.4], 0.1), ("additive", 2, [0.6, 0.8], 0.3), ("nochange", 1, [0.0, 0.0], 0.5)]:
+    for method, fold, values, mae in [
+        ("additive", 1, [0.2, 0.4], 0.1),
+        ("additive", 2, [0.6, 0.8], 0.3),
+        ("nochange", 1, [0.0, 0.0], 0.5),
+    ]:
         c, a = tmp_path / f"{method}{fold}.tsv", tmp_path / f"{method}{fold}.csv"
         compact(values).to_csv(c, sep="\t", index=False)
         agg(mae).to_csv(a, index=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccfm.model.model import CascadedFlowModel, DifferentialAttention, ModelConfig, lambda_init_for_depth
 from ccfm.data.perturbations import PerturbationVocab
+from ccfm.model.model import CascadedFlowModel, DifferentialAttention, ModelConfig, lambda_init_for_depth
 
 N_GENES, B, G, D = 40, 3, 12, 16
 
@@ -14,7 +14,17 @@ N_GENES, B, G, D = 40, 3, 12, 16
 def _model(latent_dim: int = D, fusion: str = "differential_perceiver", **kw) -> CascadedFlowModel:
     torch.manual_seed(0)
     return CascadedFlowModel(
-        ModelConfig(n_genes=N_GENES, d_model=32, nhead=4, nlayers=2, latent_dim=latent_dim, bottleneck=8, dh_depth=1, fusion=fusion, **kw)
+        ModelConfig(
+            n_genes=N_GENES,
+            d_model=32,
+            nhead=4,
+            nlayers=2,
+            latent_dim=latent_dim,
+            bottleneck=8,
+            dh_depth=1,
+            fusion=fusion,
+            **kw,
+        )
     )
 
 

@@ -3,7 +3,6 @@ and builds a report that a browser can show."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ccfm.evaluate import report_check
-from pipeline_utils import FAST_DEMO_OVERRIDES, REPO_ROOT, copy_pipeline, describe_failure, snakemake
+from pipeline_utils import FAST_DEMO_OVERRIDES, copy_pipeline, describe_failure, snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,6 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from ccfm.data.conditions import CONTROL
-from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
 from ccfm.data.moments import RunningMoments
 from ccfm.data.preprocess import (
     ScaleError,
@@ -21,6 +20,7 @@ from ccfm.data.preprocess import (
     preprocess_target,
     resolve_input_scale,
 )
+from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
 
 
 def _reference_log1p(adata: ad.AnnData, target_sum: float = 1e4) -> ad.AnnData:
@@ -150,8 +150,14 @@ def test_log1p_only_input_is_kept_without_counts_layer(tmp_path: Path) -> None:
 def test_preprocess_datlinger_matches_scanpy(datlinger_h5ad: Path, tmp_path: Path) -> None:
     out = tmp_path / "processed.h5ad"
     summary = preprocess_dataset(
-        datlinger_h5ad, out, dataset="datlinger", perturbation_column="perturbation",
-        control_label="control", combo_separator="_", n_top_genes=300, chunk_size=1000,
+        datlinger_h5ad,
+        out,
+        dataset="datlinger",
+        perturbation_column="perturbation",
+        control_label="control",
+        combo_separator="_",
+        n_top_genes=300,
+        chunk_size=1000,
     )
     processed = ad.read_h5ad(out)
     raw = ad.read_h5ad(datlinger_h5ad)
@@ -184,8 +190,13 @@ def test_preprocess_datlinger_matches_scanpy(datlinger_h5ad: Path, tmp_path: Pat
 def test_preprocess_papalexi_keeps_perturbed_genes(papalexi_h5ad: Path, tmp_path: Path) -> None:
     out = tmp_path / "processed.h5ad"
     summary = preprocess_dataset(
-        papalexi_h5ad, out, dataset="papalexi", perturbation_column="target",
-        control_label="non-targeting", n_top_genes=20, chunk_size=5000,
+        papalexi_h5ad,
+        out,
+        dataset="papalexi",
+        perturbation_column="target",
+        control_label="non-targeting",
+        n_top_genes=20,
+        chunk_size=5000,
     )
     processed = ad.read_h5ad(out, backed="r")
     raw_var = set(ad.read_h5ad(papalexi_h5ad, backed="r").var_names)
@@ -218,8 +229,11 @@ def test_preprocess_target_aligns_genes(tmp_path: Path) -> None:
     keep = [g for g in target.var_names if g != dropped][::-1]  # another order, one gene missing
     target[:, keep].copy().write_h5ad(tmp_path / "target_raw.h5ad")
     summary = preprocess_target(
-        tmp_path / "target_raw.h5ad", tmp_path / "processed.h5ad", tmp_path / "target_processed.h5ad",
-        dataset="t", chunk_size=40,
+        tmp_path / "target_raw.h5ad",
+        tmp_path / "processed.h5ad",
+        tmp_path / "target_processed.h5ad",
+        dataset="t",
+        chunk_size=40,
     )
     out = ad.read_h5ad(tmp_path / "target_processed.h5ad")
     assert list(out.var_names) == genes and summary["genes_absent"] == [dropped]

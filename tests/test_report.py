@@ -50,7 +50,9 @@ def toy_real() -> ad.AnnData:
     x = rng.gamma(2.0, 0.5, size=(len(labels), 25))
     x[np.array(labels) == "A+B", :5] += 2.0
     obs = pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(len(labels))])
-    return ad.AnnData(X=sp.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(25)]))
+    return ad.AnnData(
+        X=sp.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(25)])
+    )
 
 
 def test_choose_perturbations_prefers_best_measured(toy_real):
@@ -73,7 +75,9 @@ def test_figures_are_drawn(tmp_path, toy_real):
     _assert_png_has_content(tmp_path / "metrics.png")
 
     genes = list(toy_real.var_names)
-    real_means = {p: np.asarray(toy_real[toy_real.obs["target_gene"] == p].X.mean(axis=0)).ravel() for p in ["A+B", "C+D", "E+F"]}
+    real_means = {
+        p: np.asarray(toy_real[toy_real.obs["target_gene"] == p].X.mean(axis=0)).ravel() for p in ["A+B", "C+D", "E+F"]
+    }
     pred_means = {
         "additive": pd.DataFrame(real_means, index=genes).T,
         "nochange": pd.DataFrame({p: np.full(25, 1.0) for p in real_means}, index=genes).T,
@@ -90,21 +94,36 @@ def test_figures_are_drawn(tmp_path, toy_real):
     _assert_png_has_content(tmp_path / "vocab.png")
 
     steps = np.arange(0, 100, 10)
-    loss = pd.DataFrame({"step": steps, "total": 2 / (1 + steps), "expr": 1 / (1 + steps), "latent": 1 / (1 + steps),
-                         "mmd": 0.1 / (1 + steps), "lr": 1e-3})
+    loss = pd.DataFrame(
+        {
+            "step": steps,
+            "total": 2 / (1 + steps),
+            "expr": 1 / (1 + steps),
+            "latent": 1 / (1 + steps),
+            "mmd": 0.1 / (1 + steps),
+            "lr": 1e-3,
+        }
+    )
     nolatent = loss.assign(latent=np.nan)
     plot_loss_curves({"ccfm": loss, "ccfm_nolatent": nolatent}, tmp_path / "loss.png", "demo fold 1")
     _assert_png_has_content(tmp_path / "loss.png")
     # Atomic writes leave only the figures.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.png", "loss.png", "metrics.png", "pca.png", "vocab.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "delta.png",
+        "loss.png",
+        "metrics.png",
+        "pca.png",
+        "vocab.png",
+    ]
 
 
 @pytest.fixture(scope="module")
 def built_report(tmp_path_factory) -> Path:
     """A real Snakemake report with a figure in each of two categories."""
     workdir = tmp_path_factory.mktemp("mini_report")
-    (workdir / "Snakefile").write_text(textwrap.dedent(
-        """
+    (workdir / "Snakefile").write_text(
+        textwrap.dedent(
+            """
         report: "workflow.rst"
 
         rule all:
@@ -125,17 +144,22 @@ def built_report(tmp_path_factory) -> Path:
             run:
                 open(output[0], "w").write("method\\tvalue\\nadditive\\t0.7\\n")
         """
-    ))
+        )
+    )
     (workdir / "workflow.rst").write_text("Mini workflow for the report checker.\n")
     (workdir / "caption.rst").write_text("A caption.\n")
     for args in (["-c1", "-q"], ["--report", "report.html"]):
-        result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     return workdir / "report.html"
 
 
 def test_static_check_passes_and_catches_problems(built_report, tmp_path):
-    good = checker.check_report(built_report, expect_categories=["Metrics", "Tables"], expect_files=["results/a.png"], browser=False)
+    good = checker.check_report(
+        built_report, expect_categories=["Metrics", "Tables"], expect_files=["results/a.png"], browser=False
+    )
     assert good.ok, good.summary()
     assert good.n_images == 1 and good.n_results == 2
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 from ccfm.scgpt import feature_cache
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 from ccfm.scgpt.feature_cache import (
     CACHE_FILES,
     MANIFEST,
@@ -23,7 +23,6 @@ from ccfm.scgpt.feature_cache import (
     count_tokens,
     make_latent_source,
 )
-
 from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
 G, N = 50, 30
@@ -90,7 +89,9 @@ def test_auto_mode_decides_from_the_estimated_size(tmp_path, extractor, processe
     assert isinstance(small, CachedSource) and isinstance(big, OnTheFlySource)
     assert "estimated" in caplog.text and "GB" in caplog.text
     assert not (tmp_path / "b" / "manifest.json").exists()
-    assert isinstance(make_latent_source("off", extractor, processed, np.arange(N), tmp_path / "c", 1.0), OnTheFlySource)
+    assert isinstance(
+        make_latent_source("off", extractor, processed, np.arange(N), tmp_path / "c", 1.0), OnTheFlySource
+    )
     with pytest.raises(ValueError, match="auto, on or off"):
         make_latent_source("yes", extractor, processed, np.arange(N), tmp_path / "d", 1.0)
 

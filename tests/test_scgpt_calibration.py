@@ -19,7 +19,6 @@ from ccfm.scgpt.calibration import (
     training_cell_indices,
 )
 from ccfm.scgpt.extractor import ScGPTFeatureExtractor
-
 from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
 G, N = 60, 40
@@ -75,7 +74,9 @@ def test_calibration_equals_stats_over_all_features_at_once(extractor, processed
     features = extractor.extract(expr)
     covered = extractor.covered_mask(expr)
     all_features = features[covered].double()
-    small = calibrate(extractor, processed, cells, batch_size=3, max_cells=None, seed=0, genes=[f"g{j}" for j in range(G)])
+    small = calibrate(
+        extractor, processed, cells, batch_size=3, max_cells=None, seed=0, genes=[f"g{j}" for j in range(G)]
+    )
     large = calibrate(extractor, processed, cells, batch_size=16, max_cells=None, seed=0)
     torch.testing.assert_close(small.mean, all_features.mean(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(small.var, all_features.var(0, unbiased=False), rtol=1e-4, atol=1e-4)
@@ -108,12 +109,16 @@ def test_saved_stats_load_weights_only_with_metadata(tmp_path, extractor, proces
 
 def test_training_cells_exclude_held_out_perturbations(tmp_path, processed):
     split = tmp_path / "fold1.json"
-    split.write_text(json.dumps({"fold": 1, "seed": 42, "train": ["A", "B", "A+B"], "test": ["C+D"], "controls": "non-targeting"}))
+    split.write_text(
+        json.dumps({"fold": 1, "seed": 42, "train": ["A", "B", "A+B"], "test": ["C+D"], "controls": "non-targeting"})
+    )
     cells = training_cell_indices(processed, split)
     labels = np.array([LABELS[i % 5] for i in range(N)])
     assert set(labels[cells]) == {"non-targeting", "A", "B", "A+B"}
     assert len(cells) == 32 and "C+D" not in set(labels[cells])
-    split.write_text(json.dumps({"fold": 1, "seed": 42, "train": ["A", "C+D"], "test": ["C+D"], "controls": "non-targeting"}))
+    split.write_text(
+        json.dumps({"fold": 1, "seed": 42, "train": ["A", "C+D"], "test": ["C+D"], "controls": "non-targeting"})
+    )
     with pytest.raises(ValueError, match="both train and test"):
         training_cell_indices(processed, split)
 

@@ -18,7 +18,6 @@ from ccfm.scgpt.checkpoint import (
     load_scgpt,
     verify_checkpoint_files,
 )
-
 from scgpt_test_data import copy_checkpoint
 
 

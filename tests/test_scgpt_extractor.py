@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ccfm.scgpt.extractor import ScGPTFeatureExtractor, quantile_bin, tie_break_draws
-
 from scgpt_test_data import copy_checkpoint, random_vocab_ids
 
 G = 120

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccfm.scgpt.compat import census_vocab_path, scgpt_package_dir, transformer_model_class
 from ccfm.scgpt.checkpoint import (
     CheckpointError,
     build_model,
@@ -20,7 +19,7 @@ from ccfm.scgpt.checkpoint import (
     to_flash_attention_names,
     to_pytorch_attention_names,
 )
-
+from ccfm.scgpt.compat import census_vocab_path, scgpt_package_dir, transformer_model_class
 from scgpt_test_data import copy_checkpoint
 
 
@@ -88,8 +87,10 @@ def test_load_is_strict_frozen_and_reproduces_the_saved_weights(tiny_dir):
     for key, value in saved.items():
         if key in loaded:
             assert torch.equal(loaded[key], value), key
-    assert torch.equal(loaded["transformer_encoder.layers.1.self_attn.in_proj_weight"],
-                       saved["transformer_encoder.layers.1.self_attn.in_proj_weight"])
+    assert torch.equal(
+        loaded["transformer_encoder.layers.1.self_attn.in_proj_weight"],
+        saved["transformer_encoder.layers.1.self_attn.in_proj_weight"],
+    )
     assert len(vocab) == 60697 and args["embsize"] == 32
 
 
@@ -116,7 +117,9 @@ def test_flash_format_checkpoint_gives_the_same_encoder_output(tmp_path):
 def test_missing_and_unexpected_keys_are_errors_naming_them(tmp_path, tiny_dir):
     state = torch.load(tiny_dir / "best_model.pt", weights_only=True)
     broken = copy_checkpoint(tiny_dir, tmp_path / "missing")
-    torch.save({k: v for k, v in state.items() if k != "transformer_encoder.layers.1.linear2.bias"}, broken / "best_model.pt")
+    torch.save(
+        {k: v for k, v in state.items() if k != "transformer_encoder.layers.1.linear2.bias"}, broken / "best_model.pt"
+    )
     with pytest.raises(CheckpointError, match="transformer_encoder.layers.1.linear2.bias"):
         load_scgpt(broken)
     extra = copy_checkpoint(tiny_dir, tmp_path / "extra")

@@ -138,8 +138,12 @@ def test_interactions_follow_the_modules_and_are_discoverable(demo) -> None:
     controls = _log_norm(source.X.toarray())[source.obs["target_gene"].astype(str).to_numpy() == CONTROL]
     index = {g: i for i, g in enumerate(source.var_names)}
     corr = np.corrcoef(controls[:, [index[g] for g in genes]].T)
-    same_c = [corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] == module[genes[j]]]
-    other_c = [corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] != module[genes[j]]]
+    same_c = [
+        corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] == module[genes[j]]
+    ]
+    other_c = [
+        corr[i, j] for i in range(len(genes)) for j in range(i + 1, len(genes)) if module[genes[i]] != module[genes[j]]
+    ]
     assert np.mean(same_c) > np.mean(other_c) + 0.05
 
 
@@ -166,9 +170,18 @@ def test_target_context_is_shifted(demo) -> None:
 
 
 def test_seed_determinism_and_overrides(tmp_path: Path) -> None:
-    sizes = dict(n_genes=120, n_real_symbols=60, n_singles=6, n_doubles=5, n_control_cells=100,
-                 cells_per_condition=10, n_target_control_cells=50, n_target_singles=2,
-                 n_target_doubles=1, target_cells_per_condition=10)
+    sizes = dict(
+        n_genes=120,
+        n_real_symbols=60,
+        n_singles=6,
+        n_doubles=5,
+        n_control_cells=100,
+        cells_per_condition=10,
+        n_target_control_cells=50,
+        n_target_singles=2,
+        n_target_doubles=1,
+        target_cells_per_condition=10,
+    )
     first = simulate_demo(tmp_path / "a", seed=3, **sizes)
     second = simulate_demo(tmp_path / "b", seed=3, **sizes)
     third = simulate_demo(tmp_path / "c", seed=4, **sizes)

@@ -68,9 +68,20 @@ def test_invalid_arguments_and_leak_detection(tmp_path: Path) -> None:
 
 
 def test_split_and_real_on_simulated_demo(tmp_path: Path) -> None:
-    paths = simulate_demo(tmp_path / "raw", seed=5, n_genes=80, n_real_symbols=40, n_singles=6, n_doubles=10,
-                          n_control_cells=150, cells_per_condition=20, n_target_control_cells=20,
-                          n_target_singles=1, n_target_doubles=1, target_cells_per_condition=5)
+    paths = simulate_demo(
+        tmp_path / "raw",
+        seed=5,
+        n_genes=80,
+        n_real_symbols=40,
+        n_singles=6,
+        n_doubles=10,
+        n_control_cells=150,
+        cells_per_condition=20,
+        n_target_control_cells=20,
+        n_target_singles=1,
+        n_target_doubles=1,
+        target_cells_per_condition=5,
+    )
     processed = tmp_path / "processed.h5ad"
     preprocess_dataset(paths["raw"], processed, dataset="demo", n_top_genes=30, chunk_size=100)
     split = split_for_processed(processed, fold=1, seed=42, heldout_fraction=0.3, n_folds=2)

@@ -17,12 +17,20 @@ import anndata as ad
 import pytest
 
 import ccfm.model.training as training
-from ccfm.scgpt.calibration import LatentStats
 from ccfm.model.training import CHECKPOINT_NAME, train_from_files
+from ccfm.scgpt.calibration import LatentStats
 from scgpt_test_data import SMALL_SCGPT_SIZES, copy_checkpoint
 from training_data import MODEL, tiny_scgpt_inputs, write_dataset
 
-TRAIN = {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "infer_top_gene": 10, "checkpoint_every": 3, "log_every": 3}
+TRAIN = {
+    "steps": 6,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "warmup_steps": 2,
+    "infer_top_gene": 10,
+    "checkpoint_every": 3,
+    "log_every": 3,
+}
 
 
 class Killed(RuntimeError):
@@ -30,8 +38,17 @@ class Killed(RuntimeError):
 
 
 def _run(out: Path, **kwargs: Any) -> training.TrainResult:
-    return train_from_files(out_model=out / "model.pt", out_loss=out / "loss.tsv", resume_dir=out / "resume",
-                            model_section=MODEL, train_section=TRAIN, seed=5, device="cpu", progress=False, **kwargs)
+    return train_from_files(
+        out_model=out / "model.pt",
+        out_loss=out / "loss.tsv",
+        resume_dir=out / "resume",
+        model_section=MODEL,
+        train_section=TRAIN,
+        seed=5,
+        device="cpu",
+        progress=False,
+        **kwargs,
+    )
 
 
 def _killed_before_model(monkeypatch: pytest.MonkeyPatch, out: Path, **kwargs: Any) -> None:
@@ -104,15 +121,20 @@ def _recalibrate(inputs: dict[str, Any]) -> None:
     LatentStats(stats.mean * 2, stats.var, stats.target_std, stats.metadata).save(inputs["latent_stats"])
 
 
-@pytest.mark.parametrize(("change", "named"), [
-    (_recalibrate, "latent_stats.pt"),
-    (_touch_scgpt, "scGPT checkpoint"),
-    (lambda inputs: inputs["latent_section"].update(max_tokens_per_cell=5), "latent section"),
-])
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_recalibrate, "latent_stats.pt"),
+        (_touch_scgpt, "scGPT checkpoint"),
+        (lambda inputs: inputs["latent_section"].update(max_tokens_per_cell=5), "latent section"),
+    ],
+)
 def test_latent_inputs_retrain(tmp_path, monkeypatch, caplog, tiny_scgpt_checkpoint, change, named) -> None:
     scgpt = copy_checkpoint(tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES), tmp_path / "scgpt" / "tiny")
     found = tiny_scgpt_inputs(tmp_path, scgpt)
-    inputs = {key: found[key] for key in ("processed_h5ad", "split_json", "scgpt_dir", "gene_vocab_tsv", "latent_stats")}
+    inputs = {
+        key: found[key] for key in ("processed_h5ad", "split_json", "scgpt_dir", "gene_vocab_tsv", "latent_stats")
+    }
     inputs.update(use_latent=True, latent_section={"cache": "off", "max_tokens_per_cell": 1200})
     _killed_before_model(monkeypatch, tmp_path / "out", **inputs)
     change(inputs)

@@ -13,18 +13,17 @@ import scipy.sparse as sp
 import torch
 
 from ccfm.data.conditions import conditions_to_predict
-from ccfm.model.generation import GenerateSettings, predict_to_files, prepare_generation
 from ccfm.data.perturbations import PerturbationVocab
+from ccfm.model.checkpoint import load_model, save_model
+from ccfm.model.expression import load_expression
+from ccfm.model.generation import GenerateSettings, predict_to_files, prepare_generation
 from ccfm.model.training import (
     LOSS_COLUMNS,
     PerturbationBatchSampler,
     Trainer,
     TrainSettings,
     build_denoiser,
-    load_expression,
-    load_model,
     run_fingerprint,
-    save_model,
     train_from_files,
     warmup_cosine,
     write_loss_tsv,
@@ -42,13 +41,31 @@ def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim:
     data = load_expression(processed)
     labels = json.loads(split.read_text())["train"]
     vocab = PerturbationVocab.for_genes(data.genes)
-    train_section = {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "infer_top_gene": 12,
-                     "checkpoint_every": 10, "log_every": 5, "mmd": True, "gamma": 0.5, **train}
+    train_section = {
+        "steps": steps,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "infer_top_gene": 12,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "mmd": True,
+        "gamma": 0.5,
+        **train,
+    }
     settings = TrainSettings.from_train_section(train_section)
     den = build_denoiser(data.n_genes, MODEL, train_section, latent_dim, vocab, seed=7)
-    return Trainer(den, data, labels, vocab, settings, seed=7, resume_dir=resume,
-                   latent_targets=FakeLatent(latent_dim) if latent_dim else None,
-                   run_fingerprint=run_fingerprint(settings, den, vocab, labels, 7))
+    return Trainer(
+        den,
+        data,
+        labels,
+        vocab,
+        settings,
+        seed=7,
+        resume_dir=resume,
+        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
+        run_fingerprint=run_fingerprint(settings, den, vocab, labels, 7),
+    )
 
 
 def test_load_expression_keeps_csr(dataset) -> None:
@@ -66,7 +83,9 @@ def test_sampler_draws_one_perturbation_against_controls(dataset) -> None:
     assert set(data.labels[batch.control_rows]) == {"non-targeting"}
     assert batch.gene_window.size == 12 and np.all(np.diff(batch.gene_window) > 0)
     # a window larger than the gene count is all genes
-    assert PerturbationBatchSampler(data, SINGLES, 8, 500, np.random.default_rng(0)).sample().gene_window.size == N_GENES
+    assert (
+        PerturbationBatchSampler(data, SINGLES, 8, 500, np.random.default_rng(0)).sample().gene_window.size == N_GENES
+    )
 
 
 def test_warmup_cosine_schedule() -> None:
@@ -135,9 +154,13 @@ def test_model_file_roundtrip_and_prediction(dataset, tmp_path) -> None:
     # the same seed reproduces the file; adding a perturbation leaves the others unchanged
     predict_to_files(generation, processed, split, ["G1+G3"], tmp_path / "p2.h5ad", tmp_path / "m2.csv", seed=3)
     again = ad.read_h5ad(tmp_path / "p2.h5ad")
-    np.testing.assert_array_equal(again[again.obs["target_gene"] == "G2+G3"].X.toarray(), pred[pred.obs["target_gene"] == "G2+G3"].X.toarray())
+    np.testing.assert_array_equal(
+        again[again.obs["target_gene"] == "G2+G3"].X.toarray(), pred[pred.obs["target_gene"] == "G2+G3"].X.toarray()
+    )
     with pytest.raises(KeyError, match="not among"):
-        predict_to_files(generation, processed, split, ["G1+NOTAGENE"], tmp_path / "p3.h5ad", tmp_path / "m3.csv", seed=3)
+        predict_to_files(
+            generation, processed, split, ["G1+NOTAGENE"], tmp_path / "p3.h5ad", tmp_path / "m3.csv", seed=3
+        )
 
 
 def test_prepare_generation_loads_the_model_with_the_rule_settings(dataset, tmp_path) -> None:
@@ -146,12 +169,16 @@ def test_prepare_generation_loads_the_model_with_the_rule_settings(dataset, tmp_
     save_model(model_pt, trainer.denoiser, trainer.vocab)
     threads_before = torch.get_num_threads()
     try:
-        generation = prepare_generation(model_pt, {"cells_per_perturbation": 6, "method": "euler"}, threads=2, device="cpu")
+        generation = prepare_generation(
+            model_pt, {"cells_per_perturbation": 6, "method": "euler"}, threads=2, device="cpu"
+        )
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads_before)
     # a partial config section: the rest are the sampler's defaults
-    assert generation.settings == GenerateSettings(cells_per_perturbation=6, method="euler", latent_steps=20, expr_steps=20, batch_size=256)
+    assert generation.settings == GenerateSettings(
+        cells_per_perturbation=6, method="euler", latent_steps=20, expr_steps=20, batch_size=256
+    )
     assert generation.device == torch.device("cpu") and generation.model_pt == model_pt
     assert generation.model.genes == trainer.data.genes
     assert all(p.device.type == "cpu" for p in generation.model.denoiser.parameters())
@@ -171,14 +198,32 @@ def test_loss_tsv(tmp_path) -> None:
 def test_train_from_files_with_tiny_scgpt(tmp_path, tiny_scgpt_checkpoint) -> None:
     """The real wiring: tiny scGPT checkpoint, gene vocab, calibrated stats, cache, model.pt."""
     inputs = tiny_scgpt_inputs(tmp_path, tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES))
-    train = {"steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "infer_top_gene": 10, "checkpoint_every": 5, "log_every": 4}
+    train = {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "infer_top_gene": 10,
+        "checkpoint_every": 5,
+        "log_every": 4,
+    }
     out = tmp_path / "ccfm"
     result = train_from_files(
-        inputs["processed_h5ad"], inputs["split_json"], out / "model.pt", out / "loss.tsv", out / "resume",
-        model_section=MODEL, train_section=train,
-        latent_section={"cache": "on", "cache_max_gb": 1, "max_tokens_per_cell": 1200}, seed=5, use_latent=True,
-        scgpt_dir=inputs["scgpt_dir"], gene_vocab_tsv=inputs["gene_vocab_tsv"], latent_stats=inputs["latent_stats"],
-        device="cpu", progress=False,
+        inputs["processed_h5ad"],
+        inputs["split_json"],
+        out / "model.pt",
+        out / "loss.tsv",
+        out / "resume",
+        model_section=MODEL,
+        train_section=train,
+        latent_section={"cache": "on", "cache_max_gb": 1, "max_tokens_per_cell": 1200},
+        seed=5,
+        use_latent=True,
+        scgpt_dir=inputs["scgpt_dir"],
+        gene_vocab_tsv=inputs["gene_vocab_tsv"],
+        latent_stats=inputs["latent_stats"],
+        device="cpu",
+        progress=False,
     )
     assert result.steps_run == 12 and result.extract_seconds > 0
     loaded = load_model(out / "model.pt")

@@ -21,11 +21,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ccfm.model.training import CHECKPOINT_NAME, load_model, train_from_files
+from ccfm.model.checkpoint import load_model
+from ccfm.model.training import CHECKPOINT_NAME, train_from_files
 from training_data import MODEL, write_dataset
 
-TRAIN = {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "infer_top_gene": 12,
-         "checkpoint_every": 10, "log_every": 5}
+TRAIN = {
+    "steps": 40,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup_steps": 5,
+    "infer_top_gene": 12,
+    "checkpoint_every": 10,
+    "log_every": 5,
+}
 SEED = 7
 KILL_AFTER_STEP = 25  # checkpoints at 10 and 20: the killed process is 5 steps past the last one
 LAST_CHECKPOINT = 20
@@ -39,7 +47,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from ccfm.model.model import training
+from ccfm.model import training
 
 request = json.loads(sys.argv[1])
 pause_after, marker = request.pop("pause_after_step"), request.pop("step_marker")
@@ -61,9 +69,16 @@ print(json.dumps({"resumed_from": result.resumed_from, "steps_run": result.steps
 
 def _request(processed: Path, split: Path, out: Path) -> dict:
     return {
-        "processed_h5ad": str(processed), "split_json": str(split), "out_model": str(out / "model.pt"),
-        "out_loss": str(out / "loss.tsv"), "resume_dir": str(out / "resume"), "model_section": MODEL,
-        "train_section": TRAIN, "latent_section": {}, "seed": SEED, "use_latent": False,
+        "processed_h5ad": str(processed),
+        "split_json": str(split),
+        "out_model": str(out / "model.pt"),
+        "out_loss": str(out / "loss.tsv"),
+        "resume_dir": str(out / "resume"),
+        "model_section": MODEL,
+        "train_section": TRAIN,
+        "latent_section": {},
+        "seed": SEED,
+        "use_latent": False,
     }
 
 
@@ -92,7 +107,9 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_training(tmp_
         deadline = time.monotonic() + 120
         # Wait until the checkpoint exists *and* training has gone past it.
         while not (checkpoint.exists() and _marked_step(marker) >= KILL_AFTER_STEP):
-            assert child.poll() is None, f"training child exited ({child.returncode}) before the kill:\n{env_log.read_text()}"
+            assert child.poll() is None, (
+                f"training child exited ({child.returncode}) before the kill:\n{env_log.read_text()}"
+            )
             assert time.monotonic() < deadline, "training child made no progress in 120 s"
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
@@ -104,8 +121,9 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_training(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["resume"]
     assert sorted(p.name for p in (out / "resume").iterdir()) == [CHECKPOINT_NAME]
 
-    resumed = subprocess.run(_child_command(script, request, None, marker), capture_output=True, text=True,
-                             timeout=300, check=False)
+    resumed = subprocess.run(
+        _child_command(script, request, None, marker), capture_output=True, text=True, timeout=300, check=False
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert report == {"resumed_from": LAST_CHECKPOINT, "steps_run": TRAIN["steps"] - LAST_CHECKPOINT}

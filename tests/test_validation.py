@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -38,7 +39,6 @@ from ccfm.data.validation import (
     near_control_labels,
     validate_predict_entries,
 )
-
 from scgpt_test_data import SMALL_SCGPT_SIZES, copy_checkpoint
 
 N_CELLS, N_GENES = 120, 30
@@ -109,45 +109,74 @@ def _truncated(path: Path) -> Path:
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], dict[str, Any], type[Exception], list[str]]] = {
     "missing_perturbation_column": (
         lambda p: _write(p, obs=_obs(_labels(np.random.default_rng(0)), column="guide_identity")),
-        {}, MissingColumnError, ["'target_gene'", "guide_identity", "perturbation_column", "config/config.yaml"],
+        {},
+        MissingColumnError,
+        ["'target_gene'", "guide_identity", "perturbation_column", "config/config.yaml"],
     ),
     "unlabelled_cells": (_unlabelled, {}, MissingLabelError, ["1 cells have no label", "c5"]),
     "no_control_cells": (
         lambda p: _write(p, obs=_obs(np.random.default_rng(0).choice(["G1", "G2", "G1+G2"], N_CELLS))),
-        {}, NoControlCellsError, ["no control cells", "'non-targeting'", "control_label"],
+        {},
+        NoControlCellsError,
+        ["no control cells", "'non-targeting'", "control_label"],
     ),
     "control_label_near_match": (
         lambda p: _write(p, obs=_obs(_labels(np.random.default_rng(0), control="NonTargeting_sgRNA"))),
-        {}, ControlLabelMismatchError, ["similar labels exist", "control_label: NonTargeting_sgRNA"],
+        {},
+        ControlLabelMismatchError,
+        ["similar labels exist", "control_label: NonTargeting_sgRNA"],
     ),
     "control_label_misconfigured": (
         lambda p: _write(p, obs=_obs(_labels(np.random.default_rng(0), control="NTC"))),
-        {"control_label": "NTC_ctrl"}, ControlLabelMismatchError, ["'NTC_ctrl'", "control_label: NTC"],
+        {"control_label": "NTC_ctrl"},
+        ControlLabelMismatchError,
+        ["'NTC_ctrl'", "control_label: NTC"],
     ),
     "negative_values": (_bad_value(-2.0, 100), {}, InvalidValuesError, ["negative values", "raw counts"]),
     "nan_values": (_bad_value(np.nan, 117), {}, InvalidValuesError, ["NaN/infinite", "117", "finite"]),
     "inf_values": (_bad_value(np.inf, 60), {}, InvalidValuesError, ["NaN/infinite", "row 60"]),
     "log1p_where_counts_expected": (
-        _log1p_data, {"input_scale": "counts"}, ScaleError,
-        ["input_scale: counts", "look like log1p", "normalised and log-transformed a second time", "input_scale: log1p"],
+        _log1p_data,
+        {"input_scale": "counts"},
+        ScaleError,
+        [
+            "input_scale: counts",
+            "look like log1p",
+            "normalised and log-transformed a second time",
+            "input_scale: log1p",
+        ],
     ),
     "counts_where_log1p_expected": (
-        lambda p: _write(p), {"input_scale": "log1p"}, ScaleError,
+        lambda p: _write(p),
+        {"input_scale": "log1p"},
+        ScaleError,
         ["input_scale: log1p", "look like counts", "raw counts", "input_scale: counts"],
     ),
     "duplicated_gene_names": (
         lambda p: _write(p, var=pd.DataFrame(index=GENES[:-2] + ["G1", "G7"])),
-        {}, DuplicateGenesError, ["2 gene names occur more than once", "G1 x2", "G7 x2", "var_names_make_unique"],
+        {},
+        DuplicateGenesError,
+        ["2 gene names occur more than once", "G1 x2", "G7 x2", "var_names_make_unique"],
     ),
     "ensembl_ids_with_symbol_column": (
-        _ensembl(True), {}, EnsemblIdsError, ["Ensembl ids", "ENSG00000000000", "var['gene_symbols']"],
+        _ensembl(True),
+        {},
+        EnsemblIdsError,
+        ["Ensembl ids", "ENSG00000000000", "var['gene_symbols']"],
     ),
     "ensembl_ids_without_symbols": (_ensembl(False), {}, EnsemblIdsError, ["Ensembl ids", "HGNC symbols"]),
     "predict_gene_not_in_data": (
-        lambda p: _write(p), {"predict": ["G3+g4", "NOTAGENE"]}, UnknownPerturbationError,
+        lambda p: _write(p),
+        {"predict": ["G3+g4", "NOTAGENE"]},
+        UnknownPerturbationError,
         ["'g4' is not in the data", "did you mean 'G4'", "'NOTAGENE'", "predict:"],
     ),
-    "truncated_h5ad": (_truncated, {}, UnreadableInputError, ["truncated file", "truncated or corrupted", "download/export it again"]),
+    "truncated_h5ad": (
+        _truncated,
+        {},
+        UnreadableInputError,
+        ["truncated file", "truncated or corrupted", "download/export it again"],
+    ),
     "not_an_h5ad": (lambda p: (p.write_text("gene,cell\n"), p)[1], {}, UnreadableInputError, ["not an HDF5/h5ad file"]),
     "empty_file": (lambda p: (p.write_bytes(b""), p)[1], {}, UnreadableInputError, ["the file is empty"]),
 }
@@ -248,7 +277,10 @@ def test_validate_predict_entries_with_vocab() -> None:
 def test_near_control_labels() -> None:
     assert near_control_labels(["G1", "Control_1", "G2"], "non-targeting") == ["Control_1"]
     assert near_control_labels(["G1", "G2"], "non-targeting") == []
-    assert near_control_labels(["G1", "non-targetting", "Non-Targeting-sg"], "non-targeting") == ["non-targetting", "Non-Targeting-sg"]
+    assert near_control_labels(["G1", "non-targetting", "Non-Targeting-sg"], "non-targeting") == [
+        "non-targetting",
+        "Non-Targeting-sg",
+    ]
 
 
 def test_check_chunk_values_names_rows() -> None:

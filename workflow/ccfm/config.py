@@ -8,8 +8,9 @@ name. :func:`dataset_section` returns the merged view a rule should use.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jsonschema
 import yaml
@@ -80,7 +81,13 @@ SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
         "interaction_holdout": 0.25,
         "interaction_min_doubles": 4,
     },
-    "generate": {"cells_per_perturbation": 128, "method": "rk4", "latent_steps": 20, "expr_steps": 20, "batch_size": 256},
+    "generate": {
+        "cells_per_perturbation": 128,
+        "method": "rk4",
+        "latent_steps": 20,
+        "expr_steps": 20,
+        "batch_size": 256,
+    },
     "score": {"profile": "full", "top_de": 20},
     "adapt": {
         "steps": 1000,

@@ -23,10 +23,11 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -171,9 +172,14 @@ def torchrun_command(n_processes: int, request_json: str | Path) -> list[str]:
     if n_processes < 2:
         raise ValueError(f"torchrun is for 2 or more processes, got {n_processes}")
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc-per-node={int(n_processes)}",
-        "-m", "ccfm.model.train_worker", str(request_json),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={int(n_processes)}",
+        "-m",
+        "ccfm.model.train_worker",
+        str(request_json),
     ]
 
 

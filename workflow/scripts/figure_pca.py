@@ -1,7 +1,7 @@
 """Rule figure_pca: predicted vs real cells of one method in the PCA of the real cells."""
 
-from ccfm.logs import setup_rule_logging
 from ccfm.evaluate.plots import prediction_pca_figure
+from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])
 prediction_pca_figure(

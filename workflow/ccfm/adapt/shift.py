@@ -44,9 +44,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anndata as ad
 import numpy as np
@@ -57,17 +58,19 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
-from ccfm.evaluate.baselines import condition_means, predict_baseline
-from ccfm.evaluate.celleval import check_enough_perturbations, run_cell_eval
 from ccfm.data.conditions import parse_condition
-from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
-from ccfm.distributed import pick_device
-from ccfm.io.h5ad import LabelledRows, atomic_output, read_control_cells, read_obs, read_rows_with_labels
-from ccfm.evaluate.metrics import compact_metrics
-from ccfm.model.model import CascadedFlowModel
 from ccfm.data.perturbations import PerturbationVocab
+from ccfm.data.validation import check_enough_perturbations
+from ccfm.distributed import pick_device
+from ccfm.evaluate.baselines import condition_means, predict_baseline
+from ccfm.evaluate.celleval import run_cell_eval
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.io.h5ad import atomic_output, read_control_cells, read_obs, read_rows_with_labels
 from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_predictions, write_table_atomic
-from ccfm.model.training import ExpressionData, LoadedModel, load_model
+from ccfm.model.checkpoint import LoadedModel, load_model
+from ccfm.model.expression import ExpressionData
+from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
+from ccfm.model.model import CascadedFlowModel
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +165,7 @@ def as_row_source(data: RowSource | sp.spmatrix | sp.sparray | np.ndarray) -> Ro
         return DenseRowSource(data)
     if isinstance(data, RowSource):
         return data
-    raise TypeError(
-        f"expected a scipy CSR matrix, a numpy array or a RowSource, got {type(data).__name__}"
-    )
+    raise TypeError(f"expected a scipy CSR matrix, a numpy array or a RowSource, got {type(data).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class AdaptSettings:
             raise ValueError(f"adapt.encoding {self.encoding!r} is unknown: use one of {ENCODINGS}")
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "AdaptSettings":
+    def from_mapping(cls, values: dict[str, Any]) -> AdaptSettings:
         known = {name for name in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -448,8 +449,14 @@ def learn_shift(
 
     sigmas = _initial_bandwidths(encode, target, source, draw(target_parts.train), draw(source_parts.train))
     log.info("MMD bandwidths (pooled median x %s): %s", BANDWIDTH_SCALES, [f"{s:.4g}" for s in sigmas])
-    val_blocks = (_eval_blocks(target_parts.val, eval_cells, batch_size), _eval_blocks(source_parts.val, eval_cells, batch_size))
-    test_blocks = (_eval_blocks(target_parts.test, eval_cells, batch_size), _eval_blocks(source_parts.test, eval_cells, batch_size))
+    val_blocks = (
+        _eval_blocks(target_parts.val, eval_cells, batch_size),
+        _eval_blocks(source_parts.val, eval_cells, batch_size),
+    )
+    test_blocks = (
+        _eval_blocks(target_parts.test, eval_cells, batch_size),
+        _eval_blocks(source_parts.test, eval_cells, batch_size),
+    )
 
     shift = torch.zeros(n_genes, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([shift], lr=lr)
@@ -478,7 +485,11 @@ def learn_shift(
 
     mmd_after = _block_mmd(encode, target, source, *test_blocks, stopper.best_shift, sigmas)
     log.info(
-        "held-out (test) MMD²: before %.5g, after %.5g (best step %d of %d run)", mmd_before, mmd_after, stopper.best_step, step
+        "held-out (test) MMD²: before %.5g, after %.5g (best step %d of %d run)",
+        mmd_before,
+        mmd_after,
+        stopper.best_step,
+        step,
     )
     return ShiftResult(
         shift=stopper.best_shift.cpu(),
@@ -567,19 +578,36 @@ def write_mmd_table(path: str | Path, result: ShiftResult) -> None:
     rows = []
     for part, before, after, n_t, n_s in (
         ("test", result.mmd_before, result.mmd_after, result.n_cells["target_test"], result.n_cells["source_test"]),
-        ("validation", result.val_mmd_before, result.val_mmd_after, result.n_cells["target_val"], result.n_cells["source_val"]),
+        (
+            "validation",
+            result.val_mmd_before,
+            result.val_mmd_after,
+            result.n_cells["target_val"],
+            result.n_cells["source_val"],
+        ),
     ):
         rows.append([part, before, after, after - before, n_t, n_s, result.best_step, result.steps_run])
     write_tsv_atomic(
         path,
-        ["heldout_part", "mmd2_before", "mmd2_after", "change", "n_target_cells", "n_source_cells", "best_step", "steps_run"],
+        [
+            "heldout_part",
+            "mmd2_before",
+            "mmd2_after",
+            "change",
+            "n_target_cells",
+            "n_source_cells",
+            "best_step",
+            "steps_run",
+        ],
         rows,
     )
 
 
 def write_history(path: str | Path, result: ShiftResult) -> None:
     """``history.tsv``: step, last training-batch MMD², validation MMD²."""
-    write_tsv_atomic(path, ["step", "train_mmd2", "val_mmd2"], [[h["step"], h["train_mmd"], h["val_mmd"]] for h in result.history])
+    write_tsv_atomic(
+        path, ["step", "train_mmd2", "val_mmd2"], [[h["step"], h["train_mmd"], h["val_mmd"]] for h in result.history]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +624,10 @@ def _check_same_genes(model_genes: Sequence[str], genes: Sequence[str], what: st
 # The model's control encoder
 # --------------------------------------------------------------------------------------------
 
-def model_control_encoder(model: CascadedFlowModel, *, encoding: str = "tokens", gene_ids: Tensor | None = None) -> Encoder:
+
+def model_control_encoder(
+    model: CascadedFlowModel, *, encoding: str = "tokens", gene_ids: Tensor | None = None
+) -> Encoder:
     """The control-cell encoding CCFM conditions on, as a plain ``(B, G) -> (B, ...)`` callable.
 
     ``encoding="tokens"`` (default) is the full control stream (B, G, d) of
@@ -656,18 +687,39 @@ def adapt_to_files(
     encoding = settings.encoding
     log.info(
         "adapting %d target controls to %d source controls over %d genes (encoding %s, device %s)",
-        target.matrix.shape[0], source.matrix.shape[0], len(target.genes), encoding, device,
+        target.matrix.shape[0],
+        source.matrix.shape[0],
+        len(target.genes),
+        encoding,
+        device,
     )
     encode = model_control_encoder(loaded.denoiser.model, encoding=encoding)
     result = learn_shift(
-        encode, target.matrix, source.matrix, seed=seed, device=device,
-        steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, holdout_fraction=settings.holdout_fraction,
-        patience=settings.patience, eval_every=settings.eval_every, eval_cells=settings.eval_cells,
+        encode,
+        target.matrix,
+        source.matrix,
+        seed=seed,
+        device=device,
+        steps=settings.steps,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        holdout_fraction=settings.holdout_fraction,
+        patience=settings.patience,
+        eval_every=settings.eval_every,
+        eval_cells=settings.eval_cells,
     )
     metadata = {
-        "seed": seed, "encoding": encoding, "settings": asdict(settings), "mmd2_before": result.mmd_before,
-        "mmd2_after": result.mmd_after, "best_step": result.best_step, "bandwidths": list(result.bandwidths),
-        "n_cells": result.n_cells, "model": str(model_pt), "target": str(target_h5ad), "source": str(processed_h5ad),
+        "seed": seed,
+        "encoding": encoding,
+        "settings": asdict(settings),
+        "mmd2_before": result.mmd_before,
+        "mmd2_after": result.mmd_after,
+        "best_step": result.best_step,
+        "bandwidths": list(result.bandwidths),
+        "n_cells": result.n_cells,
+        "model": str(model_pt),
+        "target": str(target_h5ad),
+        "source": str(processed_h5ad),
     }
     save_shift(out_shift, result.shift, target.genes, metadata)
     write_mmd_table(out_mmd_tsv, result)
@@ -721,8 +773,11 @@ def target_labels_to_predict(
             continue
         labels.append(label)
     if skipped:
-        log.warning("%d observed target perturbation(s) name genes the model cannot embed and are not predicted: %s",
-                    len(skipped), skipped[:20])
+        log.warning(
+            "%d observed target perturbation(s) name genes the model cannot embed and are not predicted: %s",
+            len(skipped),
+            skipped[:20],
+        )
     if not labels:
         raise ValueError(
             "no target perturbation to predict: the target data has none the model can embed and the "
@@ -789,9 +844,18 @@ def predict_target_to_files(
     observed = read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique()
     labels = target_labels_to_predict(observed, requested, model.vocab, control_label)
     log.info("predicting %d target perturbation(s) from %d target controls", len(labels), controls.matrix.shape[0])
-    for shift_or_none, pred_path, means_path in ((shift_np, out_pred, out_means), (None, out_pred_unadapted, out_means_unadapted)):
+    for shift_or_none, pred_path, means_path in (
+        (shift_np, out_pred, out_means),
+        (None, out_pred_unadapted, out_means_unadapted),
+    ):
         predicted = predict_target_cells(
-            model, controls.matrix, labels, generation.settings, seed=seed, device=generation.device, shift=shift_or_none
+            model,
+            controls.matrix,
+            labels,
+            generation.settings,
+            seed=seed,
+            device=generation.device,
+            shift=shift_or_none,
         )
         write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
     return labels
@@ -833,7 +897,9 @@ def target_baselines(
 
 def _real_target_anndata(target_h5ad: str | Path, labels: Sequence[str], chunk_size: int) -> ad.AnnData:
     """Target controls plus the cells of ``labels``, read in row chunks (other cells never loaded)."""
-    rows = read_rows_with_labels(target_h5ad, lambda l: np.isin(l, [*labels, CONTROL_LABEL]), chunk_size=chunk_size)
+    rows = read_rows_with_labels(
+        target_h5ad, lambda found: np.isin(found, [*labels, CONTROL_LABEL]), chunk_size=chunk_size
+    )
     return ad.AnnData(
         X=rows.matrix,
         obs=pd.DataFrame({PERT_COLUMN: pd.Categorical(rows.labels)}, index=pd.Index(rows.cell_names, dtype=str)),
@@ -880,14 +946,20 @@ def score_target_to_files(
         raise ValueError(f"{target_h5ad}: none of the predicted target perturbations was observed; nothing to score")
     unscored = sorted(set(labels) - set(scored))
     if unscored:
-        log.info("%d predicted target perturbation(s) have no observed cells and are not scored: %s", len(unscored), unscored[:10])
+        log.info(
+            "%d predicted target perturbation(s) have no observed cells and are not scored: %s",
+            len(unscored),
+            unscored[:10],
+        )
     if cell_eval_profile:
         # before any scoring: cell-eval would otherwise fail in its last metrics, after the others
         check_enough_perturbations(len(scored), cell_eval_profile, str(target_h5ad), target=True)
     genes = [str(g) for g in real.var_names]
     controls = real.X[np.flatnonzero(real.obs[PERT_COLUMN].astype(str).to_numpy() == CONTROL_LABEL)]
     predictions = {"ccfm_adapted": predicted, "ccfm_unadapted": read_expression_h5ad(pred_unadapted)}
-    for method, cells in target_baselines(processed_h5ad, controls, genes, scored, n_cells=n_cells, seed=seed, chunk_size=chunk_size).items():
+    for method, cells in target_baselines(
+        processed_h5ad, controls, genes, scored, n_cells=n_cells, seed=seed, chunk_size=chunk_size
+    ).items():
         predictions[method] = build_prediction_anndata(genes, cells, controls)
     frames, summaries = [], []
     for method, pred in predictions.items():
@@ -917,21 +989,3 @@ def _celleval_means(aggregate: pd.DataFrame) -> pd.DataFrame:
     else:
         row = aggregate.mean(numeric_only=True).to_frame().T
     return row.add_prefix("celleval_").reset_index(drop=True)
-
-
-def plot_history(history_tsv: str | Path, out_png: str | Path, title: str) -> None:
-    """Validation (and training-batch) MMD² over the adaptation steps."""
-    from ccfm.evaluate.plots import plt, save_figure
-
-    history = pd.read_csv(history_tsv, sep="\t")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["step"], history["train_mmd2"], marker=".", label="training batch", color="#9467bd", alpha=0.6)
-    ax.plot(history["step"], history["val_mmd2"], marker="o", label="validation controls", color="#d62728")
-    best = history.loc[history["val_mmd2"].idxmin()]
-    ax.axvline(best["step"], color="#7f7f7f", linestyle="--", linewidth=1, label=f"kept shift (step {int(best['step'])})")
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("MMD² (unbiased)")
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    save_figure(fig, out_png)

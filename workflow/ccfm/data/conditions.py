@@ -23,8 +23,8 @@ Parsing rule (documented so users can predict it):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -33,7 +33,9 @@ from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
 CONTROL = CONTROL_LABEL
 CONDITION_TYPES = ("control", "single", "double")
 # Spellings of "no perturbation" seen in public releases (scPerturb, GEARS, CROP-seq, VCC).
-CONTROL_TOKENS = frozenset({"ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting"})
+CONTROL_TOKENS = frozenset(
+    {"ctrl", "control", "non-targeting", "nontargeting", "non_targeting", "nt", "safe-targeting"}
+)
 DEFAULT_GUIDE_TOKEN = r"^\d+$"
 
 
@@ -79,8 +81,7 @@ def parse_condition(
         if guide is not None and guide.fullmatch(token):
             if not names:
                 raise ConditionError(
-                    f"perturbation label {label!r}: token {token!r} looks like a guide index "
-                    f"but follows no gene name"
+                    f"perturbation label {label!r}: token {token!r} looks like a guide index but follows no gene name"
                 )
             continue
         if token not in names:

@@ -18,8 +18,8 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from tqdm import tqdm
 
@@ -61,9 +61,7 @@ def verify_checksum(path: Path, *, md5: str | None = None, sha256: str | None = 
             continue
         got = file_digest(path, algorithm)
         if got.lower() != expected.lower():
-            raise ChecksumError(
-                f"{algorithm} mismatch for {path}: expected {expected.lower()}, got {got}"
-            )
+            raise ChecksumError(f"{algorithm} mismatch for {path}: expected {expected.lower()}, got {got}")
 
 
 def _matches(path: Path, *, md5: str | None, sha256: str | None) -> bool:
@@ -116,14 +114,17 @@ def _stream_to_part(url: str, part: Path, timeout: float, progress: bool) -> Non
         total = _total_size(response, offset)
         if offset:
             log.info("resuming %s at byte %d", url, offset)
-        with open(part, mode) as handle, tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            desc=part.name.removesuffix(".part"),
-            disable=not progress,
-        ) as bar:
+        with (
+            open(part, mode) as handle,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar,
+        ):
             received = offset
             for block in iter(lambda: response.read(_CHUNK_BYTES), b""):
                 handle.write(block)

@@ -17,7 +17,7 @@ class RunningMoments:
     m2: np.ndarray
 
     @classmethod
-    def empty(cls, dim: int) -> "RunningMoments":
+    def empty(cls, dim: int) -> RunningMoments:
         return cls(0, np.zeros(dim), np.zeros(dim))
 
     def merge_moments(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
@@ -30,7 +30,7 @@ class RunningMoments:
         self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b / n)
         self.n = n
 
-    def merge(self, other: "RunningMoments") -> None:
+    def merge(self, other: RunningMoments) -> None:
         """Fold another accumulator into this one."""
         if other.mean.shape != self.mean.shape:
             raise ValueError(f"cannot merge moments of {other.mean.shape[0]} columns into {self.mean.shape[0]}")

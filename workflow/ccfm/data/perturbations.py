@@ -25,8 +25,8 @@ padding id, and the embedding is the mean of the two slots, so ``A+B`` and ``B+A
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,9 +49,7 @@ def split_label(label: str, separator: str = COMBO_SEPARATOR) -> list[str]:
     """Canonical label ``A`` or ``A+B`` -> its parts (at most two)."""
     parts = [part for part in label.split(separator) if part]
     if not parts or len(parts) > SLOTS:
-        raise ValueError(
-            f"perturbation label {label!r} must name 1 or {SLOTS} perturbations joined by {separator!r}"
-        )
+        raise ValueError(f"perturbation label {label!r} must name 1 or {SLOTS} perturbations joined by {separator!r}")
     return parts
 
 
@@ -68,7 +66,9 @@ def label_genes(labels: Iterable[str]) -> list[str]:
     return list(names)
 
 
-def unseen_unmeasured(measured: Iterable[str], train_labels: Iterable[str], labels: Iterable[str]) -> dict[str, list[str]]:
+def unseen_unmeasured(
+    measured: Iterable[str], train_labels: Iterable[str], labels: Iterable[str]
+) -> dict[str, list[str]]:
     """Genes of ``labels`` that are not ``measured`` and perturbed in no training label.
 
     Returns ``{gene: [labels naming it]}`` (empty when every gene can be embedded).
@@ -84,7 +84,9 @@ def unseen_unmeasured(measured: Iterable[str], train_labels: Iterable[str], labe
 
 def unembeddable_message(found: dict[str, list[str]], where: str) -> str:
     """The error text for :func:`unseen_unmeasured` findings: which genes, why, and the fix."""
-    listed = "; ".join(f"{gene!r} (in {', '.join(repr(label) for label in labels[:3])})" for gene, labels in found.items())
+    listed = "; ".join(
+        f"{gene!r} (in {', '.join(repr(label) for label in labels[:3])})" for gene, labels in found.items()
+    )
     return (
         f"{where}: {len(found)} perturbed gene(s) are neither measured nor perturbed in training: {listed}. "
         f"Such a gene has no expression column (no gene-token embedding) and no training cell to learn a "
@@ -134,7 +136,7 @@ class PerturbationVocab:
         other_labels: Iterable[str] = (),
         separator: str = COMBO_SEPARATOR,
         where: str = "perturbation vocabulary",
-    ) -> "PerturbationVocab":
+    ) -> PerturbationVocab:
         """Gene vocabulary over the panel ``genes`` plus every unmeasured gene of the labels.
 
         ``train_labels`` are the conditions the model learns from; ``other_labels`` the ones it
@@ -151,7 +153,9 @@ class PerturbationVocab:
         return cls("gene", list(genes), [], separator, unmeasured)
 
     @classmethod
-    def for_drugs(cls, genes: Sequence[str], labels: Iterable[str], separator: str = COMBO_SEPARATOR) -> "PerturbationVocab":
+    def for_drugs(
+        cls, genes: Sequence[str], labels: Iterable[str], separator: str = COMBO_SEPARATOR
+    ) -> PerturbationVocab:
         """Drug table from every drug named in ``labels`` (training and prediction labels)."""
         drugs = sorted({part for label in labels for part in split_label(label, separator)})
         return cls("drug", list(genes), drugs, separator)
@@ -197,15 +201,21 @@ class PerturbationVocab:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "kind": self.kind, "genes": list(self.genes), "drugs": list(self.drugs), "separator": self.separator,
+            "kind": self.kind,
+            "genes": list(self.genes),
+            "drugs": list(self.drugs),
+            "separator": self.separator,
             "unmeasured": list(self.unmeasured),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "PerturbationVocab":
+    def from_dict(cls, data: dict[str, object]) -> PerturbationVocab:
         # "unmeasured" is absent from model files written before unmeasured genes had rows.
         return cls(
-            str(data["kind"]), list(data["genes"]), list(data["drugs"]), str(data["separator"]),  # type: ignore[arg-type]
+            str(data["kind"]),
+            list(data["genes"]),
+            list(data["drugs"]),
+            str(data["separator"]),  # type: ignore[arg-type]
             list(data.get("unmeasured", [])),  # type: ignore[arg-type]
         )
 

@@ -16,7 +16,6 @@ Output layout: docs/architecture.md, ``processed.h5ad``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ from ccfm.data.conditions import (
     summarize_conditions,
 )
 from ccfm.data.moments import RunningMoments
-from ccfm.io.h5ad import CSRH5adWriter, atomic_output, has_layer, iter_row_chunks, matrix_shape, read_obs, read_obs_labels, read_var
 from ccfm.data.validation import (
     InputValidationError,
     InvalidValuesError,
@@ -53,6 +51,16 @@ from ccfm.data.validation import (
     validate_drug_predict_entries,
     validate_predict_entries,
     warn_doubles_missing_singles,
+)
+from ccfm.io.h5ad import (
+    CSRH5adWriter,
+    atomic_output,
+    has_layer,
+    iter_row_chunks,
+    matrix_shape,
+    read_obs,
+    read_obs_labels,
+    read_var,
 )
 
 log = logging.getLogger(__name__)
@@ -139,8 +147,9 @@ def classify_values(values: np.ndarray, where: str, configured: str = "auto") ->
     )
 
 
-def detect_input_scale(path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS,
-                       configured: str = "auto") -> str:
+def detect_input_scale(
+    path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS, configured: str = "auto"
+) -> str:
     """Detect whether X (or a layer) holds raw counts or log1p values, from a row sample.
 
     ``configured`` only settles the ambiguous case of non-integer counts (:func:`classify_values`).
@@ -320,8 +329,11 @@ def canonical_obs(
 # Status of each perturbed gene (or drug) of a dataset, as written to perturbed_genes.tsv.
 PERTURBED_STATUS = {
     "measured": "in var (kept among the genes): the perturbation shares the gene's expression-token embedding",
-    "unmeasured_seen": "not in var, perturbed in the data's cells: the perturbation gets a learned embedding row of its own",
-    "unmeasured_unseen": "not in var and perturbed in no cell (named only in 'predict:'): rejected, nothing to learn it from",
+    "unmeasured_seen": "not in var, perturbed in the data's cells: the perturbation gets a learned embedding "
+    "row of its own",
+    "unmeasured_unseen": (
+        "not in var and perturbed in no cell (named only in 'predict:'): rejected, nothing to learn it from"
+    ),
     "drug": "drug perturbation: a learned embedding table, the gene panel is not involved",
 }
 _TABLE_GENES = 50  # genes listed per status in the table (the counts are always complete)
@@ -359,7 +371,10 @@ def log_perturbed_status(status: dict[str, list[str]], path: Path) -> None:
     log.info(
         "%s: perturbed genes: %d measured (share the gene embedding), %d unmeasured but perturbed in the data "
         "(own learned rows), %d unmeasured and unseen",
-        path, len(status["measured"]), len(status["unmeasured_seen"]), len(status["unmeasured_unseen"]),
+        path,
+        len(status["measured"]),
+        len(status["unmeasured_seen"]),
+        len(status["unmeasured_unseen"]),
     )
     if status["unmeasured_seen"]:
         genes = status["unmeasured_seen"]
@@ -406,8 +421,15 @@ def _write_selected(
             writer.finish(obs, uns=uns)
 
 
-def _validate_predict(entries: list[str] | tuple[str, ...], perturbation_type: str, genes: pd.Index,
-                      canonical_labels: pd.Series, *, where: str, perturbed_source: pd.Series | None = None) -> list[str]:
+def _validate_predict(
+    entries: list[str] | tuple[str, ...],
+    perturbation_type: str,
+    genes: pd.Index,
+    canonical_labels: pd.Series,
+    *,
+    where: str,
+    perturbed_source: pd.Series | None = None,
+) -> list[str]:
     """``predict:`` entries checked against the data's genes, or its drugs for a drug dataset.
 
     A gene entry may name a gene that is measured or one that the training cells perturb
@@ -453,18 +475,26 @@ def preprocess_dataset(
     raw, out = Path(raw), Path(out)
     check_readable_h5ad(raw)
     obs = canonical_obs(
-        read_obs(raw), perturbation_column, control_label=control_label, separator=combo_separator,
-        guide_token_pattern=guide_token_pattern, path=raw, perturbation_type=perturbation_type,
+        read_obs(raw),
+        perturbation_column,
+        control_label=control_label,
+        separator=combo_separator,
+        guide_token_pattern=guide_token_pattern,
+        path=raw,
+        perturbation_type=perturbation_type,
     )
     var = read_var(raw)
     var.index = var.index.astype(str)
     check_gene_names(var, raw)
     names = perturbed_names(obs[PERT_COLUMN].astype(str).unique())
     # Counted before the predict check so the log shows the counts even when it fails.
-    status = perturbed_status(names, var.index, [g for entry in predict for g in predict_entry_genes(entry)], perturbation_type)
+    status = perturbed_status(
+        names, var.index, [g for entry in predict for g in predict_entry_genes(entry)], perturbation_type
+    )
     log_perturbed_status(status, raw)
-    requested = _validate_predict(predict, perturbation_type, var.index, obs[PERT_COLUMN],
-                                  where=f"{raw}: dataset {dataset!r} 'predict:'")
+    requested = _validate_predict(
+        predict, perturbation_type, var.index, obs[PERT_COLUMN], where=f"{raw}: dataset {dataset!r} 'predict:'"
+    )
     warn_doubles_missing_singles(obs[PERT_COLUMN].astype(str).unique(), raw, log)
     counts_by_type = summarize_conditions(obs[PERT_COLUMN].astype(str).tolist())
     log.info("conditions: %s", counts_by_type)
@@ -481,7 +511,10 @@ def preprocess_dataset(
         log.warning(
             "%d of %d perturbed genes are not in var_names: no expression column, embedded by learned "
             "perturbation rows of their own: %s%s",
-            len(absent), len(names), ", ".join(absent[:20]), " ..." if len(absent) > 20 else "",
+            len(absent),
+            len(names),
+            ", ".join(absent[:20]),
+            " ..." if len(absent) > 20 else "",
         )
     keep = np.flatnonzero(highly_variable | perturbed | var.index.isin(requested))
     out_var = var.iloc[keep].copy()
@@ -539,8 +572,13 @@ def preprocess_target(
     target_raw, processed, out = Path(target_raw), Path(processed), Path(out)
     check_readable_h5ad(target_raw)
     obs = canonical_obs(
-        read_obs(target_raw), perturbation_column, control_label=control_label, separator=combo_separator,
-        guide_token_pattern=guide_token_pattern, path=target_raw, perturbation_type=perturbation_type,
+        read_obs(target_raw),
+        perturbation_column,
+        control_label=control_label,
+        separator=combo_separator,
+        guide_token_pattern=guide_token_pattern,
+        path=target_raw,
+        perturbation_type=perturbation_type,
     )
     genes = read_var(processed).index.astype(str)
     target_var = read_var(target_raw)
@@ -550,8 +588,14 @@ def preprocess_target(
     # Drugs a target may be asked for: those of the source (trained) and of the target's labels.
     # Genes: the model trains on the source cells, so an unmeasured gene is embeddable when they perturb it.
     known = pd.concat([pd.Series(read_obs_labels(processed, PERT_COLUMN)), obs[PERT_COLUMN].astype(str)])
-    _validate_predict(predict, perturbation_type, genes, known, where=f"{processed}: target 'predict:' of dataset {dataset!r}",
-                      perturbed_source=pd.Series(read_obs_labels(processed, PERT_COLUMN)))
+    _validate_predict(
+        predict,
+        perturbation_type,
+        genes,
+        known,
+        where=f"{processed}: target 'predict:' of dataset {dataset!r}",
+        perturbed_source=pd.Series(read_obs_labels(processed, PERT_COLUMN)),
+    )
     layer, scale = choose_matrix(target_raw, input_scale)
     position = pd.Series(np.arange(target_var.shape[0]), index=target_var.index.astype(str))
     if position.index.has_duplicates:
@@ -559,14 +603,21 @@ def preprocess_target(
         position = position[~position.index.duplicated(keep="first")]
         log.warning(
             "%s: %d duplicated gene names (%s); the first occurrence of each is used",
-            target_raw, len(duplicated), ", ".join(duplicated[:10]),
+            target_raw,
+            len(duplicated),
+            ", ".join(duplicated[:10]),
         )
     source_index = position.reindex(genes).fillna(-1).to_numpy(dtype=np.int64)
     missing = genes[source_index < 0].tolist()
     if missing:
         log.warning(
             "%d of %d genes of %s are absent from %s and are zero columns: %s%s",
-            len(missing), len(genes), processed.name, target_raw, ", ".join(missing[:20]), " ..." if len(missing) > 20 else "",
+            len(missing),
+            len(genes),
+            processed.name,
+            target_raw,
+            ", ".join(missing[:20]),
+            " ..." if len(missing) > 20 else "",
         )
     n_obs = obs.shape[0]
     totals = np.zeros(n_obs, dtype=np.float64)
@@ -587,6 +638,8 @@ def preprocess_target(
         "conditions": summarize_conditions(obs[PERT_COLUMN].astype(str).tolist()),
     }
     selector = column_selector(source_index, target_var.shape[0])
-    _write_selected(target_raw, out, layer, scale, selector, totals, target_sum, chunk_size, obs, out_var, {"ccfm": summary})
+    _write_selected(
+        target_raw, out, layer, scale, selector, totals, target_sum, chunk_size, obs, out_var, {"ccfm": summary}
+    )
     log.info("wrote %s: %d cells x %d genes (%d absent in target)", out, n_obs, genes.size, len(missing))
     return summary

@@ -53,26 +53,173 @@ log = logging.getLogger(__name__)
 
 # Transcription factors and signalling genes used as perturbation targets (real HGNC symbols).
 PERTURBABLE_SYMBOLS = (
-    "CEBPA", "CEBPB", "KLF1", "GATA1", "SPI1", "MYC", "JUN", "FOS", "EGR1", "IRF1",
-    "STAT1", "TP53", "FOXA1", "SOX2", "RUNX1", "TAL1", "ETS1", "ELK1", "MAX", "NFKB1",
-    "HOXA9", "CDKN1A", "ZBTB10", "TBX2",
+    "CEBPA",
+    "CEBPB",
+    "KLF1",
+    "GATA1",
+    "SPI1",
+    "MYC",
+    "JUN",
+    "FOS",
+    "EGR1",
+    "IRF1",
+    "STAT1",
+    "TP53",
+    "FOXA1",
+    "SOX2",
+    "RUNX1",
+    "TAL1",
+    "ETS1",
+    "ELK1",
+    "MAX",
+    "NFKB1",
+    "HOXA9",
+    "CDKN1A",
+    "ZBTB10",
+    "TBX2",
 )
 # Housekeeping, ribosomal, metabolic and lineage genes (real HGNC symbols).
 OTHER_SYMBOLS = (
-    "ACTB", "GAPDH", "TUBB", "TUBA1B", "B2M", "EEF1A1", "EEF2", "PGK1", "LDHA", "ENO1",
-    "PKM", "ALDOA", "TPI1", "HPRT1", "TBP", "PPIA", "RPLP0", "RPL3", "RPL4", "RPL5",
-    "RPL7", "RPL10", "RPL11", "RPL13", "RPS3", "RPS6", "RPS8", "RPS12", "RPS18", "RPS27A",
-    "HSP90AA1", "HSPA8", "HSPA5", "CALM1", "CFL1", "PFN1", "MYL6", "VIM", "FTL", "FTH1",
-    "UBC", "UBB", "YWHAZ", "SDHA", "GUSB", "HMBS", "POLR2A", "NPM1", "NCL", "HNRNPA1",
-    "SRSF1", "SRSF2", "PABPC1", "EIF4A1", "EIF4G1", "ATP5F1A", "ATP5F1B", "COX4I1", "NDUFA4", "CYCS",
-    "MKI67", "TOP2A", "PCNA", "MCM2", "MCM3", "MCM7", "CCNB1", "CCND1", "CCNE1", "CDK1",
-    "CDK2", "CDK4", "CDK6", "E2F1", "RB1", "BCL2", "BAX", "MDM2", "GADD45A", "ATF3",
-    "HBG1", "HBG2", "HBB", "HBA1", "GYPA", "TFRC", "CD34", "PTPRC", "ITGAM", "CD14",
-    "LYZ", "MPO", "ELANE", "CSF1R", "CSF3R", "IL1B", "TNF", "CXCL8", "CCL2", "SOCS3",
-    "ISG15", "IFIT1", "MX1", "OAS1", "IRF7", "STAT3", "JUNB", "FOSB", "EGR2", "EGR3",
-    "NR4A1", "DUSP1", "DUSP6", "KLF4", "KLF6", "ID1", "ID2", "HES1", "NOTCH1", "SOX4",
-    "LMO2", "GFI1", "GFI1B", "ZFPM1", "NFE2", "KIT", "FLI1", "MEIS1", "PBX1", "LYL1",
-    "SLC2A1", "SLC25A5", "VEGFA", "HIF1A", "EPAS1", "CTNNB1", "AXIN2", "LEF1", "TCF7", "SMAD3",
+    "ACTB",
+    "GAPDH",
+    "TUBB",
+    "TUBA1B",
+    "B2M",
+    "EEF1A1",
+    "EEF2",
+    "PGK1",
+    "LDHA",
+    "ENO1",
+    "PKM",
+    "ALDOA",
+    "TPI1",
+    "HPRT1",
+    "TBP",
+    "PPIA",
+    "RPLP0",
+    "RPL3",
+    "RPL4",
+    "RPL5",
+    "RPL7",
+    "RPL10",
+    "RPL11",
+    "RPL13",
+    "RPS3",
+    "RPS6",
+    "RPS8",
+    "RPS12",
+    "RPS18",
+    "RPS27A",
+    "HSP90AA1",
+    "HSPA8",
+    "HSPA5",
+    "CALM1",
+    "CFL1",
+    "PFN1",
+    "MYL6",
+    "VIM",
+    "FTL",
+    "FTH1",
+    "UBC",
+    "UBB",
+    "YWHAZ",
+    "SDHA",
+    "GUSB",
+    "HMBS",
+    "POLR2A",
+    "NPM1",
+    "NCL",
+    "HNRNPA1",
+    "SRSF1",
+    "SRSF2",
+    "PABPC1",
+    "EIF4A1",
+    "EIF4G1",
+    "ATP5F1A",
+    "ATP5F1B",
+    "COX4I1",
+    "NDUFA4",
+    "CYCS",
+    "MKI67",
+    "TOP2A",
+    "PCNA",
+    "MCM2",
+    "MCM3",
+    "MCM7",
+    "CCNB1",
+    "CCND1",
+    "CCNE1",
+    "CDK1",
+    "CDK2",
+    "CDK4",
+    "CDK6",
+    "E2F1",
+    "RB1",
+    "BCL2",
+    "BAX",
+    "MDM2",
+    "GADD45A",
+    "ATF3",
+    "HBG1",
+    "HBG2",
+    "HBB",
+    "HBA1",
+    "GYPA",
+    "TFRC",
+    "CD34",
+    "PTPRC",
+    "ITGAM",
+    "CD14",
+    "LYZ",
+    "MPO",
+    "ELANE",
+    "CSF1R",
+    "CSF3R",
+    "IL1B",
+    "TNF",
+    "CXCL8",
+    "CCL2",
+    "SOCS3",
+    "ISG15",
+    "IFIT1",
+    "MX1",
+    "OAS1",
+    "IRF7",
+    "STAT3",
+    "JUNB",
+    "FOSB",
+    "EGR2",
+    "EGR3",
+    "NR4A1",
+    "DUSP1",
+    "DUSP6",
+    "KLF4",
+    "KLF6",
+    "ID1",
+    "ID2",
+    "HES1",
+    "NOTCH1",
+    "SOX4",
+    "LMO2",
+    "GFI1",
+    "GFI1B",
+    "ZFPM1",
+    "NFE2",
+    "KIT",
+    "FLI1",
+    "MEIS1",
+    "PBX1",
+    "LYL1",
+    "SLC2A1",
+    "SLC25A5",
+    "VEGFA",
+    "HIF1A",
+    "EPAS1",
+    "CTNNB1",
+    "AXIN2",
+    "LEF1",
+    "TCF7",
+    "SMAD3",
 )
 
 
@@ -132,7 +279,9 @@ class SimulationSizes:
         if abs(sum(self.interaction_mix.values()) - 1.0) > 1e-6:
             raise ValueError("simulate.interaction_mix fractions must sum to 1")
         if self.interaction_model not in INTERACTION_MODELS:
-            raise ValueError(f"simulate.interaction_model must be one of {INTERACTION_MODELS}, got {self.interaction_model!r}")
+            raise ValueError(
+                f"simulate.interaction_model must be one of {INTERACTION_MODELS}, got {self.interaction_model!r}"
+            )
         if self.interaction_model == "pathway":
             if not 1 <= self.n_modules <= self.n_singles:
                 raise ValueError(f"simulate.n_modules must be in 1..n_singles ({self.n_singles}), got {self.n_modules}")
@@ -243,8 +392,13 @@ class _Doubles:
     shifts: list[np.ndarray]
 
 
-def _random_doubles(sizes: SimulationSizes, perturbed: np.ndarray, linear: dict[str, np.ndarray],
-                    single_shift: dict[str, np.ndarray], rng: np.random.Generator) -> _Doubles:
+def _random_doubles(
+    sizes: SimulationSizes,
+    perturbed: np.ndarray,
+    linear: dict[str, np.ndarray],
+    single_shift: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> _Doubles:
     """Doubles whose interaction type is drawn independently of their genes (the earlier model)."""
     pairs = [(a, b) for i, a in enumerate(perturbed) for b in perturbed[i + 1 :]]
     chosen = rng.choice(len(pairs), size=sizes.n_doubles, replace=False)
@@ -282,19 +436,25 @@ def _signed_program(n: int, candidates: np.ndarray, size: int, scale: float, rng
     return program
 
 
-def _pathways(sizes: SimulationSizes, genes: np.ndarray, perturbed: np.ndarray, sign: np.ndarray,
-              rng: np.random.Generator) -> _Pathways:
+def _pathways(
+    sizes: SimulationSizes, genes: np.ndarray, perturbed: np.ndarray, sign: np.ndarray, rng: np.random.Generator
+) -> _Pathways:
     """Modules of the perturbed genes, their programs and the cooperating module pairs."""
     n = genes.size
     order = rng.permutation(perturbed.size)
     module_of = {str(perturbed[i]): rank % sizes.n_modules for rank, i in enumerate(order)}
     activation = {str(g): float(s * rng.uniform(0.8, 1.25)) for g, s in zip(perturbed, sign)}
     downstream = np.flatnonzero(~np.isin(genes, perturbed))
-    programs = np.stack([_signed_program(n, downstream, sizes.program_genes, sizes.program_scale, rng) for _ in range(sizes.n_modules)])
+    programs = np.stack(
+        [_signed_program(n, downstream, sizes.program_genes, sizes.program_scale, rng) for _ in range(sizes.n_modules)]
+    )
     module_pairs = [(i, j) for i in range(sizes.n_modules) for j in range(i + 1, sizes.n_modules)]
     n_coop = int(round(sizes.cooperating_fraction * len(module_pairs)))
     picked = rng.choice(len(module_pairs), size=n_coop, replace=False) if n_coop else []
-    joint = {module_pairs[k]: _signed_program(n, downstream, sizes.joint_program_genes, sizes.program_scale, rng) for k in sorted(picked)}
+    joint = {
+        module_pairs[k]: _signed_program(n, downstream, sizes.joint_program_genes, sizes.program_scale, rng)
+        for k in sorted(picked)
+    }
     return _Pathways(module_of, activation, programs, joint)
 
 
@@ -315,8 +475,13 @@ def _pathway_double(p: _Pathways, a: str, b: str, saturation: float) -> np.ndarr
     return shift
 
 
-def _pathway_doubles(sizes: SimulationSizes, perturbed: np.ndarray, linear: dict[str, np.ndarray],
-                     pathways: _Pathways, rng: np.random.Generator) -> _Doubles:
+def _pathway_doubles(
+    sizes: SimulationSizes,
+    perturbed: np.ndarray,
+    linear: dict[str, np.ndarray],
+    pathways: _Pathways,
+    rng: np.random.Generator,
+) -> _Doubles:
     """Doubles drawn with odds by pair type; shift = network part + programme part."""
     pairs = [(str(a), str(b)) for i, a in enumerate(perturbed) for b in perturbed[i + 1 :]]
     kinds = [pathways.pair_type(a, b) for a, b in pairs]
@@ -362,7 +527,9 @@ def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWo
     if pathway:
         paths = _pathways(sizes, genes, perturbed, sign, rng)
         for gene in perturbed:
-            single_shift[str(gene)] = single_shift[str(gene)] + _pathway_single(paths, str(gene), sizes.program_saturation)
+            single_shift[str(gene)] = single_shift[str(gene)] + _pathway_single(
+                paths, str(gene), sizes.program_saturation
+            )
         doubles = _pathway_doubles(sizes, perturbed, linear, paths, rng)
         # Module members co-vary in control cells: one activity programme per module.
         membership = np.zeros((sizes.n_modules, n))
@@ -379,7 +546,8 @@ def build_world(sizes: SimulationSizes, rng: np.random.Generator) -> SimulatedWo
     interactions = ["none"] * perturbed.size + doubles.kinds
     shifts = [single_shift[str(g)] for g in perturbed] + doubles.shifts
     additive = [single_shift[str(g)] for g in perturbed] + [
-        single_shift[name.split(COMBO_SEPARATOR)[0]] + single_shift[name.split(COMBO_SEPARATOR)[1]] for name in doubles.names
+        single_shift[name.split(COMBO_SEPARATOR)[0]] + single_shift[name.split(COMBO_SEPARATOR)[1]]
+        for name in doubles.names
     ]
     return SimulatedWorld(
         genes=genes,
@@ -435,7 +603,13 @@ def _context_anndata(
 ) -> ad.AnnData:
     blocks, labels = [], []
     for name, shift, perturbed in conditions:
-        blocks.append(sp.csr_matrix(_sample_cells(world, shift, cells[name], library_mean, baseline_shift, perturbed, rng).astype(np.float32)))
+        blocks.append(
+            sp.csr_matrix(
+                _sample_cells(world, shift, cells[name], library_mean, baseline_shift, perturbed, rng).astype(
+                    np.float32
+                )
+            )
+        )
         labels.extend([name] * cells[name])
     counts = sp.vstack(blocks, format="csr")
     # Shuffle cell order so no code can rely on cells being grouped by condition.
@@ -464,7 +638,9 @@ def simulate_demo(out_dir: str | Path, seed: int, **sizes: Any) -> dict[str, Pat
     """
     unknown = set(sizes) - set(SimulationSizes.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown simulate option(s) {sorted(unknown)}; allowed: {sorted(SimulationSizes.__dataclass_fields__)}")
+        raise ValueError(
+            f"unknown simulate option(s) {sorted(unknown)}; allowed: {sorted(SimulationSizes.__dataclass_fields__)}"
+        )
     config = SimulationSizes(**sizes)
     rng = np.random.default_rng(seed)
     world = build_world(config, rng)
@@ -481,17 +657,26 @@ def simulate_demo(out_dir: str | Path, seed: int, **sizes: Any) -> dict[str, Pat
 
     singles = np.flatnonzero(world.condition_type == "single")
     doubles = np.flatnonzero(world.condition_type == "double")
-    picked = np.sort(np.concatenate([
-        rng.choice(singles, size=config.n_target_singles, replace=False),
-        rng.choice(doubles, size=config.n_target_doubles, replace=False),
-    ]))
+    picked = np.sort(
+        np.concatenate(
+            [
+                rng.choice(singles, size=config.n_target_singles, replace=False),
+                rng.choice(doubles, size=config.n_target_doubles, replace=False),
+            ]
+        )
+    )
     world.target_conditions = world.conditions[picked]
     target_conditions = [(CONTROL, zero, False)] + [(world.conditions[i], world.shifts[i], True) for i in picked]
     target_cells = {name: config.target_cells_per_condition for name, _, _ in target_conditions}
     target_cells[CONTROL] = config.n_target_control_cells
     target = _context_anndata(
-        world, target_conditions, target_cells, config.mean_library_size * config.target_library_scale,
-        world.target_baseline_shift, "tgt", rng,
+        world,
+        target_conditions,
+        target_cells,
+        config.mean_library_size * config.target_library_scale,
+        world.target_baseline_shift,
+        "tgt",
+        rng,
     )
 
     paths = {
@@ -501,7 +686,12 @@ def simulate_demo(out_dir: str | Path, seed: int, **sizes: Any) -> dict[str, Pat
     }
     log.info(
         "simulated %d source cells (%d singles, %d doubles) and %d target cells (%d conditions) over %d genes",
-        source.n_obs, singles.size, doubles.size, target.n_obs, picked.size, world.genes.size,
+        source.n_obs,
+        singles.size,
+        doubles.size,
+        target.n_obs,
+        picked.size,
+        world.genes.size,
     )
     return paths
 
@@ -540,9 +730,17 @@ def load_ground_truth(path: str | Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def expected_log1p_mean(world: SimulatedWorld, shift: np.ndarray, *, n_cells: int, library_mean: float,
-                        rng: np.random.Generator, target_sum: float = 1e4, perturbed: bool = True,
-                        chunk: int = 2000) -> np.ndarray:
+def expected_log1p_mean(
+    world: SimulatedWorld,
+    shift: np.ndarray,
+    *,
+    n_cells: int,
+    library_mean: float,
+    rng: np.random.Generator,
+    target_sum: float = 1e4,
+    perturbed: bool = True,
+    chunk: int = 2000,
+) -> np.ndarray:
     """Monte-Carlo estimate of a condition's mean log1p-normalised profile (the oracle's prediction).
 
     Draws ``n_cells`` fresh cells of the condition from the simulator and averages

@@ -23,8 +23,9 @@ in ``train`` (checked in :func:`make_split`, which raises if it ever did).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,9 +33,23 @@ from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, PERT_COLUMN
 from ccfm.data.conditions import CONTROL, condition_type
+from ccfm.data.validation import (
+    FEW_CELLS,
+    check_batch_size,
+    check_enough_perturbations,
+    few_cell_perturbations,
+    warn_doubles_missing_singles,
+)
+from ccfm.io.h5ad import (
+    CSRH5adWriter,
+    atomic_output,
+    iter_row_chunks,
+    matrix_shape,
+    read_obs_labels,
+    read_obs_subset,
+    read_var,
+)
 from ccfm.io.splits import SplitLeakError, write_split
-from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape, read_obs_labels, read_obs_subset, read_var
-from ccfm.data.validation import FEW_CELLS, check_batch_size, few_cell_perturbations, warn_doubles_missing_singles
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +100,22 @@ def make_split(
     elif len(singles) >= 2:
         strategy, candidates = "singles", singles
     else:
-        raise ValueError(f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles")
+        raise ValueError(
+            f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles"
+        )
     kept: list[str] = []
     if measured_genes is not None:
         measured, single_set = set(map(str, measured_genes)), set(singles)
         kept = [c for c in candidates if not _can_hold_out(c, measured, single_set, strategy)]
         candidates = [c for c in candidates if c not in set(kept)]
         if kept:
-            log.info("split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
-                     "gene without training cells: %s", fold, len(kept), ", ".join(kept[:20]))
+            log.info(
+                "split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
+                "gene without training cells: %s",
+                fold,
+                len(kept),
+                ", ".join(kept[:20]),
+            )
         if not candidates:
             raise ValueError(
                 f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
@@ -122,8 +144,16 @@ def make_split(
     }
 
 
-def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_fraction: float, n_folds: int | None = None,
-                        min_cells_per_perturbation: int = 1, perturbation_type: str = "gene") -> dict[str, Any]:
+def split_for_processed(
+    processed: str | Path,
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int | None = None,
+    min_cells_per_perturbation: int = 1,
+    perturbation_type: str = "gene",
+) -> dict[str, Any]:
     """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the labels and var only).
 
     Perturbations with fewer than ``min_cells_per_perturbation`` cells take part in neither
@@ -134,18 +164,30 @@ def split_for_processed(processed: str | Path, *, fold: int, seed: int, heldout_
     counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts()
     excluded = few_cell_perturbations(counts, min_cells_per_perturbation)
     if excluded:
-        log.warning("%s: %d perturbation(s) with fewer than split.min_cells_per_perturbation=%d cells are left out "
-                    "of training and scoring: %s", processed, len(excluded), min_cells_per_perturbation,
-                    ", ".join(f"{k} ({v})" for k, v in list(excluded.items())[:20]))
+        log.warning(
+            "%s: %d perturbation(s) with fewer than split.min_cells_per_perturbation=%d cells are left out "
+            "of training and scoring: %s",
+            processed,
+            len(excluded),
+            min_cells_per_perturbation,
+            ", ".join(f"{k} ({v})" for k, v in list(excluded.items())[:20]),
+        )
     noisy = {k: v for k, v in few_cell_perturbations(counts, FEW_CELLS).items() if k not in excluded}
     if noisy:
-        log.warning("%s: %d perturbation(s) have only 1-%d cells, so their metrics are mostly noise: %s. "
-                    "Set split.min_cells_per_perturbation (e.g. %d) in config/config.yaml to leave them out.",
-                    processed, len(noisy), FEW_CELLS - 1, ", ".join(f"{k} ({v})" for k, v in list(noisy.items())[:20]), FEW_CELLS)
+        log.warning(
+            "%s: %d perturbation(s) have only 1-%d cells, so their metrics are mostly noise: %s. "
+            "Set split.min_cells_per_perturbation (e.g. %d) in config/config.yaml to leave them out.",
+            processed,
+            len(noisy),
+            FEW_CELLS - 1,
+            ", ".join(f"{k} ({v})" for k, v in list(noisy.items())[:20]),
+            FEW_CELLS,
+        )
     kept = [label for label in counts.index if label not in excluded]
     measured = read_var(processed).index.astype(str) if perturbation_type == "gene" else None
-    split = make_split(kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds,
-                       measured_genes=measured)
+    split = make_split(
+        kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds, measured_genes=measured
+    )
     split["excluded_few_cells"] = sorted(excluded)
     split["n_cells"] = {
         "train": int(counts.reindex(split["train"]).fillna(0).sum()),
@@ -159,11 +201,9 @@ def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_pro
     """Fail before training if the fold cannot be scored with ``score_profile`` or batched.
 
     Checks that enough perturbations are held out for the cell-eval profile
-    (:func:`ccfm.evaluate.celleval.check_enough_perturbations`) and that ``train.batch_size`` fits the
+    (:func:`ccfm.data.validation.check_enough_perturbations`) and that ``train.batch_size`` fits the
     training cells (:func:`ccfm.data.validation.check_batch_size`).
     """
-    from ccfm.evaluate.celleval import check_enough_perturbations
-
     where = f"{processed} (fold {split['fold']})"
     check_enough_perturbations(len(split["test"]), score_profile, where)
     counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts().to_dict()
@@ -184,8 +224,48 @@ def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, ch
     n_chunks = -(-matrix_shape(processed)[0] // chunk_size)
     with atomic_output(out) as tmp:
         with CSRH5adWriter(tmp, var) as writer:
-            for _, chunk in tqdm(iter_row_chunks(processed, chunk_size, rows=rows), total=n_chunks, desc="real cells", unit="chunk"):
+            for _, chunk in tqdm(
+                iter_row_chunks(processed, chunk_size, rows=rows), total=n_chunks, desc="real cells", unit="chunk"
+            ):
                 writer.append(chunk)
-            writer.finish(out_obs, uns={"ccfm": {"fold": split["fold"], "test": list(split["test"]), "controls": CONTROL}})
-    log.info("wrote %s: %d held-out cells + %d control cells", out, int((labels[rows] != CONTROL).sum()), int((labels == CONTROL).sum()))
+            writer.finish(
+                out_obs, uns={"ccfm": {"fold": split["fold"], "test": list(split["test"]), "controls": CONTROL}}
+            )
+    log.info(
+        "wrote %s: %d held-out cells + %d control cells",
+        out,
+        int((labels[rows] != CONTROL).sum()),
+        int((labels == CONTROL).sum()),
+    )
     return int(rows.size)
+
+
+def split_to_files(
+    processed: str | Path,
+    out_split: str | Path,
+    out_real: str | Path,
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int,
+    min_cells_per_perturbation: int,
+    perturbation_type: str,
+    score_profile: str,
+    batch_size: int,
+    chunk_size: int = 10000,
+) -> dict[str, Any]:
+    """The ``split`` rule: choose the fold, check later rules can use it, write ``real.h5ad`` and the split file."""
+    split = split_for_processed(
+        processed,
+        fold=fold,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        n_folds=n_folds,
+        min_cells_per_perturbation=min_cells_per_perturbation,
+        perturbation_type=perturbation_type,
+    )
+    check_fold_usable(processed, split, score_profile=score_profile, batch_size=batch_size)
+    write_real(processed, split, out_real, chunk_size=chunk_size)
+    write_split(split, out_split)
+    return split

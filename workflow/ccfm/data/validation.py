@@ -15,8 +15,9 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 
 # Ensembl gene ids (human ENSG, mouse ENSMUSG, ...), optionally versioned (ENSG00000141510.17);
 # any case: some exports lower-case them (ensg00000141510), and they are still ids, not symbols.
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
-# var columns that conventionally hold gene symbols, in order of preference.
+ENSEMBL_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
+# var columns that conventionally hold gene symbols, in order of preference (scanpy, CellxGene, 10x).
 SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol", "symbols", "gene")
+# var columns that conventionally hold Ensembl ids.
+ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl", "feature_id")
 # Substrings that betray a control label spelled in a way the parser does not know.
 _CONTROL_HINTS = ("ctrl", "control", "non-target", "nontarget", "non_target", "ntc", "safe", "scrambl", "neg")
 _ENSEMBL_FRACTION = 0.5
@@ -124,7 +127,9 @@ def check_readable_h5ad(path: Path) -> None:
 
     path = Path(path)
     if not path.is_file():
-        raise UnreadableInputError(f"{path}: the input file does not exist. Fix: check the dataset's 'path:' in config/config.yaml.")
+        raise UnreadableInputError(
+            f"{path}: the input file does not exist. Fix: check the dataset's 'path:' in config/config.yaml."
+        )
     problem = None
     if path.stat().st_size == 0:
         problem = "the file is empty"
@@ -247,9 +252,7 @@ def near_control_labels(labels: Iterable[str], control_label: str) -> list[str]:
     return sorted(scored, key=lambda k: (-scored[k], k))
 
 
-def check_controls(
-    labels: pd.Series, condition_types: pd.Series, column: str, control_label: str, path: Path
-) -> None:
+def check_controls(labels: pd.Series, condition_types: pd.Series, column: str, control_label: str, path: Path) -> None:
     """Raise if no cell is a control; suggest a near-matching label when there is one."""
     if (condition_types.astype(str) == "control").any():
         return
@@ -276,7 +279,9 @@ def doubles_missing_singles(conditions: Iterable[str]) -> list[str]:
     return sorted(d for d in distinct if condition_type(d) == "double" and not set(split_double(d)) <= singles)
 
 
-def warn_doubles_missing_singles(conditions: Iterable[str], path: Path | str, logger: logging.Logger = log) -> list[str]:
+def warn_doubles_missing_singles(
+    conditions: Iterable[str], path: Path | str, logger: logging.Logger = log
+) -> list[str]:
     """Log (warning) doubles whose singles are missing: their additive baseline is impossible."""
     incomplete = doubles_missing_singles(conditions)
     if incomplete:
@@ -284,7 +289,9 @@ def warn_doubles_missing_singles(conditions: Iterable[str], path: Path | str, lo
             "%s: %d double perturbation(s) lack cells for one or both singles, so the additive "
             "baseline (control + delta A + delta B) cannot be computed for them; they are still "
             "trained/predicted by CCFM, and listed as 'doubles_missing_singles' in the split JSON: %s",
-            path, len(incomplete), _preview(incomplete, 20),
+            path,
+            len(incomplete),
+            _preview(incomplete, 20),
         )
     return incomplete
 
@@ -296,7 +303,7 @@ def warn_doubles_missing_singles(conditions: Iterable[str], path: Path | str, lo
 
 def is_ensembl_id(name: str) -> bool:
     """Whether ``name`` is an Ensembl gene id (``ENSG00000141510``, versioned or not)."""
-    return bool(_ENSEMBL.match(str(name)))
+    return bool(ENSEMBL_PATTERN.match(str(name)))
 
 
 def symbol_column(var: pd.DataFrame) -> str | None:
@@ -305,7 +312,11 @@ def symbol_column(var: pd.DataFrame) -> str | None:
     ordered += [c for c in var.columns if c not in ordered and any(h in str(c).lower() for h in ("symbol", "name"))]
     for column in ordered:
         values = var[column]
-        if not (pd.api.types.is_object_dtype(values) or isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(values)):
+        if not (
+            pd.api.types.is_object_dtype(values)
+            or isinstance(values.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(values)
+        ):
             continue
         text = values.astype(str)
         if len(text) and np.mean([not is_ensembl_id(v) and v not in ("", "nan") for v in text]) > 0.5:
@@ -392,7 +403,11 @@ def _bad_rows(chunk: sp.spmatrix | np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def predict_entry_genes(entry: str) -> list[str]:
     """Gene names of a ``predict:`` entry (``A`` or ``A+B``; control tokens are ignored)."""
-    return [t.strip() for t in str(entry).split(COMBO_SEPARATOR) if t.strip() and t.strip().lower() not in CONTROL_TOKENS | {CONTROL}]
+    return [
+        t.strip()
+        for t in str(entry).split(COMBO_SEPARATOR)
+        if t.strip() and t.strip().lower() not in CONTROL_TOKENS | {CONTROL}
+    ]
 
 
 def _did_you_mean(name: str, known: Sequence[str], by_lower: Mapping[str, str]) -> str:
@@ -445,7 +460,8 @@ def validate_predict_entries(
                 problems.append(f"{entry!r}: gene {name!r} is not in the scGPT vocabulary (no gene embedding)")
     if problems:
         raise UnknownPerturbationError(
-            f"{where}: {len(problems)} problem(s): " + "; ".join(problems)
+            f"{where}: {len(problems)} problem(s): "
+            + "; ".join(problems)
             + ". Fix: correct the gene symbols in the dataset's 'predict:' list in config/config.yaml "
             "or remove these entries (a gene outside the measured panel can be predicted only when "
             "cells perturbing it are in the data; pretrained scGPT gene embeddings are not used as a "
@@ -454,7 +470,9 @@ def validate_predict_entries(
     return named
 
 
-def validate_drug_predict_entries(entries: Iterable[str], drugs: Iterable[str], *, where: str = "config 'predict:'") -> list[str]:
+def validate_drug_predict_entries(
+    entries: Iterable[str], drugs: Iterable[str], *, where: str = "config 'predict:'"
+) -> list[str]:
     """Check ``predict:`` entries of a ``perturbation_type: drug`` dataset against its drugs.
 
     Drugs are not genes: they are checked against the drug names the data's labels use (an
@@ -478,9 +496,11 @@ def validate_drug_predict_entries(entries: Iterable[str], drugs: Iterable[str], 
                 problems.append(f"{entry!r}: drug {name!r} is not among the drugs of the data{hint}")
     if problems:
         raise UnknownPerturbationError(
-            f"{where}: {len(problems)} problem(s): " + "; ".join(problems)
+            f"{where}: {len(problems)} problem(s): "
+            + "; ".join(problems)
             + f". Drugs of the data: {_preview(sorted(known))}. Fix: correct the drug names in the "
-            "dataset's 'predict:' list in config/config.yaml (as the perturbation column spells them) or remove these entries."
+            "dataset's 'predict:' list in config/config.yaml (as the perturbation column spells them) or "
+            "remove these entries."
         )
     return named
 
@@ -512,7 +532,9 @@ def check_cell_names(obs: pd.DataFrame, path: Path) -> None:
     )
 
 
-def check_gene_labels(labels: pd.Series, column: str, control_label: str, path: Path, obs_columns: Sequence[str]) -> None:
+def check_gene_labels(
+    labels: pd.Series, column: str, control_label: str, path: Path, obs_columns: Sequence[str]
+) -> None:
     """Raise :class:`NotGeneSymbolsError` if a gene dataset's labels are numbers (an index column)."""
     text = pd.Series(pd.unique(labels.astype(str).str.strip()))
     controls = CONTROL_TOKENS | {CONTROL, control_label.strip().lower()}
@@ -520,7 +542,8 @@ def check_gene_labels(labels: pd.Series, column: str, control_label: str, path: 
     numeric = [label for label in distinct if _NUMBER.match(label)]
     if numeric:
         raise NotGeneSymbolsError(
-            f"{path}: obs[{column!r}] holds numbers ({_preview(sorted(numeric, key=lambda v: (len(v), v)))}; {len(numeric)} "
+            f"{path}: obs[{column!r}] holds numbers "
+            f"({_preview(sorted(numeric, key=lambda v: (len(v), v)))}; {len(numeric)} "
             f"of {len(distinct)} perturbation labels): the column is not gene symbols. With "
             f"'perturbation_type: gene' every label names the perturbed gene(s), e.g. 'KLF1' or "
             f"'KLF1+MAP2K6'. Fix: set 'perturbation_column' to the column that holds the target gene "
@@ -529,8 +552,9 @@ def check_gene_labels(labels: pd.Series, column: str, control_label: str, path: 
         )
 
 
-def check_target_gene_overlap(genes: Sequence[str], target_genes: Iterable[str], target_path: Path,
-                              processed_path: Path, min_fraction: float) -> None:
+def check_target_gene_overlap(
+    genes: Sequence[str], target_genes: Iterable[str], target_path: Path, processed_path: Path, min_fraction: float
+) -> None:
     """Raise :class:`TargetGenesError` if fewer than ``min_fraction`` of ``genes`` are in the target.
 
     Missing genes become all-zero target columns: with most of them missing, the learned shift
@@ -546,7 +570,10 @@ def check_target_gene_overlap(genes: Sequence[str], target_genes: Iterable[str],
     shared_any_case = sum(g.lower() in lower for g in genes)
     hints = []
     if shared_any_case > shared:
-        hints.append(f"{shared_any_case} match when case is ignored (another species' symbols, e.g. mouse 'Gapdh' vs human 'GAPDH'?)")
+        hints.append(
+            f"{shared_any_case} match when case is ignored "
+            "(another species' symbols, e.g. mouse 'Gapdh' vs human 'GAPDH'?)"
+        )
     if present and np.mean([is_ensembl_id(g) for g in list(present)[:1000]]) >= _ENSEMBL_FRACTION:
         hints.append("the target's var_names look like Ensembl ids: store gene symbols as var_names")
     hint = f" Hints: {'; '.join(hints)}." if hints else ""
@@ -567,8 +594,13 @@ def few_cell_perturbations(cell_counts: Mapping[str, int], limit: int) -> dict[s
     return dict(sorted(few.items(), key=lambda item: (item[1], item[0])))
 
 
-def check_batch_size(cell_counts: Mapping[str, int], train_labels: Sequence[str], batch_size: int,
-                     where: str, logger: logging.Logger = log) -> None:
+def check_batch_size(
+    cell_counts: Mapping[str, int],
+    train_labels: Sequence[str],
+    batch_size: int,
+    where: str,
+    logger: logging.Logger = log,
+) -> None:
     """Bound ``train.batch_size`` by the cells a training step draws from.
 
     Each step draws ``batch_size`` cells of one training perturbation and as many controls,
@@ -595,5 +627,53 @@ def check_batch_size(cell_counts: Mapping[str, int], train_labels: Sequence[str]
     if smaller:
         logger.warning(
             "%s: %d of %d training perturbations have fewer cells than train.batch_size=%d and are "
-            "drawn with replacement: %s", where, len(smaller), len(sizes), batch_size, _preview(smaller),
+            "drawn with replacement: %s",
+            where,
+            len(smaller),
+            len(sizes),
+            batch_size,
+            _preview(smaller),
         )
+
+
+# --------------------------------------------------------------------------------------------
+# folds: enough held-out perturbations for the cell-eval profile
+# --------------------------------------------------------------------------------------------
+
+CELL_EVAL_PROFILES = ("full", "minimal", "vcc", "de", "anndata", "pds")
+# Held-out perturbations a profile needs: clustering_agreement builds a neighbour graph over the
+# perturbation centroids and pearson_edistance correlates distances between them, and both fail
+# (inside scanpy/scipy, after training) with fewer than three. Measured with cell-eval 0.8.2.
+MIN_PERTURBATIONS = {"full": 3, "anndata": 3}
+
+
+class TooFewPerturbationsError(ValueError):
+    """A fold holds out fewer perturbations than the configured cell-eval profile can score."""
+
+
+def check_enough_perturbations(n_perturbations: int, profile: str, where: str, *, target: bool = False) -> None:
+    """Raise :class:`TooFewPerturbationsError` before any work if ``profile`` cannot score the fold.
+
+    ``target``: the perturbations are the scored ones of the ``target:`` context, not a fold's.
+    """
+    needed = MIN_PERTURBATIONS.get(profile, 1)
+    if n_perturbations >= needed:
+        return
+    others = ", ".join(p for p in CELL_EVAL_PROFILES if MIN_PERTURBATIONS.get(p, 1) <= max(n_perturbations, 1))
+    if target:
+        what = f"the target context has {n_perturbations} perturbation(s) both predicted and observed"
+        more = (
+            "predict more observed target perturbations (the 'predict:' list of the dataset's "
+            "'target:' block; empty means every observed one)"
+        )
+    else:
+        what = f"the fold holds out {n_perturbations} perturbation(s)"
+        more = (
+            f"raise split.heldout_fraction for this dataset in config/config.yaml so that at least "
+            f"{needed} are held out"
+        )
+    raise TooFewPerturbationsError(
+        f"{where}: {what}, but cell-eval's {profile!r} profile needs at least {needed} (its "
+        f"clustering_agreement and pearson_edistance metrics compare perturbations with each "
+        f"other). Fix: {more}, or set score.profile to one that scores any number ({others})."
+    )

@@ -24,9 +24,9 @@ double never leaks into its own baseline.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,9 +35,9 @@ import scipy.sparse as sp
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.conditions import conditions_to_predict, parse_condition
 from ccfm.io.h5ad import backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
+from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
-from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def condition_means(
     try:
         labels = read_obs_labels(h5ad_path, pert_col)
     except KeyError:
-        raise KeyError(f"{h5ad_path}: obs has no {pert_col!r} column; run preprocess to create the canonical labels") from None
+        raise KeyError(
+            f"{h5ad_path}: obs has no {pert_col!r} column; run preprocess to create the canonical labels"
+        ) from None
     genes = [str(g) for g in read_var(h5ad_path).index]
     row_condition = pd.Index(wanted).get_indexer(labels)  # -1: a row of no wanted condition
     sums = np.zeros((len(wanted), len(genes)), dtype=np.float64)
@@ -105,9 +107,7 @@ def condition_means(
     return ConditionMeans(genes=genes, means=means, n_cells={w: int(c) for w, c in zip(wanted, counts)})
 
 
-def additive_delta(
-    condition: str, means: ConditionMeans, control_label: str = CONTROL_LABEL
-) -> np.ndarray | None:
+def additive_delta(condition: str, means: ConditionMeans, control_label: str = CONTROL_LABEL) -> np.ndarray | None:
     """Σ of the single-perturbation deltas of ``condition``; ``None`` when a single has no training mean."""
     parts = parse_condition(condition, control_label=control_label).perturbations
     if not parts or any(part not in means.means for part in parts):
@@ -137,8 +137,9 @@ def sample_control_rows(n_controls: int, conditions: Sequence[str], n_cells: int
     return {cond: rng.choice(n_controls, size=n_cells, replace=replace) for cond in sorted(conditions)}
 
 
-def shifted_cells(control_block: sp.csr_matrix | np.ndarray, delta: np.ndarray,
-                  target_mean: np.ndarray | None = None) -> np.ndarray:
+def shifted_cells(
+    control_block: sp.csr_matrix | np.ndarray, delta: np.ndarray, target_mean: np.ndarray | None = None
+) -> np.ndarray:
     """Control cells moved by ``delta`` on the log1p scale, clamped at 0 (dense, one perturbation).
 
     With ``target_mean`` the per-gene shift is chosen so that the clamped cells' mean equals it
@@ -227,7 +228,9 @@ def run_baseline(
     training = [t for t in split["train"] if t != CONTROL_LABEL]
     controls = read_control_cells(real_h5ad)
     genes, controls = controls.genes, controls.matrix
-    means = condition_means(processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=chunk_size)
+    means = condition_means(
+        processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=chunk_size
+    )
     if means.genes != genes:
         raise ValueError(
             f"{processed_h5ad} and {real_h5ad} have different genes; rerun split so real.h5ad matches processed.h5ad"
@@ -243,6 +246,10 @@ def run_baseline(
     }
     write_h5ad_atomic(adata, out_h5ad)
     write_table_atomic(prediction_means(genes, result.predicted), out_means_csv)
-    log.info("%s: %d perturbations predicted (%d fell back to no change)", method, len(conditions), len(result.fallback_nochange))
+    log.info(
+        "%s: %d perturbations predicted (%d fell back to no change)",
+        method,
+        len(conditions),
+        len(result.fallback_nochange),
+    )
     return result
-

@@ -21,44 +21,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.validation import CELL_EVAL_PROFILES, check_enough_perturbations
 from ccfm.evaluate.metrics import compact_metrics
 from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
-
-CELL_EVAL_PROFILES = ("full", "minimal", "vcc", "de", "anndata", "pds")
-# Held-out perturbations a profile needs: clustering_agreement builds a neighbour graph over the
-# perturbation centroids and pearson_edistance correlates distances between them, and both fail
-# (inside scanpy/scipy, after training) with fewer than three. Measured with cell-eval 0.8.2.
-MIN_PERTURBATIONS = {"full": 3, "anndata": 3}
-
-
-class TooFewPerturbationsError(ValueError):
-    """A fold holds out fewer perturbations than the configured cell-eval profile can score."""
-
-
-def check_enough_perturbations(n_perturbations: int, profile: str, where: str, *, target: bool = False) -> None:
-    """Raise :class:`TooFewPerturbationsError` before any work if ``profile`` cannot score the fold.
-
-    ``target``: the perturbations are the scored ones of the ``target:`` context, not a fold's.
-    """
-    needed = MIN_PERTURBATIONS.get(profile, 1)
-    if n_perturbations >= needed:
-        return
-    others = ", ".join(p for p in CELL_EVAL_PROFILES if MIN_PERTURBATIONS.get(p, 1) <= max(n_perturbations, 1))
-    if target:
-        what = f"the target context has {n_perturbations} perturbation(s) both predicted and observed"
-        more = ("predict more observed target perturbations (the 'predict:' list of the dataset's "
-                "'target:' block; empty means every observed one)")
-    else:
-        what = f"the fold holds out {n_perturbations} perturbation(s)"
-        more = (f"raise split.heldout_fraction for this dataset in config/config.yaml so that at least "
-                f"{needed} are held out")
-    raise TooFewPerturbationsError(
-        f"{where}: {what}, but cell-eval's {profile!r} profile needs at least {needed} (its "
-        f"clustering_agreement and pearson_edistance metrics compare perturbations with each "
-        f"other). Fix: {more}, or set score.profile to one that scores any number ({others})."
-    )
 
 
 @dataclass
@@ -91,7 +58,9 @@ def run_cell_eval(
     discarded, since only the metric tables are part of the pipeline's contract.
     """
     if profile not in CELL_EVAL_PROFILES:
-        raise ValueError(f"unknown cell-eval profile {profile!r}; config score.profile must be one of {CELL_EVAL_PROFILES}")
+        raise ValueError(
+            f"unknown cell-eval profile {profile!r}; config score.profile must be one of {CELL_EVAL_PROFILES}"
+        )
     # Imported here: cell-eval pulls in polars, numba and pdex, which the rest of the package
     # does not need at import time.
     from cell_eval import MetricsEvaluator
@@ -132,7 +101,9 @@ def score_prediction(
     return ScoreTables(results=results, aggregate=aggregate, compact=compact)
 
 
-def write_score_tables(tables: ScoreTables, results_csv: str | Path, agg_csv: str | Path, compact_tsv: str | Path) -> None:
+def write_score_tables(
+    tables: ScoreTables, results_csv: str | Path, agg_csv: str | Path, compact_tsv: str | Path
+) -> None:
     """Write the three score tables atomically (CSV for cell-eval's, TSV for the compact one)."""
     write_table_atomic(tables.results, results_csv, index=False)
     write_table_atomic(tables.aggregate, agg_csv, index=False)

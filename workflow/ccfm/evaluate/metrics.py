@@ -22,8 +22,8 @@ dense one perturbation at a time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import anndata as ad
 import numpy as np
@@ -113,6 +113,7 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     V-statistic equals 2·‖mean(X) − mean(Y)‖², so it is never negative; it is computed from the
     pairwise form so that the definition stays visible.
     """
+
     def mean_sq_dist(a: np.ndarray, b: np.ndarray) -> float:
         aa = (a * a).sum(axis=1)[:, None]
         bb = (b * b).sum(axis=1)[None, :]
@@ -203,7 +204,9 @@ SUMMARY_COMPACT_METRICS = ["pearson_delta", "pearson_delta_top_de", "mse", "mse_
 def celleval_means(aggregate: pd.DataFrame) -> dict[str, float]:
     """The ``mean`` row of a cell-eval aggregate table (polars ``describe`` layout), prefixed ``celleval_``."""
     if "statistic" not in aggregate.columns or "mean" not in set(aggregate["statistic"]):
-        raise ValueError("cell-eval aggregate table has no 'statistic' == 'mean' row; was it written by the score rule?")
+        raise ValueError(
+            "cell-eval aggregate table has no 'statistic' == 'mean' row; was it written by the score rule?"
+        )
     row = aggregate.loc[aggregate["statistic"] == "mean"].iloc[0].drop("statistic")
     return {f"celleval_{name}": float(value) for name, value in row.items()}
 
@@ -218,7 +221,12 @@ def summarize_scores(
     """
     rows = []
     for method, fold, compact, aggregate in entries:
-        row: dict[str, object] = {"dataset": dataset, "method": method, "fold": str(fold), "n_perturbations": len(compact)}
+        row: dict[str, object] = {
+            "dataset": dataset,
+            "method": method,
+            "fold": str(fold),
+            "n_perturbations": len(compact),
+        }
         row.update({m: float(compact[m].mean()) for m in SUMMARY_COMPACT_METRICS})
         row.update(celleval_means(aggregate))
         rows.append(row)

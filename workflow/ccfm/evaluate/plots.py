@@ -8,8 +8,8 @@ are fixed per method so one method looks the same in every figure.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -19,11 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
-from ccfm.io.h5ad import atomic_output  # noqa: E402
 from ccfm.evaluate.metrics import pearson  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
+from ccfm.io.h5ad import atomic_output  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ def plot_metric_comparison(summary: pd.DataFrame, out_png: str | Path, dataset: 
     save_figure(fig, out_png)
 
 
-def choose_perturbations(real: ad.AnnData, n: int, control_label: str = CONTROL_LABEL, pert_col: str = PERT_COLUMN) -> list[str]:
+def choose_perturbations(
+    real: ad.AnnData, n: int, control_label: str = CONTROL_LABEL, pert_col: str = PERT_COLUMN
+) -> list[str]:
     """The ``n`` held-out perturbations with most real cells (ties by name): best-measured shown first."""
     counts = real.obs[pert_col].astype(str).value_counts()
     counts = counts.drop(labels=[control_label], errors="ignore")
@@ -119,9 +121,7 @@ def plot_delta_scatter(
     control_mean = _group_mean(real, labels == control_label)
     perts = choose_perturbations(real, n_perturbations, control_label, pert_col)
     methods = list(pred_means)
-    fig, axes = plt.subplots(
-        len(perts), len(methods), figsize=(2.6 * len(methods), 2.5 * len(perts)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(perts), len(methods), figsize=(2.6 * len(methods), 2.5 * len(perts)), squeeze=False)
     for row, pert in zip(axes, perts):
         observed = _group_mean(real, labels == pert) - control_mean
         for ax, method in zip(row, methods):
@@ -282,12 +282,17 @@ def delta_scatter_figure(
 
 
 def prediction_pca_figure(
-    pred_h5ad: str | Path, real_h5ad: str | Path, out_png: str | Path, method: str, seed: int = 0,
+    pred_h5ad: str | Path,
+    real_h5ad: str | Path,
+    out_png: str | Path,
+    method: str,
+    seed: int = 0,
     control_label: str = CONTROL_LABEL,
 ) -> None:
     """Figure from one method's ``pred.h5ad`` and the fold's ``real.h5ad``."""
-    plot_prediction_pca(ad.read_h5ad(pred_h5ad), ad.read_h5ad(real_h5ad), out_png, method, seed=seed,
-                        control_label=control_label)
+    plot_prediction_pca(
+        ad.read_h5ad(pred_h5ad), ad.read_h5ad(real_h5ad), out_png, method, seed=seed, control_label=control_label
+    )
 
 
 def gene_vocab_figure(vocab_tsv: str | Path, out_png: str | Path, dataset: str) -> None:
@@ -301,3 +306,22 @@ def gene_vocab_figure(vocab_tsv: str | Path, out_png: str | Path, dataset: str) 
 def loss_curves_figure(loss_tsvs: Sequence[str | Path], out_png: str | Path, title: str) -> None:
     """Figure from ``.../{variant}/loss.tsv`` files (variant = parent folder)."""
     plot_loss_curves(read_loss_tables(dict(zip(method_names(loss_tsvs), loss_tsvs))), out_png, title)
+
+
+def plot_adapt_history(history_tsv: str | Path, out_png: str | Path, title: str) -> None:
+    """Validation (and training-batch) MMD² over the adaptation steps."""
+
+    history = pd.read_csv(history_tsv, sep="\t")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history["step"], history["train_mmd2"], marker=".", label="training batch", color="#9467bd", alpha=0.6)
+    ax.plot(history["step"], history["val_mmd2"], marker="o", label="validation controls", color="#d62728")
+    best = history.loc[history["val_mmd2"].idxmin()]
+    ax.axvline(
+        best["step"], color="#7f7f7f", linestyle="--", linewidth=1, label=f"kept shift (step {int(best['step'])})"
+    )
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MMD² (unbiased)")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    save_figure(fig, out_png)

@@ -31,9 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -74,8 +74,16 @@ class ReportCheck:
             f"report {self.path}: {self.n_results} results, {self.n_images} images, "
             f"categories {', '.join(f'{c} ({len(s)} subcategories)' for c, s in self.categories.items())}",
             f"browser: {self.browser}"
-            + (f"; decoded {self.browser_decoded_images}/{self.n_images} images" if self.browser_decoded_images is not None else "")
-            + (f"; figure shown after navigation: {self.browser_shown_image}" if self.browser_shown_image is not None else ""),
+            + (
+                f"; decoded {self.browser_decoded_images}/{self.n_images} images"
+                if self.browser_decoded_images is not None
+                else ""
+            )
+            + (
+                f"; figure shown after navigation: {self.browser_shown_image}"
+                if self.browser_shown_image is not None
+                else ""
+            ),
         ]
         if self.screenshot:
             lines.append(f"screenshot: {self.screenshot}")
@@ -120,7 +128,9 @@ def _check_image(path: str, entry: dict) -> str | None:
     return None
 
 
-def static_check(report_html: Path, expect_categories: Sequence[str] = (), expect_files: Sequence[str] = ()) -> ReportCheck:
+def static_check(
+    report_html: Path, expect_categories: Sequence[str] = (), expect_files: Sequence[str] = ()
+) -> ReportCheck:
     """Parse the report's embedded results and check images, captions and expected entries."""
     check = ReportCheck(path=report_html)
     if not report_html.exists():
@@ -270,10 +280,14 @@ def browser_check(
         if found["failed"]:
             check.failures.append(f"chromium could not decode {len(found['failed'])} image(s): {found['failed'][:5]}")
         if check.n_images and not found["shown"]:
-            check.failures.append(f"no figure was shown after opening {category!r}/{subcategory!r} and its first result")
+            check.failures.append(
+                f"no figure was shown after opening {category!r}/{subcategory!r} and its first result"
+            )
         if screenshot is not None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
-            shot = _chromium(binary, [budget, f"--screenshot={screenshot.resolve()}", "--window-size=1400,1000", url], timeout)
+            shot = _chromium(
+                binary, [budget, f"--screenshot={screenshot.resolve()}", "--window-size=1400,1000", url], timeout
+            )
             if not screenshot.exists() or screenshot.stat().st_size < 5000:
                 check.failures.append(f"chromium wrote no usable screenshot: {shot.stderr.strip()[-300:]}")
             else:
@@ -308,8 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-browser", action="store_true")
     args = parser.parse_args(argv)
     check = check_report(
-        args.report, args.screenshot, args.expect_category, args.expect_file,
-        args.category, args.subcategory, browser=not args.no_browser,
+        args.report,
+        args.screenshot,
+        args.expect_category,
+        args.expect_file,
+        args.category,
+        args.subcategory,
+        browser=not args.no_browser,
     )
     print(check.summary())
     return 0 if check.ok else 1

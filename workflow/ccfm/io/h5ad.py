@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -279,7 +280,9 @@ def iter_row_chunks(
             position += int(hi - lo)
 
 
-def read_csr_rows(path: str | Path, rows: np.ndarray, chunk_size: int = 10000, layer: str | None = None) -> sp.csr_matrix:
+def read_csr_rows(
+    path: str | Path, rows: np.ndarray, chunk_size: int = 10000, layer: str | None = None
+) -> sp.csr_matrix:
     """The strictly increasing ``rows`` of X (or ``layers[layer]``) as one CSR float32 matrix.
 
     Memory is the result plus one ``chunk_size``-row block of the file. For a CSR element the
@@ -295,7 +298,11 @@ def read_csr_rows(path: str | Path, rows: np.ndarray, chunk_size: int = 10000, l
         if isinstance(element, h5py.Dataset) or element.attrs.get("encoding-type") != "csr_matrix":
             n_vars = matrix_shape(path, layer)[1]
             pieces = [chunk for _, chunk in iter_row_chunks(path, chunk_size, layer, rows=rows)]
-            return sp.vstack(pieces, format="csr", dtype=np.float32) if pieces else sp.csr_matrix((0, n_vars), dtype=np.float32)
+            return (
+                sp.vstack(pieces, format="csr", dtype=np.float32)
+                if pieces
+                else sp.csr_matrix((0, n_vars), dtype=np.float32)
+            )
         n_obs, n_vars = (int(n) for n in element.attrs["shape"])
         rows = _checked_rows(rows, n_obs, "read_csr_rows")
         indptr = element["indptr"][:].astype(np.int64, copy=False)  # one integer per cell
@@ -373,8 +380,9 @@ def read_control_cells(
 
     The other cells are never loaded, so memory follows the number of control cells.
     """
-    rows = read_rows_with_labels(h5ad_path, lambda labels: labels == control_label, pert_column=pert_column,
-                                 chunk_size=chunk_size)
+    rows = read_rows_with_labels(
+        h5ad_path, lambda labels: labels == control_label, pert_column=pert_column, chunk_size=chunk_size
+    )
     if rows.matrix.shape[0] == 0:
         raise ValueError(f"{h5ad_path}: no control cells ({pert_column} == {control_label!r})")
     return rows
@@ -431,14 +439,18 @@ class CSRH5adWriter:
         indptr.resize((rows0 + chunk.shape[0] + 1,))
         indptr[rows0 + 1 :] = chunk.indptr[1:].astype(np.int64) + nnz0
 
-    def append(self, chunk: sp.spmatrix | np.ndarray, layers: Mapping[str, sp.spmatrix | np.ndarray] | None = None) -> None:
+    def append(
+        self, chunk: sp.spmatrix | np.ndarray, layers: Mapping[str, sp.spmatrix | np.ndarray] | None = None
+    ) -> None:
         """Append rows to X and, with ``layers``, the same rows to each declared layer."""
         chunk = sp.csr_matrix(chunk)
         if chunk.shape[1] != self.n_vars:
             raise ValueError(f"chunk has {chunk.shape[1]} columns, the file has {self.n_vars} genes")
         layers = dict(layers or {})
         if set(layers) != {k for k in self._groups if k is not None}:
-            raise ValueError(f"append() needs exactly the layers {sorted(k for k in self._groups if k)}, got {sorted(layers)}")
+            raise ValueError(
+                f"append() needs exactly the layers {sorted(k for k in self._groups if k)}, got {sorted(layers)}"
+            )
         chunk.sort_indices()
         self._append_csr(self._groups[None], chunk, self.dtype)
         for name, matrix in layers.items():
@@ -468,7 +480,7 @@ class CSRH5adWriter:
         if self._file.id.valid:
             self._file.close()
 
-    def __enter__(self) -> "CSRH5adWriter":
+    def __enter__(self) -> CSRH5adWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

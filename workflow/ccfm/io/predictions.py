@@ -14,8 +14,8 @@ truncated file that Snakemake would take as finished.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -101,16 +101,12 @@ def build_prediction_anndata(
 
     matrix = sp.vstack(blocks, format="csr", dtype=np.float32)
     categories = [*predicted.keys(), control_label]
-    obs = pd.DataFrame(
-        {PERT_COLUMN: pd.Categorical(labels, categories=categories)}, index=pd.Index(names, dtype=str)
-    )
+    obs = pd.DataFrame({PERT_COLUMN: pd.Categorical(labels, categories=categories)}, index=pd.Index(names, dtype=str))
     var = pd.DataFrame(index=pd.Index(genes, dtype=str))
     return ad.AnnData(X=matrix, obs=obs, var=var)
 
 
-def prediction_means(
-    genes: Sequence[str], predicted: Mapping[str, np.ndarray]
-) -> pd.DataFrame:
+def prediction_means(genes: Sequence[str], predicted: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """Mean predicted log1p expression per perturbation: rows perturbations, columns genes."""
     rows = {pert: np.asarray(cells, dtype=np.float64).mean(axis=0) for pert, cells in predicted.items()}
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[str(g) for g in genes])
@@ -138,7 +134,10 @@ def write_predictions(
     write_table_atomic(means, out_means_csv)
     log.info(
         "wrote %d predicted perturbations (%d cells) + %d control cells to %s",
-        len(predicted), adata.n_obs - controls.shape[0], controls.shape[0], out_h5ad,
+        len(predicted),
+        adata.n_obs - controls.shape[0],
+        controls.shape[0],
+        out_h5ad,
     )
 
 
@@ -206,8 +205,9 @@ def align_prediction_to_real(
         )
     extra = sorted(pred_perts - real_perts)
     if extra:
-        log.info("%s: %d predicted perturbation(s) have no real cells and are not scored: %s",
-                 source, len(extra), extra[:10])
+        log.info(
+            "%s: %d predicted perturbation(s) have no real cells and are not scored: %s", source, len(extra), extra[:10]
+        )
         keep = ~pred.obs[pert_col].astype(str).isin(extra).to_numpy()
         pred = pred[keep].copy()
         pred.obs[pert_col] = pred.obs[pert_col].astype(str).astype("category")

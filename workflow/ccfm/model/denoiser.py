@@ -20,8 +20,9 @@ expression at 0. Without a latent stream it is the plain scDFM sampler.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ class FlowSettings:
             raise ValueError(f"train.choose_latent_p must lie in [0, 1], got {self.choose_latent_p}")
 
     @classmethod
-    def from_train_section(cls, train: Mapping[str, Any]) -> "FlowSettings":
+    def from_train_section(cls, train: Mapping[str, Any]) -> FlowSettings:
         """Pick the denoiser's keys out of a merged ``train`` config section (others ignored)."""
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in train.items() if key in known})
@@ -134,7 +135,7 @@ class BatchShard:
     gather: Callable[[Tensor], Tensor]
 
     @classmethod
-    def whole(cls, size: int) -> "BatchShard":
+    def whole(cls, size: int) -> BatchShard:
         return cls(0, size, size, 1, lambda rows: rows)
 
 
@@ -152,12 +153,16 @@ class CascadedDenoiser(nn.Module):
 
     # -- time sampling -----------------------------------------------------------------------
 
-    def _draw_t(self, n: int, mean: float, std: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    def _draw_t(
+        self, n: int, mean: float, std: float, generator: torch.Generator | None, device: torch.device
+    ) -> Tensor:
         if self.settings.time_schedule == "uniform":
             return torch.rand(n, generator=generator, device=device)
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
-    def sample_t(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> TimeSample:
+    def sample_t(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> TimeSample:
         """``dino_first_cascaded`` times and per-sample loss weights for a batch of ``n``."""
         s = self.settings
         device = torch.device(device)
@@ -193,10 +198,19 @@ class CascadedDenoiser(nn.Module):
         return (output - x_t) / (1 - t).clamp(min=self.settings.x_pred_min_denominator)
 
     def velocities(
-        self, gene_ids: Tensor, source: Tensor, x_t: Tensor, z_t: Tensor | None, t_expr: Tensor, t_latent: Tensor, pert_ids: Tensor
+        self,
+        gene_ids: Tensor,
+        source: Tensor,
+        x_t: Tensor,
+        z_t: Tensor | None,
+        t_expr: Tensor,
+        t_latent: Tensor,
+        pert_ids: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         """Model forward, converted to velocities for both streams."""
-        out_expr, out_latent = self.model(gene_ids, source, x_t, z_t, t_expr, t_latent if self.latent_enabled else None, pert_ids)
+        out_expr, out_latent = self.model(
+            gene_ids, source, x_t, z_t, t_expr, t_latent if self.latent_enabled else None, pert_ids
+        )
         v_expr = self._to_velocity(out_expr, x_t, t_expr)
         v_latent = None if out_latent is None or z_t is None else self._to_velocity(out_latent, z_t, t_latent)
         return v_expr, v_latent
@@ -253,8 +267,12 @@ class CascadedDenoiser(nn.Module):
         z_t = None
         if self.latent_enabled:
             if z_target is None:
-                raise ValueError("the latent stream is enabled: pass z_target, the target cells' normalised scGPT features")
-            z0 = torch.randn((shard.total, *z_target.shape[1:]), generator=generator, device=device, dtype=z_target.dtype)[rows]
+                raise ValueError(
+                    "the latent stream is enabled: pass z_target, the target cells' normalised scGPT features"
+                )
+            z0 = torch.randn(
+                (shard.total, *z_target.shape[1:]), generator=generator, device=device, dtype=z_target.dtype
+            )[rows]
             z_t = self.interpolate(z0, z_target, times.t_latent)
 
         v_expr, v_latent = self.velocities(gene_ids, source, x_t, z_t, times.t_expr, times.t_latent, pert_ids)
@@ -372,5 +390,7 @@ class CascadedDenoiser(nn.Module):
             latent = self.generate_latent(gene_ids, source, pert_ids, latent_steps, method, generator, x_start)
         if not self.latent_enabled:
             latent = None
-        expression = self.generate_expression(gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start)
+        expression = self.generate_expression(
+            gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start
+        )
         return expression.clamp(min=0.0), latent

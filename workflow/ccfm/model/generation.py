@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +28,11 @@ from ccfm import CONTROL_LABEL
 from ccfm.data.conditions import conditions_to_predict
 from ccfm.distributed import pick_device
 from ccfm.io.h5ad import read_control_cells as read_h5ad_controls
-from ccfm.io.splits import read_split
-from ccfm.model.mean_model import match_mean
 from ccfm.io.predictions import write_predictions
-from ccfm.model.training import ExpressionData, LoadedModel, load_model, row_moments
+from ccfm.io.splits import read_split
+from ccfm.model.checkpoint import LoadedModel, load_model
+from ccfm.model.expression import ExpressionData, row_moments
+from ccfm.model.mean_model import match_mean
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class GenerateSettings:
     batch_size: int = 256
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "GenerateSettings":
+    def from_section(cls, section: Mapping[str, Any]) -> GenerateSettings:
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in section.items() if key in known})
 
@@ -92,9 +94,16 @@ def controls_mean(data: ExpressionData, control_rows: np.ndarray) -> np.ndarray:
     return row_moments(data, control_rows, chunk=4096)[0]
 
 
-def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.ndarray, label: str,
-                  settings: GenerateSettings, seed: int, device: torch.device,
-                  control_mean: np.ndarray | None = None) -> np.ndarray:
+def predict_label(
+    model: LoadedModel,
+    data: ExpressionData,
+    control_rows: np.ndarray,
+    label: str,
+    settings: GenerateSettings,
+    seed: int,
+    device: torch.device,
+    control_mean: np.ndarray | None = None,
+) -> np.ndarray:
     """Generate ``cells_per_perturbation`` cells (n, G) for one perturbation, log1p ≥ 0.
 
     A control-anchored model starts each cell's flow at its control cell moved by the mean
@@ -118,8 +127,13 @@ def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.nda
         batch = source.shape[0]
         x_start = None if shift is None else source + shift.to(device)
         expression, _ = model.denoiser.generate(
-            all_genes.expand(batch, -1), source, pert_row.expand(batch, -1),
-            latent_steps=settings.latent_steps, expr_steps=settings.expr_steps, method=settings.method, generator=generator,
+            all_genes.expand(batch, -1),
+            source,
+            pert_row.expand(batch, -1),
+            latent_steps=settings.latent_steps,
+            expr_steps=settings.expr_steps,
+            method=settings.method,
+            generator=generator,
             x_start=x_start,
         )
         blocks.append(expression.float().cpu().numpy())
@@ -130,16 +144,25 @@ def predict_label(model: LoadedModel, data: ExpressionData, control_rows: np.nda
     return cells
 
 
-def read_control_cells(processed_h5ad: str | Path, control_label: str = CONTROL_LABEL,
-                       chunk_size: int = 10000) -> ExpressionData:
+def read_control_cells(
+    processed_h5ad: str | Path, control_label: str = CONTROL_LABEL, chunk_size: int = 10000
+) -> ExpressionData:
     """The control cells of ``processed.h5ad`` (:func:`ccfm.io.h5ad.read_control_cells`) as generation sources."""
     rows = read_h5ad_controls(processed_h5ad, control_label, chunk_size=chunk_size)
     return ExpressionData(rows.matrix, rows.genes, rows.labels)
 
 
-def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, split_json: str | Path,
-                     extra_labels: Iterable[str], out_h5ad: str | Path, out_means_csv: str | Path, *, seed: int,
-                     control_label: str = CONTROL_LABEL) -> dict[str, float]:
+def predict_to_files(
+    generation: GenerationSetup,
+    processed_h5ad: str | Path,
+    split_json: str | Path,
+    extra_labels: Iterable[str],
+    out_h5ad: str | Path,
+    out_means_csv: str | Path,
+    *,
+    seed: int,
+    control_label: str = CONTROL_LABEL,
+) -> dict[str, float]:
     """Predict every held-out and extra perturbation; write ``pred.h5ad`` and ``pred_means.csv``.
 
     Returns timing numbers (``seconds``, ``cells``, ``cells_per_second``) for the log/benchmark.
@@ -148,7 +171,8 @@ def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, sp
     controls = read_control_cells(processed_h5ad, control_label)
     if controls.genes != model.genes:
         raise ValueError(
-            f"{generation.model_pt} was trained on {len(model.genes)} genes that differ from the {controls.n_genes} genes of "
+            f"{generation.model_pt} was trained on {len(model.genes)} genes that differ from the "
+            f"{controls.n_genes} genes of "
             f"{processed_h5ad}; retrain the model after re-preprocessing"
         )
     split = read_split(split_json)
@@ -164,6 +188,12 @@ def predict_to_files(generation: GenerationSetup, processed_h5ad: str | Path, sp
         predicted[label] = predict_label(model, controls, control_rows, label, settings, seed, device, reference)
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())
-    log.info("generated %d cells for %d perturbations in %.1f s (%.1f cells/s)", n_cells, len(labels), seconds, n_cells / seconds)
+    log.info(
+        "generated %d cells for %d perturbations in %.1f s (%.1f cells/s)",
+        n_cells,
+        len(labels),
+        seconds,
+        n_cells / seconds,
+    )
     write_predictions(out_h5ad, out_means_csv, controls.genes, predicted, controls.matrix, control_label)
     return {"seconds": seconds, "cells": float(n_cells), "cells_per_second": n_cells / max(seconds, 1e-9)}

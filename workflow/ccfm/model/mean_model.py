@@ -30,8 +30,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class MeanModelSettings:
             raise ValueError(f"train.interaction_holdout must lie in (0, 1), got {self.interaction_holdout}")
 
     @classmethod
-    def from_sections(cls, model: Mapping[str, Any], train: Mapping[str, Any]) -> "MeanModelSettings":
+    def from_sections(cls, model: Mapping[str, Any], train: Mapping[str, Any]) -> MeanModelSettings:
         known = set(cls.__dataclass_fields__)
         merged = {**{k: v for k, v in train.items() if k.startswith("interaction_")}, **model}
         return cls(**{key: value for key, value in merged.items() if key in known})
@@ -128,15 +129,25 @@ class InteractionResidual(nn.Module):
 class MeanModel(nn.Module):
     """Predicted pseudobulk shift of a perturbation relative to the control mean (log1p scale)."""
 
-    def __init__(self, genes: Sequence[str], control_mean: np.ndarray, singles: Sequence[str], single_deltas: np.ndarray,
-                 coexpression: Mapping[str, np.ndarray] | None, settings: MeanModelSettings, separator: str = COMBO_SEPARATOR) -> None:
+    def __init__(
+        self,
+        genes: Sequence[str],
+        control_mean: np.ndarray,
+        singles: Sequence[str],
+        single_deltas: np.ndarray,
+        coexpression: Mapping[str, np.ndarray] | None,
+        settings: MeanModelSettings,
+        separator: str = COMBO_SEPARATOR,
+    ) -> None:
         super().__init__()
         self.genes = list(genes)
         self.singles = list(singles)
         self.settings = settings
         self.separator = separator
         self._single_index = {name: i for i, name in enumerate(self.singles)}
-        deltas = torch.as_tensor(np.asarray(single_deltas, dtype=np.float32)).reshape(len(self.singles), len(self.genes))
+        deltas = torch.as_tensor(np.asarray(single_deltas, dtype=np.float32)).reshape(
+            len(self.singles), len(self.genes)
+        )
         self.register_buffer("control_mean", torch.as_tensor(np.asarray(control_mean, dtype=np.float32)))
         self.register_buffer("single_deltas", deltas)
         basis, scale = _principal_directions(deltas, settings.interaction_rank)
@@ -237,17 +248,31 @@ class MeanModel(nn.Module):
 
     def to_payload(self) -> dict[str, Any]:
         return {
-            "meta": json.dumps({"genes": self.genes, "singles": self.singles, "settings": self.settings.to_dict(),
-                                "separator": self.separator, "fitted_epochs": self.fitted_epochs}),
+            "meta": json.dumps(
+                {
+                    "genes": self.genes,
+                    "singles": self.singles,
+                    "settings": self.settings.to_dict(),
+                    "separator": self.separator,
+                    "fitted_epochs": self.fitted_epochs,
+                }
+            ),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
 
     @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> "MeanModel":
+    def from_payload(cls, payload: Mapping[str, Any]) -> MeanModel:
         meta = json.loads(payload["meta"])
         state = payload["state_dict"]
-        model = cls(meta["genes"], state["control_mean"].numpy(), meta["singles"], state["single_deltas"].numpy(), None,
-                    MeanModelSettings(**meta["settings"]), meta["separator"])
+        model = cls(
+            meta["genes"],
+            state["control_mean"].numpy(),
+            meta["singles"],
+            state["single_deltas"].numpy(),
+            None,
+            MeanModelSettings(**meta["settings"]),
+            meta["separator"],
+        )
         # The kernel's buffers are sized by the training doubles: take their shapes from the file.
         for name in ("kernel_pairs", "kernel_residuals", "kernel_params"):
             setattr(model, name, torch.zeros_like(state[name]))
@@ -298,7 +323,11 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     if s.interaction == "off":
         return None
     if len(pairs) < s.interaction_min_doubles:
-        log.info("interaction residual off: %d training doubles with both singles observed (< %d)", len(pairs), s.interaction_min_doubles)
+        log.info(
+            "interaction residual off: %d training doubles with both singles observed (< %d)",
+            len(pairs),
+            s.interaction_min_doubles,
+        )
         return None
     target = torch.stack(targets)
     if s.interaction == "kernel":
@@ -310,7 +339,9 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     initial = copy.deepcopy(model.residual.state_dict())
 
     torch.manual_seed(seed)
-    best_epoch, best_loss = _train_residual(model, pairs, target, fit, hold, s.interaction_epochs, s.interaction_patience)
+    best_epoch, best_loss = _train_residual(
+        model, pairs, target, fit, hold, s.interaction_epochs, s.interaction_patience
+    )
     additive_loss = float(target[hold].pow(2).mean())
     # Refit on every training double for the chosen number of epochs (doubles are scarce).
     model.residual.load_state_dict(initial)
@@ -320,8 +351,14 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     model.fitted_epochs = best_epoch
     model.eval()
     report = FitReport(len(pairs), n_hold, best_epoch, additive_loss, best_loss)
-    log.info("interaction residual: %d doubles (%d held back), best epoch %d, held-back residual MSE %.5f -> %.5f",
-             report.n_doubles, report.n_holdout, best_epoch, additive_loss, best_loss)
+    log.info(
+        "interaction residual: %d doubles (%d held back), best epoch %d, held-back residual MSE %.5f -> %.5f",
+        report.n_doubles,
+        report.n_holdout,
+        best_epoch,
+        additive_loss,
+        best_loss,
+    )
     return report
 
 
@@ -343,16 +380,32 @@ def _fit_kernel(model: MeanModel, pairs: list[tuple[str, str]], target: Tensor) 
     if power > 0:
         model.kernel_pairs, model.kernel_residuals = index, target.clone()
         model.kernel_params = torch.tensor([power, shrinkage])
-    log.info("interaction kernel: %d training doubles, leave-one-out residual MSE %.5f -> %.5f (power %g, shrinkage %g)%s",
-             len(pairs), additive_loss, loss, power, shrinkage, "" if power > 0 else "; no setting beats additive, r stays 0")
+    log.info(
+        "interaction kernel: %d training doubles, leave-one-out residual MSE %.5f -> %.5f (power %g, shrinkage %g)%s",
+        len(pairs),
+        additive_loss,
+        loss,
+        power,
+        shrinkage,
+        "" if power > 0 else "; no setting beats additive, r stays 0",
+    )
     return FitReport(len(pairs), len(pairs), 0, additive_loss, loss)
 
 
-def _train_residual(model: MeanModel, pairs: list[tuple[str, str]], target: Tensor, fit: np.ndarray,
-                    hold: np.ndarray | None, epochs: int, patience: int | None) -> tuple[int, float]:
+def _train_residual(
+    model: MeanModel,
+    pairs: list[tuple[str, str]],
+    target: Tensor,
+    fit: np.ndarray,
+    hold: np.ndarray | None,
+    epochs: int,
+    patience: int | None,
+) -> tuple[int, float]:
     """Full-batch AdamW on the residuals of ``fit``; returns (best epoch, its held-back MSE)."""
     s = model.settings
-    optimizer = torch.optim.AdamW(model.residual.parameters(), lr=s.interaction_lr, weight_decay=s.interaction_weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.residual.parameters(), lr=s.interaction_lr, weight_decay=s.interaction_weight_decay
+    )
     fit_pairs = [pairs[i] for i in fit]
     fit_inputs = model._pair_inputs(fit_pairs)
     hold_inputs = model._pair_inputs([pairs[i] for i in hold]) if hold is not None else None
@@ -374,7 +427,9 @@ def _train_residual(model: MeanModel, pairs: list[tuple[str, str]], target: Tens
     return best_epoch, best_loss
 
 
-def control_coexpression(control_cells: np.ndarray, genes: Sequence[str], singles: Sequence[str]) -> dict[str, np.ndarray]:
+def control_coexpression(
+    control_cells: np.ndarray, genes: Sequence[str], singles: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Pearson correlation among control cells between the perturbed genes that are measured.
 
     ``control_cells`` is a (n, G) dense block (a sample of controls is enough). Returns, per
@@ -405,10 +460,16 @@ def shrink_effect(delta: np.ndarray, noise_var: np.ndarray) -> np.ndarray:
     return delta * np.clip(factor, 0.0, 1.0)
 
 
-def build_mean_model(genes: Sequence[str], control_mean: np.ndarray, condition_means: Mapping[str, np.ndarray],
-                     control_sample: np.ndarray, settings: MeanModelSettings, seed: int,
-                     separator: str = COMBO_SEPARATOR, mean_noise_var: Mapping[str, np.ndarray] | None = None
-                     ) -> tuple[MeanModel, FitReport | None]:
+def build_mean_model(
+    genes: Sequence[str],
+    control_mean: np.ndarray,
+    condition_means: Mapping[str, np.ndarray],
+    control_sample: np.ndarray,
+    settings: MeanModelSettings,
+    seed: int,
+    separator: str = COMBO_SEPARATOR,
+    mean_noise_var: Mapping[str, np.ndarray] | None = None,
+) -> tuple[MeanModel, FitReport | None]:
     """Mean model from training pseudobulks: singles' deltas, control co-expression, fitted r.
 
     ``mean_noise_var`` maps labels (and the control label ``"__control__"``) to the per-gene

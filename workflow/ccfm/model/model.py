@@ -25,7 +25,7 @@ the plain scDFM-style model (the ``ccfm_nolatent`` ablation).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -56,13 +56,12 @@ class ModelConfig:
     # Zero the expression head's output layer: a fresh control-anchored flow then leaves its
     # starting point (the anchored control cell) unchanged.
     zero_init_expr_head: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
 
     @property
@@ -256,7 +255,9 @@ class MultiHeadAttention(nn.Module):
 
 def mlp(d_model: int, ratio: float, dropout: float = 0.0) -> nn.Sequential:
     hidden = int(d_model * ratio)
-    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, d_model))
+    return nn.Sequential(
+        nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, d_model)
+    )
 
 
 class AdaLNZeroBlock(nn.Module):
@@ -268,7 +269,9 @@ class AdaLNZeroBlock(nn.Module):
     :meth:`CascadedFlowModel.initialize_weights`, so a fresh block is the identity.
     """
 
-    def __init__(self, d_model: int, attention: nn.Module, mlp_ratio: float, dropout: float, cross: bool = False) -> None:
+    def __init__(
+        self, d_model: int, attention: nn.Module, mlp_ratio: float, dropout: float, cross: bool = False
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
         self.context_norm = nn.LayerNorm(d_model) if cross else None
@@ -293,7 +296,9 @@ class DiffPerceiverBlock(nn.Module):
     def __init__(self, d_model: int, nhead: int, depth: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         self.self_block = AdaLNZeroBlock(d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout)
-        self.cross_block = AdaLNZeroBlock(d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout, cross=True)
+        self.cross_block = AdaLNZeroBlock(
+            d_model, DifferentialAttention(d_model, nhead, depth), mlp_ratio, dropout, cross=True
+        )
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor) -> Tensor:
         return self.cross_block(self.self_block(x, c), c, context)
@@ -325,7 +330,11 @@ class ExprDecoder(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(2 * d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, d_model), nn.LeakyReLU(), nn.Linear(d_model, 1)
+            nn.Linear(2 * d_model, d_model),
+            nn.LeakyReLU(),
+            nn.Linear(d_model, d_model),
+            nn.LeakyReLU(),
+            nn.Linear(d_model, 1),
         )
 
     def forward(self, tokens: Tensor, pert_emb: Tensor) -> Tensor:
@@ -390,7 +399,9 @@ class CascadedFlowModel(nn.Module):
         self.gene_adaln = nn.ModuleList([GeneAdaLN(d) for _ in range(config.nlayers)])
         self.pert_adapters = nn.ModuleList(
             [
-                nn.Sequential(nn.Linear(2 * d, d), nn.LeakyReLU(), nn.Dropout(config.dropout), nn.Linear(d, d), nn.LeakyReLU())
+                nn.Sequential(
+                    nn.Linear(2 * d, d), nn.LeakyReLU(), nn.Dropout(config.dropout), nn.Linear(d, d), nn.LeakyReLU()
+                )
                 for _ in range(config.nlayers)
             ]
         )
@@ -399,7 +410,9 @@ class CascadedFlowModel(nn.Module):
         if config.latent_enabled:
             self.latent_embedder = LatentEmbedder(config.latent_dim, config.bottleneck, d)
             self.t_latent_embedder = TimestepEmbedder(d)
-            self.latent_decoder = LatentDecoder(d, config.latent_dim, config.nhead, config.dh_depth, config.mlp_ratio, config.dropout)
+            self.latent_decoder = LatentDecoder(
+                d, config.latent_dim, config.nhead, config.dh_depth, config.mlp_ratio, config.dropout
+            )
         self.initialize_weights()
 
     def _make_block(self, depth: int) -> nn.Module:

@@ -24,32 +24,33 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.model.denoiser import BatchShard, CascadedDenoiser, FlowSettings
-from ccfm.distributed import DistContext, gather_rows, pick_device, sum_over_ranks
-from ccfm.io.splits import read_split
-from ccfm.io.h5ad import atomic_output, file_identity, read_csr_rows, read_obs_labels, read_var
-from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model
-from ccfm.model.model import CascadedFlowModel, ModelConfig
+from ccfm import CONTROL_LABEL
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.data.validation import check_batch_size
+from ccfm.distributed import DistContext, gather_rows, pick_device, sum_over_ranks
+from ccfm.io.h5ad import atomic_output, file_identity
+from ccfm.io.splits import read_split
+from ccfm.model.checkpoint import atomic_torch_save, save_model
+from ccfm.model.denoiser import BatchShard, CascadedDenoiser, FlowSettings
+from ccfm.model.expression import ExpressionData, label_means, load_expression
+from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model
+from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ("step", "total", "expr", "latent", "mmd", "lr")
 CHECKPOINT_NAME = "checkpoint.pt"
-MODEL_FORMAT = "ccfm-model-v1"
 
 # (target cell rows (B,), their full log1p expression (B, G_all)) -> normalised features (B, G_all, D).
 LatentTargets = Callable[[np.ndarray, np.ndarray], Tensor]
@@ -58,64 +59,6 @@ LatentTargets = Callable[[np.ndarray, np.ndarray], Tensor]
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExpressionData:
-    """Rows of the processed log1p matrix (CSR, never densified whole) with every cell's label.
-
-    ``matrix`` may hold only some cells of the file (``file_rows``, sorted); rows are always
-    addressed by their row number in ``processed.h5ad``, so feature caches and samplers agree.
-    """
-
-    matrix: sp.csr_matrix
-    genes: list[str]
-    labels: np.ndarray  # canonical target_gene of every cell of the file
-    # Rows of the file held in `matrix` (None: all); keyword-only so subclasses add fields freely.
-    file_rows: np.ndarray | None = field(default=None, kw_only=True)
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.genes)
-
-    def rows_of(self, label: str) -> np.ndarray:
-        """File rows of ``label``'s cells (only those held in ``matrix``)."""
-        rows = np.flatnonzero(self.labels == label)
-        if self.file_rows is not None:
-            rows = rows[np.isin(rows, self.file_rows)]
-        return rows
-
-    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Dense float32 (len(rows), G) block of the requested cells (one batch at a time)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.file_rows is not None:
-            positions = np.searchsorted(self.file_rows, rows)
-            if np.any(positions >= self.file_rows.size) or np.any(self.file_rows[np.minimum(positions, self.file_rows.size - 1)] != rows):
-                raise IndexError("requested cells that were not loaded (only training perturbations and controls are)")
-            rows = positions
-        return np.asarray(self.matrix[rows].toarray(), dtype=np.float32)
-
-
-def load_expression(processed_h5ad: str | Path, pert_col: str = PERT_COLUMN,
-                    keep_labels: Sequence[str] | None = None) -> ExpressionData:
-    """Read ``X`` (CSR), ``obs[pert_col]`` and ``var_names`` of ``processed.h5ad``.
-
-    With ``keep_labels`` only the cells of those perturbations are read (training reads its
-    training perturbations and the controls, not the held-out cells). Layers (raw counts) are
-    not touched, so memory is one CSR copy of the kept cells' log1p rows.
-    """
-    path = Path(processed_h5ad)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run the preprocess rule first")
-    try:
-        labels = read_obs_labels(path, pert_col).astype(str)
-    except KeyError as error:
-        raise KeyError(f"{error.args[0]}; rerun preprocess") from None
-    genes = [str(g) for g in read_var(path).index]
-    if keep_labels is None:
-        return ExpressionData(read_csr_rows(path, np.arange(labels.size)), genes, labels)
-    rows = np.flatnonzero(np.isin(labels, np.asarray(list(keep_labels), dtype=str)))
-    return ExpressionData(read_csr_rows(path, rows), genes, labels, file_rows=rows)
 
 
 @dataclass
@@ -131,8 +74,15 @@ class Batch:
 class PerturbationBatchSampler:
     """Draws :class:`Batch` es from a seeded numpy Generator (state saved in checkpoints)."""
 
-    def __init__(self, data: ExpressionData, train_labels: Sequence[str], batch_size: int, window: int,
-                 rng: np.random.Generator, control_label: str = CONTROL_LABEL) -> None:
+    def __init__(
+        self,
+        data: ExpressionData,
+        train_labels: Sequence[str],
+        batch_size: int,
+        window: int,
+        rng: np.random.Generator,
+        control_label: str = CONTROL_LABEL,
+    ) -> None:
         self.data = data
         self.batch_size = batch_size
         self.window = min(window, data.n_genes)
@@ -181,81 +131,45 @@ class TrainSettings:
     bf16: bool = True  # autocast on CUDA only
 
     @classmethod
-    def from_train_section(cls, train: Mapping[str, Any]) -> "TrainSettings":
+    def from_train_section(cls, train: Mapping[str, Any]) -> TrainSettings:
         known = set(cls.__dataclass_fields__)
         return cls(**{key: value for key, value in train.items() if key in known})
 
 
-def build_denoiser(n_genes: int, model_section: Mapping[str, Any], train_section: Mapping[str, Any],
-                   latent_dim: int, vocab: PerturbationVocab, seed: int) -> CascadedDenoiser:
+def build_denoiser(
+    n_genes: int,
+    model_section: Mapping[str, Any],
+    train_section: Mapping[str, Any],
+    latent_dim: int,
+    vocab: PerturbationVocab,
+    seed: int,
+) -> CascadedDenoiser:
     """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent).
 
     ``model.anchor: additive`` (the default) makes the expression flow start from the anchored
     control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
     """
     anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
-    known = set(ModelConfig.__dataclass_fields__) - {"n_genes", "latent_dim", "n_drugs", "n_unmeasured_genes",
-                                                     "perturbation_type", "extra", "zero_init_expr_head"}
+    known = set(ModelConfig.__dataclass_fields__) - {
+        "n_genes",
+        "latent_dim",
+        "n_drugs",
+        "n_unmeasured_genes",
+        "perturbation_type",
+        "zero_init_expr_head",
+    }
     config = ModelConfig(
-        n_genes=n_genes, latent_dim=latent_dim, perturbation_type=vocab.kind, n_drugs=vocab.n_drugs,
-        n_unmeasured_genes=vocab.n_unmeasured, zero_init_expr_head=anchored,
+        n_genes=n_genes,
+        latent_dim=latent_dim,
+        perturbation_type=vocab.kind,
+        n_drugs=vocab.n_drugs,
+        n_unmeasured_genes=vocab.n_unmeasured,
+        zero_init_expr_head=anchored,
         **{key: value for key, value in model_section.items() if key in known},
     )
     torch.manual_seed(seed)
     flow = FlowSettings.from_train_section({**train_section, "source": "control" if anchored else "gaussian"})
     return CascadedDenoiser(CascadedFlowModel(config), flow)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def save_model(path: str | Path, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-               metadata: Mapping[str, Any] | None = None, mean_model: MeanModel | None = None) -> None:
-    """Write ``model.pt``: weights + model config + flow settings + genes + vocabulary (JSON-able),
-    and the mean model (tensors + JSON) of an anchored flow."""
-    payload: dict[str, Any] = {
-        "format": MODEL_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in denoiser.model.state_dict().items()},
-        "model_config": json.dumps(denoiser.model.config.to_dict()),
-        "flow_settings": json.dumps(denoiser.settings.to_dict()),
-        "vocab": json.dumps(vocab.to_dict()),
-        "metadata": json.dumps(dict(metadata or {})),
-    }
-    if mean_model is not None:
-        payload["mean_model"] = mean_model.to_payload()
-    _atomic_torch_save(payload, Path(path))
-
-
-@dataclass
-class LoadedModel:
-    denoiser: CascadedDenoiser
-    vocab: PerturbationVocab
-    metadata: dict[str, Any] = field(default_factory=dict)
-    mean_model: MeanModel | None = None
-
-    @property
-    def genes(self) -> list[str]:
-        return self.vocab.genes
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the denoiser saved by :func:`save_model` (``weights_only=True``: no pickle)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run the train_ccfm rule first")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a CCFM model file (format {payload.get('format')!r}); retrain with train_ccfm")
-    config = ModelConfig.from_dict(json.loads(payload["model_config"]))
-    settings = FlowSettings(**json.loads(payload["flow_settings"]))
-    denoiser = CascadedDenoiser(CascadedFlowModel(config), settings)
-    denoiser.model.load_state_dict(payload["state_dict"])
-    denoiser.to(device).eval()
-    mean_model = MeanModel.from_payload(payload["mean_model"]) if "mean_model" in payload else None
-    return LoadedModel(denoiser, PerturbationVocab.from_dict(json.loads(payload["vocab"])), json.loads(payload["metadata"]),
-                       mean_model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,9 +200,16 @@ def _content_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def input_identity(processed_h5ad: str | Path, split_json: str | Path, *, use_latent: bool,
-                   latent_section: Mapping[str, Any] | None = None, latent_stats: str | Path | None = None,
-                   gene_vocab_tsv: str | Path | None = None, scgpt_dir: str | Path | None = None) -> dict[str, Any]:
+def input_identity(
+    processed_h5ad: str | Path,
+    split_json: str | Path,
+    *,
+    use_latent: bool,
+    latent_section: Mapping[str, Any] | None = None,
+    latent_stats: str | Path | None = None,
+    gene_vocab_tsv: str | Path | None = None,
+    scgpt_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """What a training run reads, as fingerprint parts (see :func:`run_fingerprint`).
 
     ``processed.h5ad`` and the scGPT weights can be many GB, so they are identified by size and
@@ -296,18 +217,26 @@ def input_identity(processed_h5ad: str | Path, split_json: str | Path, *, use_la
     latent settings and files only enter for a latent run: the plain variant does not read them,
     and a new calibration must not throw away its checkpoint.
     """
-    identity: dict[str, Any] = {"processed.h5ad": file_identity(processed_h5ad), "split": _content_hash(Path(split_json))}
+    identity: dict[str, Any] = {
+        "processed.h5ad": file_identity(processed_h5ad),
+        "split": _content_hash(Path(split_json)),
+    }
     if use_latent:
         if latent_stats is None or gene_vocab_tsv is None or scgpt_dir is None:
             raise ValueError("a latent run's identity needs latent_stats, gene_vocab_tsv and scgpt_dir")
         scgpt = Path(scgpt_dir)
-        identity.update({
-            "latent section": dict(latent_section or {}),
-            "latent_stats.pt": _content_hash(Path(latent_stats)),
-            "gene_vocab.tsv": _content_hash(Path(gene_vocab_tsv)),
-            "scGPT checkpoint": [file_identity(scgpt / "best_model.pt"), _content_hash(scgpt / "args.json"),
-                                 _content_hash(scgpt / "vocab.json")],
-        })
+        identity.update(
+            {
+                "latent section": dict(latent_section or {}),
+                "latent_stats.pt": _content_hash(Path(latent_stats)),
+                "gene_vocab.tsv": _content_hash(Path(gene_vocab_tsv)),
+                "scGPT checkpoint": [
+                    file_identity(scgpt / "best_model.pt"),
+                    _content_hash(scgpt / "args.json"),
+                    _content_hash(scgpt / "vocab.json"),
+                ],
+            }
+        )
     return identity
 
 
@@ -323,12 +252,23 @@ class TrainResult:
 class Trainer:
     """Runs (and resumes) the loop for one model; see the module docstring."""
 
-    def __init__(self, denoiser: CascadedDenoiser, data: ExpressionData, train_labels: Sequence[str],
-                 vocab: PerturbationVocab, settings: TrainSettings, seed: int, resume_dir: str | Path,
-                 latent_targets: LatentTargets | None = None, device: str | torch.device = "cpu",
-                 run_fingerprint: str = "", control_label: str = CONTROL_LABEL,
-                 dist: DistContext | None = None, fingerprint_parts: Mapping[str, str] | None = None,
-                 mean_model: MeanModel | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: CascadedDenoiser,
+        data: ExpressionData,
+        train_labels: Sequence[str],
+        vocab: PerturbationVocab,
+        settings: TrainSettings,
+        seed: int,
+        resume_dir: str | Path,
+        latent_targets: LatentTargets | None = None,
+        device: str | torch.device = "cpu",
+        run_fingerprint: str = "",
+        control_label: str = CONTROL_LABEL,
+        dist: DistContext | None = None,
+        fingerprint_parts: Mapping[str, str] | None = None,
+        mean_model: MeanModel | None = None,
+    ) -> None:
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
         self.dist = dist or DistContext(device=torch.device(device))
@@ -357,8 +297,9 @@ class Trainer:
         self.mean_model = mean_model
         self._anchor_cache: dict[str, np.ndarray | None] = {}
         self.np_rng = np.random.default_rng(seed)
-        self.sampler = PerturbationBatchSampler(data, train_labels, settings.batch_size, settings.infer_top_gene,
-                                                self.np_rng, control_label)
+        self.sampler = PerturbationBatchSampler(
+            data, train_labels, settings.batch_size, settings.infer_top_gene, self.np_rng, control_label
+        )
         self.torch_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.optimizer = torch.optim.AdamW(denoiser.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         min_ratio = min(1.0, settings.eta_min / settings.lr)
@@ -394,7 +335,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes (all ranks hold the same state); the others wait until it is in place."""
         if self.dist.is_main:
-            _atomic_torch_save(self._state(), self.resume_path)
+            atomic_torch_save(self._state(), self.resume_path)
             log.info("checkpoint at step %d -> %s", self.step, self.resume_path)
         self.dist.barrier()
 
@@ -404,8 +345,12 @@ class Trainer:
             return 0
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.run_fingerprint:
-            log.warning("discarding %s (step %s): %s; training starts from step 0", self.resume_path,
-                        state.get("step"), self._mismatch_reason(state))
+            log.warning(
+                "discarding %s (step %s): %s; training starts from step 0",
+                self.resume_path,
+                state.get("step"),
+                self._mismatch_reason(state),
+            )
             return 0
         self.denoiser.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -424,12 +369,17 @@ class Trainer:
     def _mismatch_reason(self, state: Mapping[str, Any]) -> str:
         """Which fingerprint parts differ between a checkpoint and this run, in words."""
         saved = state.get("fingerprint_parts") or {}
-        changed = sorted(name for name in set(saved) | set(self.fingerprint_parts)
-                         if saved.get(name) != self.fingerprint_parts.get(name))
+        changed = sorted(
+            name
+            for name in set(saved) | set(self.fingerprint_parts)
+            if saved.get(name) != self.fingerprint_parts.get(name)
+        )
         if saved and changed:
             return "it belongs to another run: changed since it was written: " + ", ".join(changed)
-        return (f"it belongs to another run (fingerprint {state.get('fingerprint')} != {self.run_fingerprint}; "
-                "written by an older version or another configuration)")
+        return (
+            f"it belongs to another run (fingerprint {state.get('fingerprint')} != {self.run_fingerprint}; "
+            "written by an older version or another configuration)"
+        )
 
     def remove_checkpoint(self) -> None:
         """Delete the resume checkpoint once ``model.pt`` is written (rank 0; idempotent).
@@ -523,8 +473,13 @@ class Trainer:
         started = time.perf_counter()
         resumed = self.try_resume()
         last = self.settings.steps if stop_at_step is None else min(stop_at_step, self.settings.steps)
-        bar = tqdm(total=self.settings.steps, initial=self.step, desc="train_ccfm",
-                   disable=not (progress and self.dist.is_main), mininterval=5.0)
+        bar = tqdm(
+            total=self.settings.steps,
+            initial=self.step,
+            desc="train_ccfm",
+            disable=not (progress and self.dist.is_main),
+            mininterval=5.0,
+        )
         while self.step < last:
             values = self.train_step()
             self._pending.append([values[name] for name in LOSS_COLUMNS[1:]])
@@ -537,7 +492,9 @@ class Trainer:
         bar.close()
         if self.step == self.settings.steps:
             self.save_checkpoint()
-        return TrainResult(self.history, resumed, self.step - resumed, time.perf_counter() - started, self.extract_seconds)
+        return TrainResult(
+            self.history, resumed, self.step - resumed, time.perf_counter() - started, self.extract_seconds
+        )
 
 
 def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None:
@@ -548,54 +505,47 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
         frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 
-def run_fingerprint_parts(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-                          train_labels: Sequence[str], seed: int,
-                          inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_fingerprint_parts(
+    settings: TrainSettings,
+    denoiser: CascadedDenoiser,
+    vocab: PerturbationVocab,
+    train_labels: Sequence[str],
+    seed: int,
+    inputs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything that changes a training run's result, by name (``inputs``: :func:`input_identity`)."""
     return {
-        "train": asdict(settings), "flow": denoiser.settings.to_dict(), "model": denoiser.model.config.to_dict(),
-        "genes": vocab.genes, "drugs": vocab.drugs, "train_labels": sorted(train_labels), "seed": seed,
+        "train": asdict(settings),
+        "flow": denoiser.settings.to_dict(),
+        "model": denoiser.model.config.to_dict(),
+        "genes": vocab.genes,
+        "drugs": vocab.drugs,
+        "train_labels": sorted(train_labels),
+        "seed": seed,
         **dict(inputs or {}),
     }
 
 
-def run_fingerprint(settings: TrainSettings, denoiser: CascadedDenoiser, vocab: PerturbationVocab,
-                    train_labels: Sequence[str], seed: int, inputs: Mapping[str, Any] | None = None) -> str:
+def run_fingerprint(
+    settings: TrainSettings,
+    denoiser: CascadedDenoiser,
+    vocab: PerturbationVocab,
+    train_labels: Sequence[str],
+    seed: int,
+    inputs: Mapping[str, Any] | None = None,
+) -> str:
     """Fingerprint of a training run for :meth:`Trainer.try_resume`."""
     return fingerprint(run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, inputs))
 
 
-def row_moments(data: ExpressionData, rows: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased variance (G,) of the given file rows, read ``chunk`` rows at a time."""
-    total = np.zeros(data.n_genes, dtype=np.float64)
-    squares = np.zeros(data.n_genes, dtype=np.float64)
-    for start in range(0, rows.size, chunk):
-        block = data.dense_rows(rows[start : start + chunk]).astype(np.float64)
-        total += block.sum(axis=0)
-        squares += np.square(block).sum(axis=0)
-    n = max(rows.size, 1)
-    mean = total / n
-    variance = np.maximum(squares / n - np.square(mean), 0.0) * n / max(n - 1, 1)
-    return mean, variance
-
-
-def label_means(data: ExpressionData, labels: Sequence[str], chunk: int = 2048
-                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Pseudobulk mean log1p profile (G,) of each label's loaded cells and the sampling variance
-    of that mean (per-gene variance / cells)."""
-    means: dict[str, np.ndarray] = {}
-    noise: dict[str, np.ndarray] = {}
-    for label in labels:
-        rows = data.rows_of(label)
-        if rows.size == 0:
-            continue
-        means[label], variance = row_moments(data, rows, chunk)
-        noise[label] = variance / rows.size
-    return means, noise
-
-
-def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: MeanModelSettings, seed: int,
-                   control_label: str = CONTROL_LABEL, coexpression_cells: int = 2000) -> MeanModel:
+def fit_mean_model(
+    data: ExpressionData,
+    train_labels: Sequence[str],
+    settings: MeanModelSettings,
+    seed: int,
+    control_label: str = CONTROL_LABEL,
+    coexpression_cells: int = 2000,
+) -> MeanModel:
     """The anchored flow's mean model from the training cells (see :mod:`ccfm.model.mean_model`)."""
     means, noise = label_means(data, [*train_labels, control_label])
     if control_label not in means:
@@ -605,9 +555,12 @@ def fit_mean_model(data: ExpressionData, train_labels: Sequence[str], settings: 
     control_rows = data.rows_of(control_label)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x6D65616E])  # 'mean': its own stream of the run seed
     sample = np.sort(rng.choice(control_rows, size=min(coexpression_cells, control_rows.size), replace=False))
-    model, _ = build_mean_model(data.genes, control_mean, means, data.dense_rows(sample), settings, seed,
-                                mean_noise_var=noise)
-    log.info("mean model: %d singles with observed effects, interaction learner %r", len(model.singles), settings.interaction)
+    model, _ = build_mean_model(
+        data.genes, control_mean, means, data.dense_rows(sample), settings, seed, mean_noise_var=noise
+    )
+    log.info(
+        "mean model: %d singles with observed effects, interaction learner %r", len(model.singles), settings.interaction
+    )
     return model
 
 
@@ -630,8 +583,9 @@ def scgpt_latent_targets(source: Any, stats: Any) -> LatentTargets:
     return targets
 
 
-def train_distributed(n_processes: int, log_path: str | Path | None, threads_per_process: int = 1,
-                      **train_kwargs: Any) -> None:
+def train_distributed(
+    n_processes: int, log_path: str | Path | None, threads_per_process: int = 1, **train_kwargs: Any
+) -> None:
     """Run :func:`train_from_files` in ``n_processes`` torchrun workers (``train.gpus`` > 1).
 
     The keyword arguments travel as a JSON request file in the resume directory (no pickle, no
@@ -644,6 +598,28 @@ def train_distributed(n_processes: int, log_path: str | Path | None, threads_per
     with atomic_output(request_json) as tmp:
         tmp.write_text(json.dumps(request, indent=2, default=str))  # default=str: paths as strings
     launch(n_processes, request_json, log_path)
+
+
+def train_rule(
+    processes: int,
+    threads: int,
+    log_path: str | Path | None,
+    *,
+    scgpt_model: str | Path | None = None,
+    **train_kwargs: Any,
+) -> None:
+    """The ``train_ccfm`` rule: ``processes`` > 1 trains in that many torchrun workers, otherwise here.
+
+    ``scgpt_model`` (the checkpoint's ``best_model.pt``) names the scGPT directory of a latent run;
+    the other keyword arguments are those of :func:`train_from_files`.
+    """
+    if scgpt_model is not None:
+        train_kwargs["scgpt_dir"] = str(Path(scgpt_model).parent)
+    if processes > 1:
+        train_distributed(processes, log_path, threads_per_process=max(1, threads // processes), **train_kwargs)
+    else:
+        torch.set_num_threads(threads)
+        train_from_files(**train_kwargs)
 
 
 def train_from_files(
@@ -678,8 +654,13 @@ def train_from_files(
     data = load_expression(processed_h5ad, keep_labels=[*train_labels, CONTROL_LABEL])
     settings = TrainSettings.from_train_section(train_section)
     # Checked by the split rule too; again here for a batch size changed after the split.
-    check_batch_size(pd.Series(data.labels).value_counts().to_dict(), train_labels, settings.batch_size,
-                     f"{processed_h5ad} (split {split_json})", log)
+    check_batch_size(
+        pd.Series(data.labels).value_counts().to_dict(),
+        train_labels,
+        settings.batch_size,
+        f"{processed_h5ad} (split {split_json})",
+        log,
+    )
     if dist is not None and dist.distributed:
         device = dist.device
     elif device is not None:
@@ -689,50 +670,117 @@ def train_from_files(
     if perturbation_type == "drug":
         vocab = PerturbationVocab.for_drugs(data.genes, [*train_labels, *split["test"], *extra_labels])
     else:
-        vocab = PerturbationVocab.for_genes(data.genes, train_labels, [*split["test"], *extra_labels],
-                                            where=f"{split_json} and the dataset's 'predict:'")
+        vocab = PerturbationVocab.for_genes(
+            data.genes,
+            train_labels,
+            [*split["test"], *extra_labels],
+            where=f"{split_json} and the dataset's 'predict:'",
+        )
 
     latent_targets: LatentTargets | None = None
     latent_dim = 0
     stats_meta: dict[str, Any] = {}
     if use_latent:
         latent_targets, latent_dim, stats_meta = _scgpt_targets(
-            data, train_labels, scgpt_dir, gene_vocab_tsv, latent_stats, latent_section, processed_h5ad, resume_dir, seed, device,
-            draws=settings.steps * settings.batch_size, dist=dist,
+            data,
+            train_labels,
+            scgpt_dir,
+            gene_vocab_tsv,
+            latent_stats,
+            latent_section,
+            processed_h5ad,
+            resume_dir,
+            seed,
+            device,
+            draws=settings.steps * settings.batch_size,
+            dist=dist,
         )
     denoiser = build_denoiser(data.n_genes, model_section, train_section, latent_dim, vocab, seed)
     mean_settings = MeanModelSettings.from_sections(model_section, train_section)
     mean_model = fit_mean_model(data, train_labels, mean_settings, seed) if mean_settings.anchor == "additive" else None
     n_params = sum(p.numel() for p in denoiser.parameters())
-    log.info("model: %d parameters, latent stream %s (D=%d), %d genes, %d training perturbations",
-             n_params, "on" if latent_dim else "off", latent_dim, data.n_genes, len(train_labels))
-    identity = input_identity(processed_h5ad, split_json, use_latent=use_latent, latent_section=latent_section,
-                              latent_stats=latent_stats, gene_vocab_tsv=gene_vocab_tsv, scgpt_dir=scgpt_dir)
-    parts = run_fingerprint_parts(settings, denoiser, vocab, train_labels, seed, {**identity, "mean": mean_settings.to_dict()})
-    trainer = Trainer(denoiser, data, train_labels, vocab, settings, seed, resume_dir, latent_targets, device,
-                      fingerprint(parts), dist=dist, fingerprint_parts=part_hashes(parts), mean_model=mean_model)
+    log.info(
+        "model: %d parameters, latent stream %s (D=%d), %d genes, %d training perturbations",
+        n_params,
+        "on" if latent_dim else "off",
+        latent_dim,
+        data.n_genes,
+        len(train_labels),
+    )
+    identity = input_identity(
+        processed_h5ad,
+        split_json,
+        use_latent=use_latent,
+        latent_section=latent_section,
+        latent_stats=latent_stats,
+        gene_vocab_tsv=gene_vocab_tsv,
+        scgpt_dir=scgpt_dir,
+    )
+    parts = run_fingerprint_parts(
+        settings, denoiser, vocab, train_labels, seed, {**identity, "mean": mean_settings.to_dict()}
+    )
+    trainer = Trainer(
+        denoiser,
+        data,
+        train_labels,
+        vocab,
+        settings,
+        seed,
+        resume_dir,
+        latent_targets,
+        device,
+        fingerprint(parts),
+        dist=dist,
+        fingerprint_parts=part_hashes(parts),
+        mean_model=mean_model,
+    )
     result = trainer.run(progress=progress)
-    log.info("trained %d steps (resumed from %d) in %.1f s, %.1f%% in scGPT feature extraction",
-             result.steps_run, result.resumed_from, result.seconds, 100 * result.extract_seconds / max(result.seconds, 1e-9))
+    log.info(
+        "trained %d steps (resumed from %d) in %.1f s, %.1f%% in scGPT feature extraction",
+        result.steps_run,
+        result.resumed_from,
+        result.seconds,
+        100 * result.extract_seconds / max(result.seconds, 1e-9),
+    )
     if trainer.device.type == "cuda":
         log.info("peak GPU memory: %.2f GiB", torch.cuda.max_memory_allocated(trainer.device) / 2**30)
     if not trainer.dist.is_main:
         return result
     write_loss_tsv(result.history, out_loss)
-    save_model(out_model, trainer.denoiser, vocab, {
-        "seed": seed, "steps": settings.steps, "train_labels": train_labels, "latent": bool(latent_dim),
-        "latent_stats": stats_meta, "n_parameters": n_params, "anchor": mean_settings.anchor,
-        "interaction": mean_settings.interaction if mean_model is not None else "off",
-    }, mean_model=mean_model)
+    save_model(
+        out_model,
+        trainer.denoiser,
+        vocab,
+        {
+            "seed": seed,
+            "steps": settings.steps,
+            "train_labels": train_labels,
+            "latent": bool(latent_dim),
+            "latent_stats": stats_meta,
+            "n_parameters": n_params,
+            "anchor": mean_settings.anchor,
+            "interaction": mean_settings.interaction if mean_model is not None else "off",
+        },
+        mean_model=mean_model,
+    )
     trainer.remove_checkpoint()
     return result
 
 
-def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir: str | Path | None,
-                   gene_vocab_tsv: str | Path | None, latent_stats: str | Path | None, latent_section: Mapping[str, Any],
-                   processed_h5ad: str | Path, resume_dir: str | Path, seed: int,
-                   device: torch.device, draws: int,
-                   dist: DistContext | None = None) -> tuple[LatentTargets, int, dict[str, Any]]:
+def _scgpt_targets(
+    data: ExpressionData,
+    train_labels: Sequence[str],
+    scgpt_dir: str | Path | None,
+    gene_vocab_tsv: str | Path | None,
+    latent_stats: str | Path | None,
+    latent_section: Mapping[str, Any],
+    processed_h5ad: str | Path,
+    resume_dir: str | Path,
+    seed: int,
+    device: torch.device,
+    draws: int,
+    dist: DistContext | None = None,
+) -> tuple[LatentTargets, int, dict[str, Any]]:
     """Frozen scGPT extractor + feature source + fold statistics -> the latent-target callable."""
     from ccfm.scgpt.calibration import LatentStats, genes_hash
     from ccfm.scgpt.extractor import ScGPTFeatureExtractor
@@ -740,19 +788,31 @@ def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir:
     from ccfm.scgpt.vocab import check_gene_order, read_gene_vocab, vocab_id_array
 
     if scgpt_dir is None or gene_vocab_tsv is None or latent_stats is None:
-        raise ValueError("the latent stream needs scgpt_dir, gene_vocab_tsv and latent_stats (or set latent.enabled: false)")
+        raise ValueError(
+            "the latent stream needs scgpt_dir, gene_vocab_tsv and latent_stats (or set latent.enabled: false)"
+        )
     mapping = read_gene_vocab(gene_vocab_tsv)
     check_gene_order(mapping, data.genes, str(gene_vocab_tsv))
     vocab_ids = vocab_id_array(mapping)
-    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_ids, device, latent_section.get("max_tokens_per_cell"), seed,
-                                      zero_tokens=bool(latent_section.get("zero_tokens", False)))
+    extractor = ScGPTFeatureExtractor(
+        scgpt_dir,
+        vocab_ids,
+        device,
+        latent_section.get("max_tokens_per_cell"),
+        seed,
+        zero_tokens=bool(latent_section.get("zero_tokens", False)),
+    )
     stats = LatentStats.load(latent_stats)
     if bool(stats.metadata.get("zero_tokens", False)) != extractor.zero_tokens:
-        raise ValueError(f"{latent_stats} was calibrated with latent.zero_tokens={stats.metadata.get('zero_tokens', False)}, "
-                         f"training runs with {extractor.zero_tokens}; rerun calibrate_latent")
+        raise ValueError(
+            f"{latent_stats} was calibrated with latent.zero_tokens={stats.metadata.get('zero_tokens', False)}, "
+            f"training runs with {extractor.zero_tokens}; rerun calibrate_latent"
+        )
     stats.check_compatible(extractor.model_id, genes_hash(data.genes, vocab_ids))
     if stats.mean.shape[0] != extractor.dim:
-        raise ValueError(f"{latent_stats} has {stats.mean.shape[0]} dims, the scGPT model {extractor.dim}; rerun calibrate_latent")
+        raise ValueError(
+            f"{latent_stats} has {stats.mean.shape[0]} dims, the scGPT model {extractor.dim}; rerun calibrate_latent"
+        )
     target_rows = np.unique(np.concatenate([data.rows_of(label) for label in train_labels] or [np.zeros(0, np.int64)]))
     mode = latent_section.get("cache", "auto")
     if mode == "auto" and draws < target_rows.size:
@@ -760,7 +820,14 @@ def _scgpt_targets(data: ExpressionData, train_labels: Sequence[str], scgpt_dir:
         # than that is cheaper on the fly.
         log.info("feature cache skipped: %d cell draws < %d training cells", draws, target_rows.size)
         mode = "off"
-    source = make_latent_source(mode, extractor, processed_h5ad, target_rows,
-                                Path(resume_dir) / "feature_cache", float(latent_section.get("cache_max_gb", 20)), dist=dist)
+    source = make_latent_source(
+        mode,
+        extractor,
+        processed_h5ad,
+        target_rows,
+        Path(resume_dir) / "feature_cache",
+        float(latent_section.get("cache_max_gb", 20)),
+        dist=dist,
+    )
     meta = {key: stats.metadata.get(key) for key in ("model_id", "genes_hash", "n_cells")}
     return scgpt_latent_targets(source, stats), extractor.dim, meta

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,13 +66,17 @@ class LatentStats:
         """``(z - mean) / (std + 1e-6) * target_std`` at covered positions; exactly 0 elsewhere."""
         mean, scale = self._params(z)
         out = (z - mean) / scale
-        return torch.where(covered_mask.to(z.device).unsqueeze(-1), out, torch.zeros((), dtype=z.dtype, device=z.device))
+        return torch.where(
+            covered_mask.to(z.device).unsqueeze(-1), out, torch.zeros((), dtype=z.dtype, device=z.device)
+        )
 
     def denormalize(self, z: torch.Tensor, covered_mask: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize` at covered positions; exactly 0 elsewhere."""
         mean, scale = self._params(z)
         out = z * scale + mean
-        return torch.where(covered_mask.to(z.device).unsqueeze(-1), out, torch.zeros((), dtype=z.dtype, device=z.device))
+        return torch.where(
+            covered_mask.to(z.device).unsqueeze(-1), out, torch.zeros((), dtype=z.dtype, device=z.device)
+        )
 
     def save(self, path: str | Path) -> None:
         """torch.save of plain tensors plus JSON metadata (loadable with weights_only=True), atomic."""
@@ -87,7 +92,7 @@ class LatentStats:
             torch.save(payload, tmp)
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatentStats":
+    def load(cls, path: str | Path) -> LatentStats:
         """Read a file written by :meth:`save` (weights_only: no code is unpickled)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
         missing = {"mean", "var", "target_std", "metadata_json"} - set(payload)
@@ -96,12 +101,16 @@ class LatentStats:
         return cls(payload["mean"], payload["var"], float(payload["target_std"]), json.loads(payload["metadata_json"]))
 
     @classmethod
-    def from_running(cls, stats: RunningMoments, target_std: float, metadata: dict[str, Any] | None = None) -> "LatentStats":
+    def from_running(
+        cls, stats: RunningMoments, target_std: float, metadata: dict[str, Any] | None = None
+    ) -> LatentStats:
         if stats.n < 2:
             raise ValueError("calibration saw fewer than two covered gene features: no usable statistics")
         meta = dict(metadata or {})
         meta["n_features"] = int(stats.n)
-        return cls(torch.from_numpy(stats.mean.copy()), torch.from_numpy(stats.variance(ddof=0)), float(target_std), meta)
+        return cls(
+            torch.from_numpy(stats.mean.copy()), torch.from_numpy(stats.variance(ddof=0)), float(target_std), meta
+        )
 
     def check_compatible(self, model_id: str, genes_hash: str) -> None:
         """Raise if these stats were computed for another model or gene panel."""
@@ -161,7 +170,6 @@ def calibrate(
 ) -> LatentStats:
     """Stream (a seeded subsample of) ``cell_indices`` through ``extractor``; return the stats."""
     if genes is not None:
-
         if list(read_var(processed_h5ad).index.astype(str)) != list(map(str, genes)):
             raise ValueError(
                 f"the gene list does not match the var_names of {processed_h5ad} (order or content); "
@@ -189,12 +197,17 @@ def calibrate(
     result = LatentStats.from_running(stats, target_std, metadata)
     log.info(
         "calibrated on %d cells, %d covered gene features; feature std range %.4g..%.4g",
-        cells.size, stats.n, float(result.std.min()), float(result.std.max()),
+        cells.size,
+        stats.n,
+        float(result.std.min()),
+        float(result.std.max()),
     )
     return result
 
 
-def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pert_col: str = PERT_COLUMN) -> np.ndarray:
+def training_cell_indices(
+    processed_h5ad: str | Path, split_json: str | Path, pert_col: str = PERT_COLUMN
+) -> np.ndarray:
     """Rows of ``processed_h5ad`` a fold may learn from: its training perturbations and the controls.
 
     Held-out (``test``) perturbations are never included; a label in both lists is an error.
@@ -204,6 +217,54 @@ def training_cell_indices(processed_h5ad: str | Path, split_json: str | Path, pe
     try:
         labels = read_obs_labels(processed_h5ad, pert_col)  # the label column only: not names, not other columns
     except KeyError as error:
-        raise ValueError(f"{processed_h5ad} has no obs column '{pert_col}' (expected from the preprocess rule)") from error
+        raise ValueError(
+            f"{processed_h5ad} has no obs column '{pert_col}' (expected from the preprocess rule)"
+        ) from error
     allowed = train | {str(split.get("controls", CONTROL_LABEL))}
     return np.flatnonzero(np.isin(labels, sorted(allowed))).astype(np.int64)
+
+
+def calibrate_to_files(
+    processed_h5ad: str | Path,
+    split_json: str | Path,
+    gene_vocab_tsv: str | Path,
+    scgpt_model: str | Path,
+    out_stats: str | Path,
+    *,
+    latent: Mapping[str, Any],
+    seed: int,
+    threads: int,
+) -> LatentStats:
+    """The ``calibrate_latent`` rule: feature statistics over a fold's training cells, saved to ``out_stats``.
+
+    ``scgpt_model`` is the checkpoint's ``best_model.pt``; ``latent`` the dataset's ``latent`` section.
+    """
+    from ccfm.distributed import pick_device
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
+
+    torch.set_num_threads(int(threads))
+    mapping = read_gene_vocab(gene_vocab_tsv)
+    extractor = ScGPTFeatureExtractor(
+        Path(scgpt_model).parent,
+        vocab_id_array(mapping),
+        device=str(pick_device()),
+        max_tokens_per_cell=latent["max_tokens_per_cell"],
+        seed=seed,
+        batching=latent.get("batching", "auto"),
+        zero_tokens=bool(latent["zero_tokens"]),
+    )
+    cells = training_cell_indices(processed_h5ad, split_json)
+    log.info("%s: %d training cells (training perturbations + controls)", split_json, len(cells))
+    stats = calibrate(
+        extractor,
+        processed_h5ad,
+        cells,
+        batch_size=latent["batch_size"],
+        max_cells=latent["calibration_cells"],
+        seed=seed,
+        target_std=latent["target_std"],
+        genes=list(mapping["gene"]),
+    )
+    stats.save(out_stats)
+    return stats

@@ -19,8 +19,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -273,7 +274,9 @@ def build_tiny_checkpoint(
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_args_match_weights(args: Mapping[str, Any], vocab: Mapping[str, int], state: Mapping[str, torch.Tensor], where: Path) -> None:
+def _check_args_match_weights(
+    args: Mapping[str, Any], vocab: Mapping[str, int], state: Mapping[str, torch.Tensor], where: Path
+) -> None:
     """Shapes the args and vocab imply must be those stored in the weights."""
     problems = []
     emb = state.get("encoder.embedding.weight")
@@ -288,13 +291,15 @@ def _check_args_match_weights(args: Mapping[str, Any], vocab: Mapping[str, int],
     lin = state.get("transformer_encoder.layers.0.linear1.weight")
     if lin is not None and tuple(lin.shape) != (int(args["d_hid"]), int(args["embsize"])):
         problems.append(
-            f"linear1 weight has shape {tuple(lin.shape)} but args.json says d_hid={args['d_hid']}, embsize={args['embsize']}"
+            f"linear1 weight has shape {tuple(lin.shape)} but args.json says d_hid={args['d_hid']}, "
+            f"embsize={args['embsize']}"
         )
     if int(args["embsize"]) % int(args["nheads"]):
         problems.append(f"args.json embsize={args['embsize']} is not divisible by nheads={args['nheads']}")
     if problems:
         raise CheckpointError(
-            f"the files in {where} do not belong together: " + "; ".join(problems)
+            f"the files in {where} do not belong together: "
+            + "; ".join(problems)
             + ". Use best_model.pt, vocab.json and args.json of the same checkpoint."
         )
 
@@ -326,7 +331,9 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where
     if head_skipped or head_absent:
         log.info(
             "%s: output heads unused by feature extraction — not in the model: %s; not in the checkpoint: %s",
-            where, head_skipped, head_absent,
+            where,
+            head_skipped,
+            head_absent,
         )
 
 
@@ -404,7 +411,9 @@ def download_checkpoint_http(
     digests = dict(sha256 or {})
     unknown = sorted(set(digests) - set(CHECKPOINT_FILES))
     if unknown:
-        raise ValueError(f"sha256 given for unknown checkpoint file(s) {unknown}; expected keys among {CHECKPOINT_FILES}")
+        raise ValueError(
+            f"sha256 given for unknown checkpoint file(s) {unknown}; expected keys among {CHECKPOINT_FILES}"
+        )
     for name in CHECKPOINT_FILES:
         dest = out_dir / name
         if dest.is_file():

@@ -26,9 +26,10 @@ import contextlib
 import logging
 import warnings
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -181,7 +182,12 @@ class ScGPTFeatureExtractor:
             values = np.concatenate([values, np.zeros(zeros.size, dtype=np.float32)]).astype(np.float32)
             expression = np.concatenate([expression, np.zeros(zeros.size, dtype=np.float32)])
             order = np.argsort(positions, kind="stable")
-            positions, token_ids, values, expression = positions[order], token_ids[order], values[order], expression[order]
+            positions, token_ids, values, expression = (
+                positions[order],
+                token_ids[order],
+                values[order],
+                expression[order],
+            )
         keep = self._kept_tokens(token_ids, expression)
         if keep is not None:
             positions, values, token_ids = positions[keep], values[keep], token_ids[keep]
@@ -189,7 +195,8 @@ class ScGPTFeatureExtractor:
                 log.warning(
                     "cells with more than %d mapped gene tokens are truncated to their %d highest "
                     "expressed genes (latent.max_tokens_per_cell); the others get zero features",
-                    self.max_tokens_per_cell, self.max_tokens_per_cell,
+                    self.max_tokens_per_cell,
+                    self.max_tokens_per_cell,
                 )
             self.n_capped_cells += 1
         return TokenizedCell(positions, token_ids, values)
@@ -237,7 +244,11 @@ class ScGPTFeatureExtractor:
         # PyTorch's CPU fast path turns padded batches into nested tensors, measured ~2x slower
         # than the plain path on CPU; one cell has no padding, and CUDA keeps the fast path
         use_fastpath = batch == 1 or self.device.type != "cpu"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_bf16), mha_fastpath(use_fastpath):
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_bf16),
+            mha_fastpath(use_fastpath),
+        ):
             with warnings.catch_warnings():
                 # PyTorch's padded fast path announces its nested-tensor prototype on every call
                 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
@@ -266,7 +277,11 @@ class ScGPTFeatureExtractor:
 
     def extract_sparse(self, expr: torch.Tensor | np.ndarray) -> tuple[list[TokenizedCell], list[torch.Tensor]]:
         """Tokenise and encode a (B, G) batch; features only for covered genes (for the cache)."""
-        rows = expr.detach().float().cpu().numpy() if isinstance(expr, torch.Tensor) else np.asarray(expr, dtype=np.float32)
+        rows = (
+            expr.detach().float().cpu().numpy()
+            if isinstance(expr, torch.Tensor)
+            else np.asarray(expr, dtype=np.float32)
+        )
         if rows.ndim != 2 or rows.shape[1] != self.n_genes:
             raise ValueError(f"expected expression of shape (B, {self.n_genes}), got {tuple(rows.shape)}")
         cells = [self.tokenize(row) for row in rows]

@@ -23,16 +23,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccfm.scgpt.calibration import iter_expression_batches
 from ccfm.distributed import DistContext
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
 from ccfm.io.h5ad import atomic_output, backed_matrix, file_identity
+from ccfm.scgpt.calibration import iter_expression_batches
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,6 @@ CACHE_FILES = ("cells.npy", "offsets.npy", "positions.npy", "features.npy")
 MANIFEST = "manifest.json"
 CACHE_FORMAT_VERSION = 1
 BYTES_PER_VALUE = 2  # float16
-
-
-class LatentSource(Protocol):
-    """What the trainer calls for raw scGPT features of a batch, cached or not."""
-
-    def features(self, cell_indices: np.ndarray, expr: torch.Tensor) -> torch.Tensor:
-        """(B, G, D) float32 raw features of the cells (rows of processed.h5ad) whose expression is ``expr``."""
-        ...
-
-    def covered_mask(self, cell_indices: np.ndarray, expr: torch.Tensor) -> torch.Tensor:
-        """(B, G) bool: positions that carry features."""
-        ...
 
 
 class OnTheFlySource:
@@ -149,7 +137,9 @@ def cache_manifest(extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_
     }
 
 
-def count_tokens(extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_indices: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def count_tokens(
+    extractor: ScGPTFeatureExtractor, processed_h5ad: Path, cell_indices: np.ndarray, chunk: int = 4096
+) -> np.ndarray:
     """Tokens per cell (non-zero mapped genes, or every mapped gene with ``zero_tokens``; capped)
     read from the sparse matrix, no model run."""
     counts = np.zeros(len(cell_indices), dtype=np.int64)
@@ -222,7 +212,9 @@ def build_feature_cache(
     if dist.is_main:
         (cache_dir / MANIFEST).unlink(missing_ok=True)  # invalidate first: a crash leaves no valid cache
         np.lib.format.open_memmap(tmp["positions.npy"], mode="w+", dtype=np.int32, shape=(total,)).flush()
-        np.lib.format.open_memmap(tmp["features.npy"], mode="w+", dtype=np.float16, shape=(total, extractor.dim)).flush()
+        np.lib.format.open_memmap(
+            tmp["features.npy"], mode="w+", dtype=np.float16, shape=(total, extractor.dim)
+        ).flush()
     dist.barrier()
     positions = np.load(tmp["positions.npy"], mmap_mode="r+", allow_pickle=False)
     values = np.load(tmp["features.npy"], mmap_mode="r+", allow_pickle=False)
@@ -235,12 +227,14 @@ def build_feature_cache(
             start, stop = offsets[row], offsets[row + 1]
             if stop - start != cell.n_tokens:
                 raise RuntimeError(
-                    f"token count mismatch for cell {cells[row]} ({cell.n_tokens} vs {stop - start}) while building {cache_dir}"
+                    f"token count mismatch for cell {cells[row]} ({cell.n_tokens} vs {stop - start}) while "
+                    f"building {cache_dir}"
                 )
             positions[start:stop] = cell.positions
             values[start:stop] = feat.cpu().numpy().astype(np.float16)
             row += 1
-    positions.flush(); values.flush()
+    positions.flush()
+    values.flush()
     del positions, values
     dist.barrier()  # every part written
     if dist.is_main:
@@ -249,7 +243,13 @@ def build_feature_cache(
         for name in CACHE_FILES:
             os.replace(tmp[name], cache_dir / name)
         _write_json_atomic(cache_dir / MANIFEST, manifest)
-        log.info("feature cache for %d cells (%d tokens, %.3f GB) written to %s", len(cells), total, estimate_cache_gb(total, extractor.dim), cache_dir)
+        log.info(
+            "feature cache for %d cells (%d tokens, %.3f GB) written to %s",
+            len(cells),
+            total,
+            estimate_cache_gb(total, extractor.dim),
+            cache_dir,
+        )
     dist.barrier()  # the cache is in place for every rank
     return cache_dir
 
@@ -285,7 +285,10 @@ def make_latent_source(
     size_gb = estimate_cache_gb(int(counts.sum()), extractor.dim)
     log.info(
         "scGPT feature cache for %d training cells: %d tokens, estimated %.3f GB (limit latent.cache_max_gb=%s)",
-        len(cells), int(counts.sum()), size_gb, max_gb,
+        len(cells),
+        int(counts.sum()),
+        size_gb,
+        max_gb,
     )
     if mode == "auto" and size_gb > max_gb:
         log.warning("feature cache would exceed latent.cache_max_gb: computing features on the fly instead")

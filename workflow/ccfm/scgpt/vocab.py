@@ -10,13 +10,13 @@ Genes that match nothing get no id: they receive zero features downstream.
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ccfm.data.validation import ENSEMBL_COLUMNS, SYMBOL_COLUMNS, is_ensembl_id
 from ccfm.io.h5ad import atomic_output
 
 log = logging.getLogger(__name__)
@@ -24,16 +24,10 @@ log = logging.getLogger(__name__)
 MATCH_KINDS = ("exact", "case_insensitive", "ensembl", "none")
 TSV_COLUMNS = ("gene", "vocab_id", "match")
 
-# var columns that commonly hold alternative identifiers (AnnData from scanpy, CellxGene, 10x).
-SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", "feature_name", "symbol", "symbols")
-ENSEMBL_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_ids", "ensembl", "feature_id")
-
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
-
 
 def _strip_version(identifier: str) -> str:
     """ENSG00000141510.17 -> ENSG00000141510 (vocabulary keys carry no version)."""
-    return identifier.split(".", 1)[0] if _ENSEMBL.match(identifier) else identifier
+    return identifier.split(".", 1)[0] if is_ensembl_id(identifier) else identifier
 
 
 def _alternative_ids(var: pd.DataFrame | None, n_genes: int) -> list[list[str]]:
@@ -68,9 +62,11 @@ def map_genes(genes: Sequence[str], vocab: Mapping[str, int], var: pd.DataFrame 
     kinds: list[str] = []
     for gene, alts in zip(map(str, genes), alternatives):
         if gene in gene_vocab:
-            ids.append(gene_vocab[gene]); kinds.append("exact")
+            ids.append(gene_vocab[gene])
+            kinds.append("exact")
         elif gene.lower() in by_lower:
-            ids.append(by_lower[gene.lower()]); kinds.append("case_insensitive")
+            ids.append(by_lower[gene.lower()])
+            kinds.append("case_insensitive")
         else:
             found = None
             # the vocabulary keys some genes by Ensembl id, with or without a version suffix
@@ -79,7 +75,8 @@ def map_genes(genes: Sequence[str], vocab: Mapping[str, int], var: pd.DataFrame 
                 found = gene_vocab.get(candidate, by_lower.get(candidate.lower()))
                 if found is not None:
                     break
-            ids.append(found); kinds.append("ensembl" if found is not None else "none")
+            ids.append(found)
+            kinds.append("ensembl" if found is not None else "none")
     return pd.DataFrame(
         {
             "gene": pd.Series(list(map(str, genes)), dtype="string"),
@@ -104,7 +101,12 @@ def coverage_table(mapping: pd.DataFrame, dataset: str) -> pd.DataFrame:
     n = len(mapping)
     mapped = int(mapping["vocab_id"].notna().sum())
     counts = mapping["match"].value_counts()
-    row = {"dataset": dataset, "genes": n, "mapped": mapped, "percent_mapped": round(100.0 * mapped / n, 2) if n else 0.0}
+    row = {
+        "dataset": dataset,
+        "genes": n,
+        "mapped": mapped,
+        "percent_mapped": round(100.0 * mapped / n, 2) if n else 0.0,
+    }
     row.update({kind: int(counts.get(kind, 0)) for kind in MATCH_KINDS})
     return pd.DataFrame([row])
 
@@ -128,7 +130,9 @@ def read_gene_vocab(path: str | Path) -> pd.DataFrame:
     """Read ``gene_vocab.tsv`` back (gene names such as ``NA`` stay strings)."""
     table = pd.read_csv(path, sep="\t", dtype={"gene": "string", "match": "string"}, keep_default_na=False)
     if list(table.columns) != list(TSV_COLUMNS):
-        raise ValueError(f"{path} has columns {list(table.columns)}; expected {list(TSV_COLUMNS)} (rerun gene_vocab_map)")
+        raise ValueError(
+            f"{path} has columns {list(table.columns)}; expected {list(TSV_COLUMNS)} (rerun gene_vocab_map)"
+        )
     ids = table["vocab_id"].astype("string")
     table["vocab_id"] = pd.to_numeric(ids.mask(ids == "")).astype("Int64")
     bad = sorted(set(table["match"]) - set(MATCH_KINDS))
@@ -149,3 +153,18 @@ def check_gene_order(mapping: pd.DataFrame, genes: Sequence[str], where: str) ->
             f"{where}: gene list differs from the dataset's var_names (order or content); "
             "rerun the gene_vocab_map rule for this dataset"
         )
+
+
+def gene_vocab_to_files(
+    processed_h5ad: str | Path, vocab_json: str | Path, out_tsv: str | Path, out_coverage: str | Path, dataset: str
+) -> pd.DataFrame:
+    """The ``gene_vocab_map`` rule: map the dataset's genes to scGPT ids; write the map and its coverage."""
+    from ccfm.io.h5ad import read_var
+    from ccfm.scgpt.checkpoint import read_vocab
+
+    var = read_var(processed_h5ad)
+    mapping = map_genes(var.index.astype(str), read_vocab(vocab_json), var)
+    write_gene_vocab(mapping, out_tsv)
+    write_coverage_table(mapping, out_coverage, dataset)
+    log.info("%s: %s", dataset, coverage_summary(mapping))
+    return mapping
