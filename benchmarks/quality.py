@@ -177,7 +177,10 @@ def pseudobulk_rows(pred: ad.AnnData, real: ad.AnnData, fold: Fold, method: str,
                 "perturbation": label,
                 "mse": float(err.mean()),
                 "mse_deg": float((weights * err).sum() / max(weights.sum(), 1e-12)),
-                **{k: float(compact.loc[label, k]) for k in ("pearson_delta", "pearson_delta_top_de", "edistance")},
+                **{
+                    k: float(compact.loc[label, k])
+                    for k in ("pearson_delta_pseudobulk", "pearson_delta_top_de", "edistance")
+                },
             }
         )
     return rows
@@ -293,7 +296,7 @@ def summarise(rows: pd.DataFrame, speed: dict[str, np.ndarray], reference: str =
                 f"beats_{reference}": (ratio < 1).mean(),
                 **{
                     k: group[k].mean() if k in group else np.nan
-                    for k in ("pearson_delta", "pearson_delta_top_de", "edistance")
+                    for k in ("pearson_delta_pseudobulk", "pearson_delta_top_de", "edistance")
                 },
             }
         )

@@ -15,16 +15,13 @@ from ccfm.adapt.shift import (
     AdaptSettings,
     CSRRowSource,
     align_shift,
-    bandwidths_from_median,
     learn_shift,
     load_shift,
-    median_distance,
-    mmd2_unbiased,
     model_control_encoder,
-    multiscale_rbf_mmd,
     save_shift,
 )
 from ccfm.evaluate.plots import plot_adapt_history
+from ccfm.model.mmd import bandwidths_from_median, median_distance, mmd2_unbiased, multiscale_rbf_mmd
 
 N_GENES, N_FEATURES = 20, 32
 
@@ -203,7 +200,7 @@ def test_clear_errors_for_mismatched_or_tiny_inputs(offset_problem) -> None:
         learn_shift(_identity_like_encoder(), target[:5], source, **FAST)
     with pytest.raises(TypeError, match="CSR matrix, a numpy array or a RowSource"):
         learn_shift(_identity_like_encoder(), [[1.0]], source, **FAST)
-    with pytest.raises(ValueError, match="unknown adapt setting"):
+    with pytest.raises(ValueError, match="unknown key.*under 'adapt'"):
         AdaptSettings.from_mapping({"step": 3})
     with pytest.raises(ValueError, match="encoding"):
         AdaptSettings.from_mapping({"encoding": "mean"})
@@ -357,3 +354,16 @@ def test_requested_target_labels_must_be_embeddable() -> None:
         adapt.target_labels_to_predict([], ["NOPE"], vocab)
     with pytest.raises(ValueError, match="no target perturbation"):
         adapt.target_labels_to_predict(["non-targeting", "NOPE"], [], vocab)
+
+
+@pytest.mark.gpu
+def test_mmd_on_cuda_matches_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(128, 16, generator=g, dtype=torch.float64),
+        torch.randn(96, 16, generator=g, dtype=torch.float64) + 0.5,
+    )
+    cpu = multiscale_rbf_mmd(x, y)
+    cuda = multiscale_rbf_mmd(x.cuda(), y.cuda())
+    assert cuda.device.type == "cuda"
+    assert cuda.item() == pytest.approx(cpu.item(), rel=1e-9, abs=1e-12)

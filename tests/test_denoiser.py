@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, mmd_rbf, weighted_mean
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, weighted_mean
+from ccfm.model.mmd import multiscale_rbf_mmd
 from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 N_GENES, B, G, D = 30, 4, 10, 8
@@ -16,7 +17,8 @@ def _denoiser(latent_dim: int = D, **settings) -> CascadedDenoiser:
     model = CascadedFlowModel(
         ModelConfig(n_genes=N_GENES, d_model=32, nhead=4, nlayers=1, latent_dim=latent_dim, bottleneck=8, dh_depth=1)
     )
-    return CascadedDenoiser(model, FlowSettings(**settings))
+    # The plain cascade (clean latent in the expression branch, unit latent weight) unless a test says otherwise.
+    return CascadedDenoiser(model, FlowSettings(**{"stage2_noised": False, "latent_weight": 1.0, **settings}))
 
 
 def _batch():
@@ -104,14 +106,14 @@ def test_loss_is_deterministic_for_a_generator() -> None:
     assert a["mmd"].item() != 0  # MMD on by default, gamma 0.5
 
 
-def test_mmd_rbf_separates_distributions() -> None:
+def test_training_mmd_separates_distributions() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, generator=g)
-    same = mmd_rbf(x, torch.randn(64, 5, generator=g))
-    shifted = mmd_rbf(x, torch.randn(64, 5, generator=g) + 2.0)
+    same = multiscale_rbf_mmd(x, torch.randn(64, 5, generator=g))
+    shifted = multiscale_rbf_mmd(x, torch.randn(64, 5, generator=g) + 2.0)
     assert abs(same.item()) < 0.05 and shifted.item() > 0.5
-    # a collapsed batch does not give NaN (sigma is clamped from below)
-    assert torch.isfinite(mmd_rbf(torch.zeros(4, 3), torch.zeros(4, 3)))
+    # a collapsed batch does not give NaN (the bandwidth is floored)
+    assert torch.isfinite(multiscale_rbf_mmd(torch.zeros(4, 3), torch.zeros(4, 3)))
 
 
 def test_generate_shapes_nonnegative_and_reproducible() -> None:

@@ -107,6 +107,7 @@ def _rank_main(rank: int, world: int, port: int, processed: Path, split: Path, o
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # subprocess
 @pytest.mark.parametrize("latent_dim", [0, 4])
 def test_two_ranks_see_disjoint_halves_and_follow_the_single_process(tmp_path, latent_dim) -> None:
     processed, split = write_dataset(tmp_path)
@@ -138,6 +139,7 @@ def _files_kwargs(out: Path) -> dict[str, Path]:
     return {"out_model": out / "model.pt", "out_loss": out / "loss.tsv", "resume_dir": out / "resume"}
 
 
+@pytest.mark.slow  # subprocess
 def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
     # The workers run one thread each; so must the reference run, or float summation order
     # differs and Adam amplifies the difference on near-zero gradients (zero-initialised heads).
@@ -172,6 +174,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "two" / "resume").iterdir()) == ["launch.json"]
 
 
+@pytest.mark.slow  # subprocess
 def test_torchrun_failure_names_the_log(tmp_path) -> None:
     processed, split = write_dataset(tmp_path)
     log_path = tmp_path / "train.log"
@@ -193,6 +196,7 @@ def test_torchrun_failure_names_the_log(tmp_path) -> None:
     assert not (tmp_path / "bad" / "model.pt").exists() and not (tmp_path / "bad" / "loss.tsv").exists()
 
 
+@pytest.mark.slow  # subprocess
 def test_torchrun_with_scgpt_latent_builds_one_shared_feature_cache(tmp_path, tiny_scgpt_checkpoint) -> None:
     inputs = tiny_scgpt_inputs(tmp_path, tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES))
     latent = {"cache": "on", "cache_max_gb": 1, "max_tokens_per_cell": 1200}

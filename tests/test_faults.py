@@ -98,6 +98,7 @@ def test_dropped_download_resumes_with_range_and_verifies(server, tmp_path: Path
     assert dest.read_bytes() == PAYLOAD and not part.exists()
 
 
+@pytest.mark.slow  # subprocess
 def test_killed_download_process_resumes(server, tmp_path: Path) -> None:
     url, handler = server
     handler.mode = "trickle"
@@ -220,6 +221,7 @@ def test_failed_split_json_write_leaves_no_file_and_keeps_old(tmp_path: Path) ->
     assert [p.name for p in path.parent.iterdir()] == ["fold1.json"]
 
 
+@pytest.mark.slow  # subprocess
 def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     """A job killed by the scheduler mid-write (SIGKILL: no cleanup runs) leaves no output file."""
     raw = _raw(tmp_path / "raw.h5ad", n_cells=2000)

@@ -68,7 +68,7 @@ def test_compact_metrics_toy_table():
     table = compact_metrics(pred, real, "non-targeting", top_de=2, seed=0)
     assert list(table["perturbation"]) == ["A"]  # the unscorable extra 'Z' is ignored
     row = table.iloc[0]
-    assert row["pearson_delta"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    assert row["pearson_delta_pseudobulk"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
     # Top-2 DE genes g0, g2: x = [1, -1], y = [.5, 0] -> r = 1.
     assert row["pearson_delta_top_de"] == pytest.approx(1.0, abs=1e-6)
     # squared errors of the means: [.25, 0, 1, .25]
@@ -86,7 +86,7 @@ def test_edistance_is_zero_for_identical_cells_and_grows_with_shift():
     exact = compact_metrics(_adata({"A": real_a, "non-targeting": ctrl}), real, top_de=2)
     off = compact_metrics(_adata({"A": real_a + [0, 1, 0, 0], "non-targeting": ctrl}), real, top_de=2)
     assert exact.loc[0, "edistance"] == pytest.approx(0.0, abs=1e-8)
-    assert exact.loc[0, "pearson_delta"] == pytest.approx(1.0)
+    assert exact.loc[0, "pearson_delta_pseudobulk"] == pytest.approx(1.0)
     assert off.loc[0, "edistance"] > 0.5
 
 
@@ -104,7 +104,10 @@ def test_summary_means_per_fold_and_over_folds(tmp_path):
         return pd.DataFrame(
             {
                 "perturbation": ["A+B", "C+D"],
-                **{m: values for m in ["pearson_delta", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]},
+                **{
+                    m: values
+                    for m in ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]
+                },
             }
         )
 
@@ -126,8 +129,8 @@ def test_summary_means_per_fold_and_over_folds(tmp_path):
     written = pd.read_csv(tmp_path / "summary.tsv", sep="\t", dtype={"fold": str})
     assert list(written["fold"]) == ["1", "2", "1", "all", "all"]
     row = written.set_index(["method", "fold"])
-    assert row.loc[("additive", "1"), "pearson_delta"] == pytest.approx(0.3)
-    assert row.loc[("additive", "all"), "pearson_delta"] == pytest.approx(0.5)  # (0.3 + 0.7) / 2
+    assert row.loc[("additive", "1"), "pearson_delta_pseudobulk"] == pytest.approx(0.3)
+    assert row.loc[("additive", "all"), "pearson_delta_pseudobulk"] == pytest.approx(0.5)  # (0.3 + 0.7) / 2
     assert row.loc[("additive", "all"), "celleval_mae"] == pytest.approx(0.2)
     assert row.loc[("nochange", "all"), "n_perturbations"] == 2
     assert table.shape == written.shape

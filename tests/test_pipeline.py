@@ -47,12 +47,12 @@ def test_every_method_is_scored(demo_run):
     assert set(METHODS) <= set(summary["method"])
     # Our compact metrics are always defined; some cell-eval metrics are legitimately NaN
     # (e.g. a DE rank correlation when a prediction has no significant genes).
-    compact = summary[["pearson_delta", "pearson_delta_top_de", "mse", "edistance"]]
+    compact = summary[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "edistance"]]
     assert np.isfinite(compact.to_numpy(dtype=float)).all(), compact.to_string()
     additive = summary[(summary["method"] == "additive") & (summary["fold"].astype(str) == "1")]
     nochange = summary[(summary["method"] == "nochange") & (summary["fold"].astype(str) == "1")]
     # The simulator's doubles are mostly additive in direction: the additive baseline must beat no-change.
-    assert additive["pearson_delta"].iloc[0] > nochange["pearson_delta"].iloc[0] + 0.3
+    assert additive["pearson_delta_pseudobulk"].iloc[0] > nochange["pearson_delta_pseudobulk"].iloc[0] + 0.3
     # CCFM's mean is additive + a learned residual (LOO-guarded) with shrunk singles: it must not
     # lose to additive on held-out doubles, whatever the (short) flow training did.
     for method in ("ccfm", "ccfm_nolatent"):
@@ -91,7 +91,7 @@ def test_adaptation_outputs(demo_run):
     assert np.isfinite(mmd[["mmd2_before", "mmd2_after"]].to_numpy()).all()
     summary = pd.read_csv(demo_run / "results/demo/fold1/adapt/target_summary.tsv", sep="\t")
     assert {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"} <= set(summary["method"])
-    assert np.isfinite(summary["pearson_delta"]).all()
+    assert np.isfinite(summary["pearson_delta_pseudobulk"]).all()
 
 
 def test_report_builds_with_figures(demo_run, tmp_path):

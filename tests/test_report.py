@@ -65,7 +65,7 @@ def test_figures_are_drawn(tmp_path, toy_real):
             "dataset": "demo",
             "method": ["nochange", "additive", "nochange", "additive", "nochange", "additive"],
             "fold": ["1", "1", "2", "2", "all", "all"],
-            "pearson_delta": [0.1, 0.6, 0.2, 0.7, 0.15, 0.65],
+            "pearson_delta_pseudobulk": [0.1, 0.6, 0.2, 0.7, 0.15, 0.65],
             "pearson_delta_top_de": [0.2, 0.8, 0.1, 0.9, 0.15, 0.85],
             "mse": [0.3, 0.1, 0.35, 0.12, 0.325, 0.11],
             "edistance": [5.0, 2.0, 6.0, 1.5, 5.5, 1.75],
@@ -156,6 +156,7 @@ def built_report(tmp_path_factory) -> Path:
     return workdir / "report.html"
 
 
+@pytest.mark.slow  # subprocess
 def test_static_check_passes_and_catches_problems(built_report, tmp_path):
     good = checker.check_report(
         built_report, expect_categories=["Metrics", "Tables"], expect_files=["results/a.png"], browser=False
@@ -177,6 +178,7 @@ def test_static_check_passes_and_catches_problems(built_report, tmp_path):
     assert not absent.ok and "does not exist" in absent.failures[0]
 
 
+@pytest.mark.slow  # subprocess
 def test_report_renders_in_headless_chromium(built_report, tmp_path):
     if checker.find_chromium() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import yaml
 
@@ -34,6 +35,7 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # subprocess
 def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path) -> None:
     remote = tmp_path / "remote.h5ad"
     labels = ["non-targeting"] * 20 + ["A"] * 10 + ["B"] * 10 + ["A+B"] * 10

@@ -28,6 +28,7 @@ def tiny_dir(tiny_scgpt_checkpoint) -> Path:
     return tiny_scgpt_checkpoint(seed=7)
 
 
+@pytest.mark.slow  # subprocess
 def test_import_workaround_skips_package_init_in_a_fresh_interpreter():
     code = (
         "import sys, ccfm.scgpt.compat as c\n"

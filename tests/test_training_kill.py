@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from ccfm.model.checkpoint import load_model
@@ -92,6 +93,7 @@ def _marked_step(marker: Path) -> int:
     return int(text) if text.strip() else 0
 
 
+@pytest.mark.slow  # subprocess
 def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_training(tmp_path: Path) -> None:
     processed, split = write_dataset(tmp_path)
     script = tmp_path / "train_child.py"

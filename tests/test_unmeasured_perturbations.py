@@ -136,9 +136,11 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
         assert {*split["test"], *predict} <= set(pred.obs["target_gene"].astype(str)), method
         metrics = compact_metrics(pred, real_cells, top_de=10, seed=0)
         assert set(metrics["perturbation"]) == set(split["test"]), method
-        values = metrics[["pearson_delta", "pearson_delta_top_de", "mse", "edistance"]].to_numpy(dtype=float)
+        values = metrics[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "edistance"]].to_numpy(dtype=float)
         assert np.isfinite(values).all(), (method, metrics)
-        rows.append({"method": method, **metrics[["mse", "pearson_delta", "pearson_delta_top_de"]].mean().to_dict()})
+        rows.append(
+            {"method": method, **metrics[["mse", "pearson_delta_pseudobulk", "pearson_delta_top_de"]].mean().to_dict()}
+        )
     scores = pd.DataFrame(rows).set_index("method")
     # the score rule's entry point (cell-eval beside the compact metrics) on the model's file
     tables = score_prediction(outputs["ccfm"], real, profile="minimal", top_de=10, seed=0)
@@ -147,9 +149,13 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
     )
     # The additive baseline never needed the perturbed genes' own columns: on the simulator's
     # mostly additive doubles it must still beat no-change.
-    assert scores.loc["additive", "pearson_delta"] > scores.loc["nochange", "pearson_delta"], scores
+    assert scores.loc["additive", "pearson_delta_pseudobulk"] > scores.loc["nochange", "pearson_delta_pseudobulk"], (
+        scores
+    )
     # A short training run already moves held-out doubles of mostly unmeasured genes the right way.
-    assert scores.loc["ccfm", "pearson_delta"] > scores.loc["nochange", "pearson_delta"] + 0.2, scores
+    assert scores.loc["ccfm", "pearson_delta_pseudobulk"] > scores.loc["nochange", "pearson_delta_pseudobulk"] + 0.2, (
+        scores
+    )
     _adapt_to_target(tmp_path, data, processed, model_pt, generation)
     print(
         f"\nheld-out doubles {split['test']} ({len(data.unmeasured)}/{len(data.perturbed)} perturbed genes unmeasured, "
@@ -198,7 +204,7 @@ def _adapt_to_target(tmp_path: Path, data, processed: Path, model_pt: Path, gene
         cell_eval_profile=None,
     )
     assert set(summary["method"]) == {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"}
-    assert np.isfinite(summary[["pearson_delta", "mse"]].to_numpy(dtype=float)).all(), summary
+    assert np.isfinite(summary[["pearson_delta_pseudobulk", "mse"]].to_numpy(dtype=float)).all(), summary
 
 
 # ---------------------------------------------------------------- rejection up front

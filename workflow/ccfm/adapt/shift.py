@@ -58,6 +58,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults, settings_from
 from ccfm.data.conditions import parse_condition
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.data.validation import check_enough_perturbations
@@ -70,6 +71,7 @@ from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, 
 from ccfm.model.checkpoint import LoadedModel, load_model
 from ccfm.model.expression import ExpressionData
 from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
+from ccfm.model.mmd import BANDWIDTH_SCALES, bandwidths_from_median, flatten, median_distance, mmd2_unbiased
 from ccfm.model.model import CascadedFlowModel
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,6 @@ log = logging.getLogger(__name__)
 Encoder = Callable[[Tensor], Tensor]
 """Maps a dense expression batch (B, G) to encodings (B, ...); must be differentiable in its input."""
 
-BANDWIDTH_SCALES: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-MIN_MEDIAN_DISTANCE = 1e-3
 SHIFT_TENSOR_NAME = "shift"
 ENCODINGS = ("pooled", "tokens")
 
@@ -169,100 +169,25 @@ def as_row_source(data: RowSource | sp.spmatrix | sp.sparray | np.ndarray) -> Ro
 
 
 # --------------------------------------------------------------------------------------------
-# Multi-scale RBF MMD
-# --------------------------------------------------------------------------------------------
-
-
-def _flatten(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
-
-
-def pairwise_sq_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Squared Euclidean distances (n, m) between the rows of ``x`` (n, F) and ``y`` (m, F)."""
-    x_norm = (x * x).sum(dim=1, keepdim=True)
-    y_norm = (y * y).sum(dim=1, keepdim=True)
-    # The expansion can go slightly negative from rounding; distances cannot.
-    return (x_norm + y_norm.T - 2.0 * x @ y.T).clamp_min(0.0)
-
-
-def median_distance(points: Tensor, *, min_distance: float = MIN_MEDIAN_DISTANCE) -> float:
-    """Median pairwise Euclidean distance of ``points`` (n, ...), never below ``min_distance``.
-
-    Self-pairs are excluded. When more than half of the pairs are duplicates the plain median
-    is 0, so the median of the distinct (non-zero) pairs is used instead; if every point is the
-    same, ``min_distance`` is returned.
-    """
-    flat = _flatten(points.detach()).double()
-    n = flat.shape[0]
-    if n < 2:
-        return float(min_distance)
-    distances = pairwise_sq_distances(flat, flat).sqrt()
-    off_diagonal = distances[~torch.eye(n, dtype=torch.bool, device=distances.device)]
-    median = float(off_diagonal.median())
-    if median < min_distance:
-        distinct = off_diagonal[off_diagonal > min_distance]
-        if distinct.numel() > 0:
-            median = float(distinct.median())
-    return max(median, float(min_distance))
-
-
-def bandwidths_from_median(median: float, scales: Sequence[float] = BANDWIDTH_SCALES) -> tuple[float, ...]:
-    """RBF bandwidths sigma = median × scale; raises if the median is not a positive number."""
-    if not math.isfinite(median) or median <= 0:
-        raise ValueError(f"bandwidth median must be finite and > 0, got {median}")
-    return tuple(float(median * scale) for scale in scales)
-
-
-def _rbf_kernel_sum(sq_distances: Tensor, sigmas: Sequence[float]) -> Tensor:
-    """Sum over bandwidths of exp(-d² / (2 σ²))."""
-    return sum(torch.exp(-sq_distances / (2.0 * sigma * sigma)) for sigma in sigmas)
-
-
-def mmd2_unbiased(x: Tensor, y: Tensor, sigmas: Sequence[float]) -> Tensor:
-    """Unbiased estimate of MMD² between samples ``x`` (n, ...) and ``y`` (m, ...).
-
-    Multi-scale RBF kernel (sum over ``sigmas``); diagonal terms of the within-sample kernels
-    are dropped, so the estimate is unbiased and may be slightly negative. Needs n, m ≥ 2.
-    """
-    x, y = _flatten(x), _flatten(y)
-    n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError(f"the unbiased MMD needs at least 2 samples per side, got {n} and {m}")
-    k_xx = _rbf_kernel_sum(pairwise_sq_distances(x, x), sigmas)
-    k_yy = _rbf_kernel_sum(pairwise_sq_distances(y, y), sigmas)
-    k_xy = _rbf_kernel_sum(pairwise_sq_distances(x, y), sigmas)
-    n_scales = len(sigmas)
-    # The diagonal of an RBF kernel is exactly 1 per scale: subtract it instead of masking.
-    term_xx = (k_xx.sum() - n_scales * n) / (n * (n - 1))
-    term_yy = (k_yy.sum() - n_scales * m) / (m * (m - 1))
-    return term_xx + term_yy - 2.0 * k_xy.mean()
-
-
-def multiscale_rbf_mmd(x: Tensor, y: Tensor, sigmas: Sequence[float] | None = None) -> Tensor:
-    """Unbiased multi-scale RBF MMD²; bandwidths from the pooled median heuristic if not given."""
-    if sigmas is None:
-        pooled = torch.cat([_flatten(x), _flatten(y)], dim=0)
-        sigmas = bandwidths_from_median(median_distance(pooled))
-    return mmd2_unbiased(x, y, sigmas)
-
-
-# --------------------------------------------------------------------------------------------
 # Learning the shift
 # --------------------------------------------------------------------------------------------
+
+
+_ADAPT = section_defaults("adapt")
 
 
 @dataclass(frozen=True)
 class AdaptSettings:
     """Hyper-parameters of :func:`learn_shift` (config section ``adapt``)."""
 
-    steps: int = 1000
-    lr: float = 0.02
-    batch_size: int = 128
-    holdout_fraction: float = 0.2
-    patience: int = 10
-    eval_every: int = 25
-    eval_cells: int = 1024
-    encoding: str = "tokens"  # see model_control_encoder
+    steps: int = _ADAPT["steps"]
+    lr: float = _ADAPT["lr"]
+    batch_size: int = _ADAPT["batch_size"]
+    holdout_fraction: float = _ADAPT["holdout_fraction"]
+    patience: int = _ADAPT["patience"]
+    eval_every: int = _ADAPT["eval_every"]
+    eval_cells: int = _ADAPT["eval_cells"]
+    encoding: str = _ADAPT["encoding"]  # see model_control_encoder
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -270,11 +195,7 @@ class AdaptSettings:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> AdaptSettings:
-        known = {name for name in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown adapt setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return settings_from(cls, "adapt", values)
 
 
 @dataclass
@@ -377,7 +298,7 @@ def _initial_bandwidths(
     encode: Encoder, target: _Batcher, source: _Batcher, target_rows: np.ndarray, source_rows: np.ndarray
 ) -> tuple[float, ...]:
     """Bandwidths from the pooled encodings of one batch of source and unshifted target cells."""
-    pooled = torch.cat([_flatten(encode(target(target_rows))), _flatten(encode(source(source_rows)))])
+    pooled = torch.cat([flatten(encode(target(target_rows))), flatten(encode(source(source_rows)))])
     return bandwidths_from_median(median_distance(pooled))
 
 

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.conditions import (
     CONTROL,
     DEFAULT_GUIDE_TOKEN,
@@ -444,6 +445,9 @@ def _validate_predict(
     return validate_predict_entries(entries, genes, perturbed=perturbed, where=where)
 
 
+_PREPROCESS = section_defaults("preprocess")
+
+
 def preprocess_dataset(
     raw: str | Path,
     out: str | Path,
@@ -453,8 +457,8 @@ def preprocess_dataset(
     control_label: str = CONTROL,
     combo_separator: str = COMBO_SEPARATOR,
     input_scale: str = "auto",
-    n_top_genes: int = 5000,
-    target_sum: float = 1e4,
+    n_top_genes: int = _PREPROCESS["n_top_genes"],
+    target_sum: float = _PREPROCESS["target_sum"],
     chunk_size: int = 10000,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
@@ -555,7 +559,7 @@ def preprocess_target(
     control_label: str = CONTROL,
     combo_separator: str = COMBO_SEPARATOR,
     input_scale: str = "auto",
-    target_sum: float = 1e4,
+    target_sum: float = _PREPROCESS["target_sum"],
     chunk_size: int = 10000,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),

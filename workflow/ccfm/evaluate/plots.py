@@ -36,7 +36,7 @@ METHOD_COLORS = {
 }
 # Metrics shown in the comparison figure, with the direction that is better.
 COMPARISON_METRICS = {
-    "pearson_delta": "higher is better",
+    "pearson_delta_pseudobulk": "higher is better",
     "pearson_delta_top_de": "higher is better",
     "mse": "lower is better",
     "edistance": "lower is better",

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from ccfm.config import section_defaults, settings_from
+from ccfm.model.mmd import multiscale_rbf_mmd
 from ccfm.model.model import CascadedFlowModel
 
 ODE_METHODS = ("rk4", "euler", "midpoint", "dopri5")
@@ -37,26 +39,29 @@ TIME_SCHEDULES = ("uniform", "logit_normal")
 SOURCES = ("gaussian", "control")
 
 
+_TRAIN = section_defaults("train")
+
+
 @dataclass
 class FlowSettings:
     """Training/sampling knobs of the denoiser (config ``train``/``generate`` keys)."""
 
-    choose_latent_p: float = 0.4
-    latent_weight: float = 1.0
-    mmd: bool = True
-    gamma: float = 0.5
+    choose_latent_p: float = _TRAIN["choose_latent_p"]
+    latent_weight: float = _TRAIN["latent_weight"]
+    mmd: bool = _TRAIN["mmd"]
+    gamma: float = _TRAIN["gamma"]
     # "uniform" (the plan) or "logit_normal" (Latent Forcing: latent N(-1.2, 1), expr N(-0.4, 0.8)).
-    time_schedule: str = "uniform"
-    latent_t_mean: float = -1.2
-    latent_t_std: float = 1.0
-    expr_t_mean: float = -0.4
-    expr_t_std: float = 0.8
+    time_schedule: str = _TRAIN["time_schedule"]
+    latent_t_mean: float = _TRAIN["latent_t_mean"]
+    latent_t_std: float = _TRAIN["latent_t_std"]
+    expr_t_mean: float = _TRAIN["expr_t_mean"]
+    expr_t_std: float = _TRAIN["expr_t_std"]
     # Latent Forcing's `_noised` variant: in the expression branch t_latent ~ U(noised_low, 1).
-    stage2_noised: bool = False
-    noised_low: float = 0.75
+    stage2_noised: bool = _TRAIN["stage2_noised"]
+    noised_low: float = _TRAIN["noised_low"]
     # "velocity": the network output is the velocity; "x": it is x̂1, converted to velocity.
-    prediction: str = "velocity"
-    x_pred_min_denominator: float = 0.05
+    prediction: str = _TRAIN["prediction"]
+    x_pred_min_denominator: float = _TRAIN["x_pred_min_denominator"]
     source: str = "gaussian"
 
     def __post_init__(self) -> None:
@@ -71,9 +76,8 @@ class FlowSettings:
 
     @classmethod
     def from_train_section(cls, train: Mapping[str, Any]) -> FlowSettings:
-        """Pick the denoiser's keys out of a merged ``train`` config section (others ignored)."""
-        known = set(cls.__dataclass_fields__)
-        return cls(**{key: value for key, value in train.items() if key in known})
+        """The denoiser's keys of a ``train`` config section (:func:`ccfm.config.settings_from`)."""
+        return settings_from(cls, "train", train)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,27 +91,6 @@ class TimeSample:
     t_latent: Tensor
     w_expr: Tensor
     w_latent: Tensor
-
-
-def mmd_rbf(x: Tensor, y: Tensor, scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0), min_sigma: float = 1e-3) -> Tensor:
-    """Unbiased squared MMD with a sum of RBF kernels at bandwidths median-distance × ``scales``.
-
-    The median is taken over the pooled pairwise distances without gradient and clamped from
-    below (a collapsed batch would otherwise give sigma ≈ 0 and NaN kernels).
-    """
-    n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        return x.new_zeros(())
-    pooled = torch.cat([x, y], dim=0).float()
-    sq_dist = torch.cdist(pooled, pooled).pow(2)
-    with torch.no_grad():
-        off_diagonal = sq_dist[~torch.eye(n + m, dtype=torch.bool, device=x.device)]
-        sigma = off_diagonal.sqrt().median().clamp(min=min_sigma)
-    kernel = sum(torch.exp(-sq_dist / (2 * (sigma * s) ** 2)) for s in scales)
-    k_xx, k_yy, k_xy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
-    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
-    term_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-    return term_xx + term_yy - 2 * k_xy.mean()
 
 
 def weighted_mean(per_sample: Tensor, weights: Tensor, total_weight: Tensor | None = None) -> Tensor:
@@ -291,7 +274,9 @@ class CascadedDenoiser(nn.Module):
             # taken over the whole global batch; each process keeps a 1/world share.
             trained = every.w_expr > 0
             x1_hat = shard.gather(x_t + v_expr.float() * (1 - times.t_expr)[:, None])
-            mmd = mmd_rbf(x1_hat[trained], shard.gather(target)[trained]) / shard.world_size
+            predicted, observed = x1_hat[trained].float(), shard.gather(target)[trained].float()
+            if predicted.shape[0] >= 2:
+                mmd = multiscale_rbf_mmd(predicted, observed) / shard.world_size
             total = total + self.settings.gamma * mmd
         return {"total": total, "expr": expr_loss.detach(), "latent": latent_loss.detach(), "mmd": mmd.detach()}
 

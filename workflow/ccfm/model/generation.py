@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL
+from ccfm.config import section_defaults, settings_from
 from ccfm.data.conditions import conditions_to_predict
 from ccfm.distributed import pick_device
 from ccfm.io.h5ad import read_control_cells as read_h5ad_controls
@@ -37,20 +38,22 @@ from ccfm.model.mean_model import match_mean
 log = logging.getLogger(__name__)
 
 
+_GENERATE = section_defaults("generate")
+
+
 @dataclass
 class GenerateSettings:
     """Sampler knobs from the merged ``generate`` config section."""
 
-    cells_per_perturbation: int = 128
-    method: str = "rk4"
-    latent_steps: int = 20
-    expr_steps: int = 20
-    batch_size: int = 256
+    cells_per_perturbation: int = _GENERATE["cells_per_perturbation"]
+    method: str = _GENERATE["method"]
+    latent_steps: int = _GENERATE["latent_steps"]
+    expr_steps: int = _GENERATE["expr_steps"]
+    batch_size: int = _GENERATE["batch_size"]
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> GenerateSettings:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{key: value for key, value in section.items() if key in known})
+        return settings_from(cls, "generate", section)
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ccfm import COMBO_SEPARATOR
+from ccfm.config import check_section_keys, section_defaults, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,31 @@ KERNEL_POWERS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 KERNEL_SHRINKAGE = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
+_MODEL = section_defaults("model")
+_TRAIN = section_defaults("train")
+
+
 @dataclass
 class MeanModelSettings:
     """Knobs of the mean decomposition (config ``model.anchor``, ``model.interaction*``, ``train.interaction_*``)."""
 
-    anchor: str = "additive"  # "additive": mean model + control-anchored flow; "none": the plain flow
-    interaction: str = "kernel"  # see INTERACTIONS; "off" keeps the anchor purely additive
+    anchor: str = _MODEL["anchor"]  # "additive": mean model + control-anchored flow; "none": the plain flow
+    interaction: str = _MODEL["interaction"]  # see INTERACTIONS; "off" keeps the anchor purely additive
     # Shrink each single's per-gene effect towards 0 by its sampling noise (positive-part
     # James-Stein per gene): most genes do not respond, and their noise adds up in a double.
-    shrink_singles: bool = True
+    shrink_singles: bool = _MODEL["shrink_singles"]
     # Unseen singles: "meanpert" anchors them on the mean effect of the training singles (on real
     # singles-only data the embedding path alone scored 11x the mean-perturbation baseline's MSE);
     # "embedding" leaves them to the flow's perturbation embedding.
-    unseen: str = "meanpert"
-    interaction_hidden: int = 64
-    interaction_rank: int = 16  # principal directions of the singles describing each partner
-    interaction_lr: float = 3e-3
-    interaction_weight_decay: float = 1e-2
-    interaction_epochs: int = 1500
-    interaction_patience: int = 150
-    interaction_holdout: float = 0.25
-    interaction_min_doubles: int = 4
+    unseen: str = _MODEL["unseen"]
+    interaction_hidden: int = _MODEL["interaction_hidden"]
+    interaction_rank: int = _MODEL["interaction_rank"]  # principal directions of the singles describing each partner
+    interaction_lr: float = _TRAIN["interaction_lr"]
+    interaction_weight_decay: float = _TRAIN["interaction_weight_decay"]
+    interaction_epochs: int = _TRAIN["interaction_epochs"]
+    interaction_patience: int = _TRAIN["interaction_patience"]
+    interaction_holdout: float = _TRAIN["interaction_holdout"]
+    interaction_min_doubles: int = _TRAIN["interaction_min_doubles"]
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:
@@ -88,9 +93,8 @@ class MeanModelSettings:
 
     @classmethod
     def from_sections(cls, model: Mapping[str, Any], train: Mapping[str, Any]) -> MeanModelSettings:
-        known = set(cls.__dataclass_fields__)
-        merged = {**{k: v for k, v in train.items() if k.startswith("interaction_")}, **model}
-        return cls(**{key: value for key, value in merged.items() if key in known})
+        check_section_keys("train", train)
+        return settings_from(cls, "model", model, **{k: v for k, v in train.items() if k.startswith("interaction_")})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

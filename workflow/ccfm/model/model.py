@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ccfm.config import section_defaults
 from ccfm.data.perturbations import PerturbationEncoder
+
+_MODEL = section_defaults("model")
 
 
 @dataclass
@@ -40,18 +43,18 @@ class ModelConfig:
     """Everything needed to rebuild a :class:`CascadedFlowModel` (saved inside ``model.pt``)."""
 
     n_genes: int
-    d_model: int = 128
-    nhead: int = 8
-    nlayers: int = 4
-    dropout: float = 0.0
+    d_model: int = _MODEL["d_model"]
+    nhead: int = _MODEL["nhead"]
+    nlayers: int = _MODEL["nlayers"]
+    dropout: float = _MODEL["dropout"]
     latent_dim: int = 512  # D of the scGPT features; 0 disables the latent stream
-    bottleneck: int = 128
-    dh_depth: int = 2
-    fusion: str = "differential_perceiver"  # or "perceiver"
+    bottleneck: int = _MODEL["bottleneck"]
+    dh_depth: int = _MODEL["dh_depth"]
+    fusion: str = _MODEL["fusion"]  # or "perceiver"
     perturbation_type: str = "gene"  # "gene" (CRISPR) or "drug"
     n_drugs: int = 0
     n_unmeasured_genes: int = 0  # perturbed genes outside the expression panel (own embedding rows)
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = _MODEL["mlp_ratio"]
     max_value: float = 512.0  # value-encoder input clamp, as in scDFM
     # Zero the expression head's output layer: a fresh control-anchored flow then leaves its
     # starting point (the anchored control cell) unchanged.
@@ -160,18 +163,6 @@ class GeneAdaLN(nn.Module):
         return x + gate * (self.norm(x) * scale + shift)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension (used per head in differential attention)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
 def lambda_init_for_depth(depth: int) -> float:
     """Differential-transformer schedule λ_init = 0.8 − 0.6·exp(−0.3·depth)."""
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
@@ -201,7 +192,7 @@ class DifferentialAttention(nn.Module):
         self.lambda_k1 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
         self.lambda_q2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
         self.lambda_k2 = nn.Parameter(torch.randn(self.head_dim) * 0.1)
-        self.head_norm = RMSNorm(2 * self.head_dim)
+        self.head_norm = nn.RMSNorm(2 * self.head_dim, eps=1e-6)
 
     def _lambda(self) -> Tensor:
         return (

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ccfm import CONTROL_LABEL
+from ccfm.config import section_defaults, settings_from
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.data.validation import check_batch_size
 from ccfm.distributed import DistContext, gather_rows, pick_device, sum_over_ranks
@@ -114,26 +115,28 @@ class PerturbationBatchSampler:
 # --------------------------------------------------------------------------------------------
 
 
+_TRAIN = section_defaults("train")
+
+
 @dataclass
 class TrainSettings:
     """The loop's knobs, from the merged ``train`` config section."""
 
-    steps: int = 200000
-    batch_size: int = 48
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    grad_clip: float = 1.0
-    infer_top_gene: int = 1000
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    eta_min: float = 1e-6  # floor of the cosine schedule (scDFM)
-    bf16: bool = True  # autocast on CUDA only
+    steps: int = _TRAIN["steps"]
+    batch_size: int = _TRAIN["batch_size"]
+    lr: float = _TRAIN["lr"]
+    weight_decay: float = _TRAIN["weight_decay"]
+    warmup_steps: int = _TRAIN["warmup_steps"]
+    grad_clip: float = _TRAIN["grad_clip"]
+    infer_top_gene: int = _TRAIN["infer_top_gene"]
+    checkpoint_every: int = _TRAIN["checkpoint_every"]
+    log_every: int = _TRAIN["log_every"]
+    eta_min: float = _TRAIN["eta_min"]  # floor of the cosine schedule (scDFM)
+    bf16: bool = _TRAIN["bf16"]  # autocast on CUDA only
 
     @classmethod
     def from_train_section(cls, train: Mapping[str, Any]) -> TrainSettings:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{key: value for key, value in train.items() if key in known})
+        return settings_from(cls, "train", train)
 
 
 def build_denoiser(
@@ -150,25 +153,19 @@ def build_denoiser(
     control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
     """
     anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
-    known = set(ModelConfig.__dataclass_fields__) - {
-        "n_genes",
-        "latent_dim",
-        "n_drugs",
-        "n_unmeasured_genes",
-        "perturbation_type",
-        "zero_init_expr_head",
-    }
-    config = ModelConfig(
+    config = settings_from(
+        ModelConfig,
+        "model",
+        model_section,
         n_genes=n_genes,
         latent_dim=latent_dim,
         perturbation_type=vocab.kind,
         n_drugs=vocab.n_drugs,
         n_unmeasured_genes=vocab.n_unmeasured,
         zero_init_expr_head=anchored,
-        **{key: value for key, value in model_section.items() if key in known},
     )
     torch.manual_seed(seed)
-    flow = FlowSettings.from_train_section({**train_section, "source": "control" if anchored else "gaussian"})
+    flow = settings_from(FlowSettings, "train", train_section, source="control" if anchored else "gaussian")
     return CascadedDenoiser(CascadedFlowModel(config), flow)
 
 
