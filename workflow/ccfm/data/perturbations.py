@@ -210,7 +210,7 @@ class PerturbationVocab:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PerturbationVocab:
-        # "unmeasured" is absent from model files written before unmeasured genes had rows.
+        # "unmeasured" is optional: a vocabulary without unmeasured genes may omit it.
         return cls(
             str(data["kind"]),
             list(data["genes"]),

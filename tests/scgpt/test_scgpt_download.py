@@ -126,5 +126,5 @@ def test_without_gdown_the_message_gives_the_install_command(tmp_path, monkeypat
     # the extra it names is declared
     import tomllib
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert any(req.startswith("gdown") for req in pyproject["project"]["optional-dependencies"]["download"])

@@ -29,9 +29,6 @@ from ccfm.evaluate.plots import (
     plot_prediction_pca,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 checker = report_check
 
 
