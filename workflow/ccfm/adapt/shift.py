@@ -299,7 +299,7 @@ def _initial_bandwidths(
 ) -> tuple[float, ...]:
     """Bandwidths from the pooled encodings of one batch of source and unshifted target cells."""
     pooled = torch.cat([flatten(encode(target(target_rows))), flatten(encode(source(source_rows)))])
-    return bandwidths_from_median(median_distance(pooled))
+    return tuple(float(sigma) for sigma in bandwidths_from_median(median_distance(pooled.double())))
 
 
 class _EarlyStopping:
