@@ -227,7 +227,7 @@ def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     raw = _raw(tmp_path / "raw.h5ad", n_cells=2000)
     out = tmp_path / "results" / "processed.h5ad"
     code = (
-        "import sys, time; from ccfm import h5io; from ccfm.data.preprocess import preprocess_dataset\n"
+        "import sys, time; from ccfm.io import h5ad as h5io; from ccfm.data.preprocess import preprocess_dataset\n"
         "append = h5io.CSRH5adWriter.append\n"
         "def slow(self, *a, **k):\n"
         "    append(self, *a, **k); self._file.flush(); time.sleep(0.3)\n"
