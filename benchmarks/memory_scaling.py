@@ -220,7 +220,8 @@ def _predict(work: Path) -> None:
 
 def _adapt_model(work: Path) -> None:
     """The adapt_mmd rule: MMD shift of the target controls through the trained model's control encoder."""
-    from ccfm.adapt.shift import AdaptSettings, adapt_to_files
+    from ccfm.adapt.files import adapt_to_files
+    from ccfm.adapt.shift import AdaptSettings
 
     out = work / "ccfm"
     adapt_to_files(
@@ -251,6 +252,9 @@ STAGES = tuple(STAGE_FUNCTIONS)
 STAGE_MODULES = (
     "torch",
     "ccfm.adapt.shift",
+    "ccfm.adapt.files",
+    "ccfm.adapt.target",
+    "ccfm.adapt.score",
     "ccfm.evaluate.baselines",
     "ccfm.scgpt.calibration",
     "ccfm.scgpt.extractor",

@@ -1,4 +1,4 @@
-"""MMD shift adaptation (ccfm.adapt.shift): estimator, bandwidths, shift recovery, determinism,
+"""MMD shift adaptation (ccfm.adapt: shift, files, target, score): estimator, bandwidths, shift recovery, determinism,
 sparse-aware batching, shift files, and the rule entry points on a tiny model."""
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.adapt import shift as adapt
-from ccfm.adapt.shift import (
-    AdaptSettings,
-    CSRRowSource,
-    align_shift,
-    learn_shift,
-    load_shift,
-    model_control_encoder,
-    save_shift,
-)
+from ccfm.adapt.files import adapt_to_files, align_shift, load_shift, save_shift
+from ccfm.adapt.score import TARGET_METHODS, score_target_to_files
+from ccfm.adapt.shift import AdaptSettings, CSRRowSource, learn_shift, model_control_encoder
+from ccfm.adapt.target import predict_target_to_files, target_labels_to_predict
 from ccfm.evaluate.plots import plot_adapt_history
 from ccfm.model.mmd import bandwidths_from_median, median_distance, mmd2_unbiased, multiscale_rbf_mmd
 
@@ -281,7 +275,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
     settings = AdaptSettings(
         steps=30, lr=0.05, batch_size=32, holdout_fraction=0.3, eval_every=10, patience=3, encoding="tokens"
     )
-    result = adapt.adapt_to_files(
+    result = adapt_to_files(
         root / "model.pt",
         root / "processed.h5ad",
         root / "target.h5ad",
@@ -310,7 +304,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
         )
     ]
     generation = prepare_generation(root / "model.pt", generate, device="cpu")
-    labels = adapt.predict_target_to_files(generation, root / "target.h5ad", out / "shift.safetensors", *paths, seed=1)
+    labels = predict_target_to_files(generation, root / "target.h5ad", out / "shift.safetensors", *paths, seed=1)
     assert labels == ["G1", "G1+G2", "G11"]
     pred = ad.read_h5ad(paths[0])
     assert list(pred.var_names) == GENES
@@ -325,7 +319,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
     unadapted = ad.read_h5ad(paths[2])
     assert not np.allclose(pred.X.toarray()[:18], unadapted.X.toarray()[:18])
 
-    summary = adapt.score_target_to_files(
+    summary = score_target_to_files(
         root / "target.h5ad",
         root / "processed.h5ad",
         paths[0],
@@ -336,7 +330,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
         seed=1,
         cell_eval_profile=None,
     )
-    assert list(summary["method"]) == list(adapt.TARGET_METHODS)
+    assert list(summary["method"]) == list(TARGET_METHODS)
     metrics = pd.read_csv(out / "target_metrics.tsv", sep="\t")
     assert set(metrics["perturbation"]) == {"G1", "G1+G2", "G11"}
     # G11 has no source single: its additive baseline falls back to no change.
@@ -348,12 +342,12 @@ def test_requested_target_labels_must_be_embeddable() -> None:
     from ccfm.data.perturbations import PerturbationVocab
 
     vocab = PerturbationVocab.for_genes(GENES)
-    assert adapt.target_labels_to_predict(["non-targeting", "G3", "NOPE"], [], vocab) == ["G3"]
-    assert adapt.target_labels_to_predict([], ["G2+G1"], vocab) == ["G1+G2"]
+    assert target_labels_to_predict(["non-targeting", "G3", "NOPE"], [], vocab) == ["G3"]
+    assert target_labels_to_predict([], ["G2+G1"], vocab) == ["G1+G2"]
     with pytest.raises(KeyError, match="NOPE"):
-        adapt.target_labels_to_predict([], ["NOPE"], vocab)
+        target_labels_to_predict([], ["NOPE"], vocab)
     with pytest.raises(ValueError, match="no target perturbation"):
-        adapt.target_labels_to_predict(["non-targeting", "NOPE"], [], vocab)
+        target_labels_to_predict(["non-targeting", "NOPE"], [], vocab)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ccfm.adapt.shift import AdaptSettings, adapt_to_files, predict_target_to_files, score_target_to_files
+from ccfm.adapt.files import adapt_to_files
+from ccfm.adapt.score import score_target_to_files
+from ccfm.adapt.shift import AdaptSettings
+from ccfm.adapt.target import predict_target_to_files
 from ccfm.data.perturbations import PerturbationEncoder, PerturbationVocab, UnembeddablePerturbationError
 from ccfm.data.preprocess import preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, split_for_processed, write_real, write_split

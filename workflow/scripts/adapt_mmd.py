@@ -2,7 +2,8 @@
 
 import torch
 
-from ccfm.adapt.shift import AdaptSettings, adapt_to_files
+from ccfm.adapt.files import adapt_to_files
+from ccfm.adapt.shift import AdaptSettings
 from ccfm.evaluate.plots import plot_adapt_history
 from ccfm.logs import setup_rule_logging
 

@@ -1,6 +1,6 @@
 """Rule predict_target: target perturbations from shifted and from unshifted target controls."""
 
-from ccfm.adapt.shift import predict_target_to_files
+from ccfm.adapt.target import predict_target_to_files
 from ccfm.logs import setup_rule_logging
 from ccfm.model.generation import prepare_generation
 

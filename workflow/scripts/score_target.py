@@ -1,6 +1,6 @@
 """Rule score_target: adapted vs unadapted CCFM vs target-control baselines on the target data."""
 
-from ccfm.adapt.shift import score_target_to_files
+from ccfm.adapt.score import score_target_to_files
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])
