@@ -19,7 +19,7 @@ STATE_READY := $(VENV)/.ccfm-state-installed
 demo: $(READY)
 	$(BIN)/snakemake --cores $(CORES) demo
 	@$(MAKE) --no-print-directory $(REPORT)
-	@$(BIN)/python -m ccfm.headline results/demo/metrics_summary.tsv --report $(REPORT)
+	@$(BIN)/python -m ccfm.evaluate.headline results/demo/metrics_summary.tsv --report $(REPORT)
 
 # The runtime table is the demo's last job: the report is rebuilt only after a run changed something.
 $(REPORT): results/demo/runtime.tsv

@@ -18,9 +18,9 @@ import tracemalloc
 import numpy as np
 import scipy.sparse as sp
 import torch
-
-from ccfm.adapt import learn_shift
 from rss import peak_rss_mb
+
+from ccfm.adapt.shift import learn_shift
 
 
 def _controls(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
@@ -59,7 +59,8 @@ def main() -> None:
         tracemalloc.stop()
         seconds = time.perf_counter() - started
         print(
-            f"{n_cells:>8} {csr_mb:>8.0f} {dense_mb:>9.0f} {learner_peak / 2**20:>16.1f} {peak_rss_mb():>15.0f} {seconds:>8.1f}"
+            f"{n_cells:>8} {csr_mb:>8.0f} {dense_mb:>9.0f} {learner_peak / 2**20:>16.1f} {peak_rss_mb():>15.0f} "
+            f"{seconds:>8.1f}"
         )
 
 

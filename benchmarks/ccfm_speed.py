@@ -9,7 +9,7 @@ Two sizes, both from config/config.yaml:
   fed cells with ~1000 expressed genes of 5000 (scGPT cost grows with expressed genes per cell).
 
 Timings use synthetic tensors of the right shapes (weights do not change the cost). A training
-step is the full optimiser step of :class:`ccfm.training.Trainer` minus data loading; the scGPT
+step is the full optimiser step of :class:`ccfm.model.training.Trainer` minus data loading; the scGPT
 share is extraction time / (extraction + step) with the feature cache off (with the cache on,
 extraction becomes a memory-mapped read). Inference runs the real two-stage sampler over all
 genes; where a full run would take too long on CPU (``default``) one ODE function evaluation is
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccfm.denoiser import CascadedDenoiser, FlowSettings
-from ccfm.model import CascadedFlowModel, ModelConfig
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings
+from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 
 @dataclass
@@ -62,8 +62,14 @@ SIZES = {
 
 def _denoiser(size: Size, latent_dim: int) -> CascadedDenoiser:
     torch.manual_seed(0)
-    config = ModelConfig(n_genes=size.n_genes, d_model=size.d_model, nhead=size.nhead, nlayers=size.nlayers,
-                         latent_dim=latent_dim, bottleneck=128)
+    config = ModelConfig(
+        n_genes=size.n_genes,
+        d_model=size.d_model,
+        nhead=size.nhead,
+        nlayers=size.nlayers,
+        latent_dim=latent_dim,
+        bottleneck=128,
+    )
     return CascadedDenoiser(CascadedFlowModel(config), FlowSettings())
 
 
@@ -98,17 +104,25 @@ def time_training(size: Size, latent_dim: int, steps: int) -> float:
 
 def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     """Seconds to extract scGPT features of one training batch (on the fly), and D."""
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.scgpt_model import build_tiny_checkpoint
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 
-    model_dir = build_tiny_checkpoint(workdir / f"scgpt_{size.name}", seed=0, embsize=size.scgpt_width,
-                                      nlayers=size.scgpt_layers, nheads=size.scgpt_heads, d_hid=size.scgpt_width)
+    model_dir = build_tiny_checkpoint(
+        workdir / f"scgpt_{size.name}",
+        seed=0,
+        embsize=size.scgpt_width,
+        nlayers=size.scgpt_layers,
+        nheads=size.scgpt_heads,
+        d_hid=size.scgpt_width,
+    )
     rng = np.random.default_rng(0)
     vocab_ids = rng.choice(60000, size=size.n_genes, replace=False).astype(np.int64)
     extractor = ScGPTFeatureExtractor(model_dir, vocab_ids, "cpu", 1200, seed=0)
     expr = np.zeros((cells, size.n_genes), dtype=np.float32)
     for row in expr:
-        row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(2.0, 1.0, size.expressed_per_cell)
+        row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(
+            2.0, 1.0, size.expressed_per_cell
+        )
     extractor.extract(expr[:1])  # warm-up
     started = time.perf_counter()
     extractor.extract(expr)

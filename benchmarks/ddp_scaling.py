@@ -1,7 +1,7 @@
 """Data-parallel training throughput: 1 process versus N torchrun processes (train.gpus).
 
 Trains the same model on the same synthetic processed.h5ad once in a single process and once
-with ``N`` data-parallel processes (``ccfm.training.train_distributed``: NCCL on GPUs when N are
+with ``N`` data-parallel processes (``ccfm.model.training.train_distributed``: NCCL on GPUs when N are
 visible, gloo on CPU otherwise), and reports training cells/s (global batch × steps / loop time,
 from the trainer's own timing, so process start-up and data loading are excluded), the
 wall time including start-up, and whether the loss logs agree.
@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccfm.training import train_distributed, train_from_files
+from ccfm.model.training import train_distributed, train_from_files
 
 SEED = 0
 
@@ -80,15 +80,30 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model = {"d_model": args.d_model, "nhead": 4, "nlayers": args.layers, "bottleneck": 16, "dh_depth": 1}
-    train = {"steps": args.steps, "batch_size": args.batch, "lr": 1e-3, "warmup_steps": 5, "infer_top_gene": args.window,
-             "checkpoint_every": args.steps, "log_every": 10, "gpus": args.processes}
+    train = {
+        "steps": args.steps,
+        "batch_size": args.batch,
+        "lr": 1e-3,
+        "warmup_steps": 5,
+        "infer_top_gene": args.window,
+        "checkpoint_every": args.steps,
+        "log_every": 10,
+        "gpus": args.processes,
+    }
     cuda = torch.cuda.is_available()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         processed, split = write_synthetic(root, args.genes)
-        common = dict(processed_h5ad=processed, split_json=split, model_section=model, train_section=train,
-                      latent_section={}, seed=SEED, use_latent=False)
+        common = dict(
+            processed_h5ad=processed,
+            split_json=split,
+            model_section=model,
+            train_section=train,
+            latent_section={},
+            seed=SEED,
+            use_latent=False,
+        )
         for processes in (1, args.processes):
             out = root / f"p{processes}"
             log_path = root / f"p{processes}.log"
@@ -103,24 +118,36 @@ def main() -> None:
                 seconds = loop_seconds(log_path.read_text())
             wall = time.perf_counter() - started
             cells = args.steps * args.batch
-            rows.append({"processes": processes, "loop_s": seconds, "wall_s": wall, "cells_per_s": cells / seconds,
-                         "loss": pd.read_csv(out / "loss.tsv", sep="\t")})
+            rows.append(
+                {
+                    "processes": processes,
+                    "loop_s": seconds,
+                    "wall_s": wall,
+                    "cells_per_s": cells / seconds,
+                    "loss": pd.read_csv(out / "loss.tsv", sep="\t"),
+                }
+            )
     deviation = float(np.max(np.abs(rows[1]["loss"]["total"].to_numpy() - rows[0]["loss"]["total"].to_numpy())))
-    machine = f"{platform.processor() or platform.machine()}, {_cpu_model()}, {torch.get_num_threads()} thread(s) per process"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {_cpu_model()}, {torch.get_num_threads()} thread(s) per process"
+    )
     device = torch.cuda.get_device_name(0) if cuda else "CPU (gloo)"
     lines = [
         "# Data-parallel training throughput",
         "",
         f"Machine: {machine}; device: {device}; torch {torch.__version__}.",
-        f"Command: `python benchmarks/ddp_scaling.py --processes {args.processes} --steps {args.steps} --genes {args.genes} "
+        f"Command: `python benchmarks/ddp_scaling.py --processes {args.processes} --steps {args.steps} --genes "
+        f"{args.genes} "
         f"--window {args.window} --batch {args.batch} --d-model {args.d_model} --layers {args.layers}`",
         "",
         "| processes | loop s | wall s (incl. start-up) | training cells/s | speed-up |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['processes']} | {row['loop_s']:.1f} | {row['wall_s']:.1f} | {row['cells_per_s']:.1f} | "
-                     f"{row['cells_per_s'] / rows[0]['cells_per_s']:.2f}× |")
+        lines.append(
+            f"| {row['processes']} | {row['loop_s']:.1f} | {row['wall_s']:.1f} | {row['cells_per_s']:.1f} | "
+            f"{row['cells_per_s'] / rows[0]['cells_per_s']:.2f}× |"
+        )
     lines += ["", f"Largest difference between the two loss logs (total loss): {deviation:.2e}."]
     text = "\n".join(lines) + "\n"
     print(text)

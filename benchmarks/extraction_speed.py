@@ -43,9 +43,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccfm.extractor import ScGPTFeatureExtractor
-from ccfm.feature_cache import make_latent_source
-from ccfm.scgpt_model import build_tiny_checkpoint
+from ccfm.scgpt.checkpoint import build_tiny_checkpoint
+from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.feature_cache import make_latent_source
 
 FULL_SIZE = {"embsize": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 TINY_SIZE = {"embsize": 32, "nlayers": 2, "nheads": 4, "d_hid": 64}
@@ -75,7 +75,12 @@ def time_strategies(model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, a
     reference = None
     for strategy in ("single", "padded", "sorted"):
         extractor = ScGPTFeatureExtractor(
-            model_dir, vocab_ids, device=device, batching=strategy, micro_batch_size=args.micro_batch, autocast_bf16=args.bf16
+            model_dir,
+            vocab_ids,
+            device=device,
+            batching=strategy,
+            micro_batch_size=args.micro_batch,
+            autocast_bf16=args.bf16,
         )
         extractor.extract(expr[: min(4, len(expr))])  # warm-up (allocations, kernels)
         outputs = []
@@ -93,11 +98,17 @@ def time_strategies(model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, a
             "seconds": round(seconds, 3),
             "max_abs_diff_vs_single": float((features - reference).abs().max()),
         }
-        print(f"  {strategy:7s} {results[strategy]['cells_per_s']:9.2f} cells/s  max|diff| {results[strategy]['max_abs_diff_vs_single']:.2e}", flush=True)
+        print(
+            f"  {strategy:7s} {results[strategy]['cells_per_s']:9.2f} cells/s  max|diff| "
+            f"{results[strategy]['max_abs_diff_vs_single']:.2e}",
+            flush=True,
+        )
     return results
 
 
-def time_training_features(model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, args: argparse.Namespace, workdir: Path) -> dict:
+def time_training_features(
+    model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, args: argparse.Namespace, workdir: Path
+) -> dict:
     """Feature time of one training batch: on the fly vs memory-mapped cache."""
     device = torch.device(args.device)
     n_genes = cells.shape[1]

@@ -36,21 +36,28 @@ import importlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
 from rss import print_report, python_child, report_work, run_child
 
 SEED = 0
 # The CCFM model of the train/predict/adapt_model stages: small, no scGPT latent stream (its
 # memory is the model's, independent of the cells; the data paths are what is measured).
 CCFM_MODEL = {"d_model": 32, "nhead": 4, "nlayers": 1, "bottleneck": 8, "dh_depth": 1}
-CCFM_TRAIN = {"steps": 20, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "infer_top_gene": 256,
-              "checkpoint_every": 10, "log_every": 5}
+CCFM_TRAIN = {
+    "steps": 20,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "warmup_steps": 2,
+    "infer_top_gene": 256,
+    "checkpoint_every": 10,
+    "log_every": 5,
+}
 # Prediction over all genes costs ~2 s per 32-cell Euler step on one core: few cells, few steps
 # (the peak is set by one batch's forward pass, not by the number of steps).
 CCFM_GENERATE = {"cells_per_perturbation": 32, "method": "euler", "latent_steps": 1, "expr_steps": 2, "batch_size": 32}
@@ -59,7 +66,7 @@ CCFM_ADAPT = {"steps": 40, "batch_size": 64, "eval_every": 20, "eval_cells": 256
 
 def gene_symbols(n_genes: int) -> list[str]:
     """The first ``n_genes`` gene symbols of the scGPT census vocab (so calibration maps them)."""
-    from ccfm.scgpt_model import census_vocab_with_specials
+    from ccfm.scgpt.checkpoint import census_vocab_with_specials
 
     vocab = census_vocab_with_specials()
     symbols = [g for g in sorted(vocab, key=vocab.get) if not g.startswith("<")]
@@ -70,7 +77,7 @@ def gene_symbols(n_genes: int) -> list[str]:
 
 def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed: int, chunk: int = 10000) -> None:
     """Sparse raw counts written chunk by chunk (generation memory is one chunk)."""
-    from ccfm.h5io import CSRH5adWriter, atomic_output
+    from ccfm.io.h5ad import CSRH5adWriter, atomic_output
 
     rng = np.random.default_rng(seed)
     genes = gene_symbols(n_genes)
@@ -93,19 +100,21 @@ def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed
 
 
 def _preprocess(work: Path) -> None:
-    from ccfm.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import preprocess_dataset
 
     preprocess_dataset(work / "raw.h5ad", work / "processed.h5ad", dataset="bench", n_top_genes=2000, chunk_size=10000)
 
 
 def _preprocess_target(work: Path) -> None:
-    from ccfm.preprocess import preprocess_target
+    from ccfm.data.preprocess import preprocess_target
 
-    preprocess_target(work / "raw.h5ad", work / "processed.h5ad", work / "target_processed.h5ad", dataset="bench", chunk_size=10000)
+    preprocess_target(
+        work / "raw.h5ad", work / "processed.h5ad", work / "target_processed.h5ad", dataset="bench", chunk_size=10000
+    )
 
 
 def _split(work: Path) -> None:
-    from ccfm.splits import split_for_processed, write_real, write_split
+    from ccfm.data.splits import split_for_processed, write_real, write_split
 
     split = split_for_processed(work / "processed.h5ad", fold=1, seed=SEED, heldout_fraction=0.3, n_folds=5)
     write_real(work / "processed.h5ad", split, work / "real.h5ad", chunk_size=10000)
@@ -113,10 +122,10 @@ def _split(work: Path) -> None:
 
 
 def _calibration(work: Path) -> None:
-    from ccfm.calibration import calibrate, training_cell_indices
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.h5io import read_var
-    from ccfm.scgpt_model import build_tiny_checkpoint, read_vocab
+    from ccfm.io.h5ad import read_var
+    from ccfm.scgpt.calibration import calibrate, training_cell_indices
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
 
     model_dir = work.parent / "tiny_scgpt"
     if not (model_dir / "best_model.pt").exists():
@@ -131,61 +140,101 @@ def _calibration(work: Path) -> None:
 
 
 def _baseline(work: Path) -> None:
-    from ccfm.baselines import run_baseline
+    from ccfm.evaluate.baselines import run_baseline
 
-    run_baseline("additive", work / "processed.h5ad", work / "split.json", work / "real.h5ad",
-                 work / "pred.h5ad", work / "pred_means.csv", cells_per_perturbation=128, seed=SEED, chunk_size=10000)
+    run_baseline(
+        "additive",
+        work / "processed.h5ad",
+        work / "split.json",
+        work / "real.h5ad",
+        work / "pred.h5ad",
+        work / "pred_means.csv",
+        cells_per_perturbation=128,
+        seed=SEED,
+        chunk_size=10000,
+    )
 
 
 def _adaptation(work: Path) -> None:
-    """The adaptation data path (ccfm.adapt.read_control_rows + learn_shift) with a fixed encoder.
+    """The adaptation data path (ccfm.io.h5ad.read_control_cells + learn_shift) with a fixed encoder.
 
     A fixed random projection stands in for the model's control encoder, so this isolates the
     control-cell reading and the learner; ``adapt_model`` runs the rule with a trained model.
     """
     import torch
 
-    from ccfm.adapt import learn_shift, read_control_rows
+    from ccfm.adapt.shift import learn_shift
+    from ccfm.io.h5ad import read_control_cells
 
-    source = read_control_rows(work / "processed.h5ad")
-    target = read_control_rows(work / "target_processed.h5ad")
+    source = read_control_cells(work / "processed.h5ad")
+    target = read_control_cells(work / "target_processed.h5ad")
     generator = torch.Generator().manual_seed(SEED)
     projection = torch.randn(source.matrix.shape[1], 64, generator=generator) / source.matrix.shape[1] ** 0.5
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         return x @ projection
 
-    learn_shift(encode, target.matrix, source.matrix, steps=50, batch_size=128, eval_every=25, seed=SEED, progress=False)
+    learn_shift(
+        encode, target.matrix, source.matrix, steps=50, batch_size=128, eval_every=25, seed=SEED, progress=False
+    )
 
 
 def _train(work: Path) -> None:
     """A few steps of the train_ccfm rule (latent stream off: no scGPT), from scratch."""
-    from ccfm.training import train_from_files
+    from ccfm.model.training import train_from_files
 
     out = work / "ccfm"
     shutil.rmtree(out / "resume", ignore_errors=True)  # a finished checkpoint would skip the loop
-    train_from_files(work / "processed.h5ad", work / "split.json", out / "model.pt", out / "loss.tsv", out / "resume",
-                     model_section=CCFM_MODEL, train_section=CCFM_TRAIN, latent_section={}, seed=SEED,
-                     use_latent=False, device="cpu", progress=False)
+    train_from_files(
+        work / "processed.h5ad",
+        work / "split.json",
+        out / "model.pt",
+        out / "loss.tsv",
+        out / "resume",
+        model_section=CCFM_MODEL,
+        train_section=CCFM_TRAIN,
+        latent_section={},
+        seed=SEED,
+        use_latent=False,
+        device="cpu",
+        progress=False,
+    )
 
 
 def _predict(work: Path) -> None:
     """The predict rule: every held-out perturbation of the fold from the trained model."""
-    from ccfm.generation import predict_to_files, prepare_generation
+    from ccfm.model.generation import predict_to_files, prepare_generation
 
     out = work / "ccfm"
     generation = prepare_generation(out / "model.pt", CCFM_GENERATE, threads=1, device="cpu")
-    predict_to_files(generation, work / "processed.h5ad", work / "split.json", [], out / "pred.h5ad",
-                     out / "pred_means.csv", seed=SEED)
+    predict_to_files(
+        generation,
+        work / "processed.h5ad",
+        work / "split.json",
+        [],
+        out / "pred.h5ad",
+        out / "pred_means.csv",
+        seed=SEED,
+    )
 
 
 def _adapt_model(work: Path) -> None:
     """The adapt_mmd rule: MMD shift of the target controls through the trained model's control encoder."""
-    from ccfm.adapt import AdaptSettings, adapt_to_files
+    from ccfm.adapt.files import adapt_to_files
+    from ccfm.adapt.shift import AdaptSettings
 
     out = work / "ccfm"
-    adapt_to_files(out / "model.pt", work / "processed.h5ad", work / "target_processed.h5ad", out / "shift.safetensors",
-                   out / "mmd.tsv", out / "history.tsv", AdaptSettings(**CCFM_ADAPT), seed=SEED, device="cpu")
+    adapt_to_files(
+        out / "model.pt",
+        work / "processed.h5ad",
+        work / "target_processed.h5ad",
+        out / "shift.safetensors",
+        out / "mmd.tsv",
+        out / "history.tsv",
+        AdaptSettings(**CCFM_ADAPT),
+        seed=SEED,
+        device="cpu",
+    )
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Path], None]] = {
@@ -200,8 +249,20 @@ STAGE_FUNCTIONS: dict[str, Callable[[Path], None]] = {
     "adapt_model": _adapt_model,
 }
 STAGES = tuple(STAGE_FUNCTIONS)
-STAGE_MODULES = ("torch", "ccfm.adapt", "ccfm.baselines", "ccfm.calibration", "ccfm.extractor", "ccfm.generation",
-                 "ccfm.preprocess", "ccfm.splits", "ccfm.training")
+STAGE_MODULES = (
+    "torch",
+    "ccfm.adapt.shift",
+    "ccfm.adapt.files",
+    "ccfm.adapt.target",
+    "ccfm.adapt.score",
+    "ccfm.evaluate.baselines",
+    "ccfm.scgpt.calibration",
+    "ccfm.scgpt.extractor",
+    "ccfm.model.generation",
+    "ccfm.data.preprocess",
+    "ccfm.data.splits",
+    "ccfm.model.training",
+)
 # What each stage writes, relative to the size's work directory.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "preprocess": ("processed.h5ad",),
@@ -238,7 +299,9 @@ def csr_x_mb(h5ad: Path) -> float:
     import h5py
 
     with h5py.File(h5ad, "r") as file:
-        return sum(file["X"][name].size * file["X"][name].dtype.itemsize for name in ("data", "indices", "indptr")) / 2**20
+        return (
+            sum(file["X"][name].size * file["X"][name].dtype.itemsize for name in ("data", "indices", "indptr")) / 2**20
+        )
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -275,15 +338,27 @@ def main(argv: list[str] | None = None) -> None:
         if not raw.exists():
             t0 = time.perf_counter()
             write_synthetic(raw, n_cells, args.genes, args.density, SEED)
-            print(f"generated {raw} ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"generated {raw} ({raw.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
         for stage in stages:
             command = python_child(__file__, "--child", stage, "--workdir", str(work))
             reports = pd.DataFrame([run_child(command, f"stage {stage} in {work}") for _ in range(args.repeats)])
             peaks = reports["peak_rss_mb"]
-            row = {"stage": stage, "cells": n_cells, "genes": args.genes, "repeats": args.repeats,
-                   "peak_rss_mb": peaks.median(), "peak_rss_min_mb": peaks.min(), "peak_rss_max_mb": peaks.max(),
-                   "import_rss_mb": reports["import_rss_mb"].median(), "wall_s": reports["wall_s"].median(),
-                   "output_mb": output_mb(stage, work), "processed_x_mb": csr_x_mb(work / "processed.h5ad")}
+            row = {
+                "stage": stage,
+                "cells": n_cells,
+                "genes": args.genes,
+                "repeats": args.repeats,
+                "peak_rss_mb": peaks.median(),
+                "peak_rss_min_mb": peaks.min(),
+                "peak_rss_max_mb": peaks.max(),
+                "import_rss_mb": reports["import_rss_mb"].median(),
+                "wall_s": reports["wall_s"].median(),
+                "output_mb": output_mb(stage, work),
+                "processed_x_mb": csr_x_mb(work / "processed.h5ad"),
+            }
             rows.append(row)
             print("\t".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()), flush=True)
             write_table(rows, args.out)

@@ -1,4 +1,4 @@
-"""Peak memory and wall time of ``ccfm.preprocess.preprocess_dataset`` on synthetic sparse counts.
+"""Peak memory and wall time of ``ccfm.data.preprocess.preprocess_dataset`` on synthetic sparse counts.
 
 Usage::
 
@@ -25,7 +25,7 @@ from rss import print_report, python_child, report_work, run_child
 
 def child(raw: Path, out: Path, chunk_size: int, n_top_genes: int) -> None:
     """Run preprocessing in this process and print its peak RSS and wall time."""
-    from ccfm.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import preprocess_dataset
 
     report = report_work(
         lambda: preprocess_dataset(raw, out, dataset="benchmark", n_top_genes=n_top_genes, chunk_size=chunk_size)
@@ -52,12 +52,24 @@ def main() -> None:
         started = time.perf_counter()
         write_synthetic(raw, args.cells, args.genes, args.density, args.seed)
         generated = time.perf_counter() - started
-        command = python_child(__file__, "--child", str(raw), str(out), "--chunk-size", str(args.chunk_size),
-                               "--n-top-genes", str(args.n_top_genes))
+        command = python_child(
+            __file__,
+            "--child",
+            str(raw),
+            str(out),
+            "--chunk-size",
+            str(args.chunk_size),
+            "--n-top-genes",
+            str(args.n_top_genes),
+        )
         report = run_child(command, f"preprocessing {raw}")
         report.update(
-            cells=args.cells, genes=args.genes, density=args.density, chunk_size=args.chunk_size,
-            input_mb=round(raw.stat().st_size / 2**20, 1), output_mb=round(out.stat().st_size / 2**20, 1),
+            cells=args.cells,
+            genes=args.genes,
+            density=args.density,
+            chunk_size=args.chunk_size,
+            input_mb=round(raw.stat().st_size / 2**20, 1),
+            output_mb=round(out.stat().st_size / 2**20, 1),
             generate_s=round(generated, 1),
         )
         print(json.dumps(report))

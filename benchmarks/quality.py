@@ -39,45 +39,77 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from ccfm import CONTROL_LABEL  # noqa: E402
-from ccfm.baselines import run_baseline  # noqa: E402
-from ccfm.generation import predict_to_files, prepare_generation  # noqa: E402
-from ccfm.metrics import compact_metrics  # noqa: E402
-from ccfm.preprocess import preprocess_dataset  # noqa: E402
-from ccfm.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
-from ccfm.splits import split_for_processed, write_real, write_split  # noqa: E402
-from ccfm.training import train_from_files  # noqa: E402
+from ccfm.data.preprocess import preprocess_dataset  # noqa: E402
+from ccfm.data.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
+from ccfm.data.splits import split_for_processed, write_real, write_split  # noqa: E402
+from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.metrics import compact_metrics  # noqa: E402
+from ccfm.model.generation import predict_to_files, prepare_generation  # noqa: E402
+from ccfm.model.training import train_from_files  # noqa: E402
 
 
-def latent_inputs(work: Path, fold: "Fold", seed: int) -> dict[str, Path]:
+def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
     """Tiny scGPT checkpoint, gene vocabulary map and the fold's calibrated feature statistics."""
-    from ccfm.calibration import calibrate, training_cell_indices
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.h5io import read_var
-    from ccfm.scgpt_model import build_tiny_checkpoint, read_vocab
-    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
+    from ccfm.io.h5ad import read_var
+    from ccfm.scgpt.calibration import calibrate, training_cell_indices
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     scgpt_dir = work / "scgpt_tiny"
     build_tiny_checkpoint(scgpt_dir, seed=seed, **TINY_SCGPT)
     var = read_var(fold.processed)
     mapping = map_genes(var.index.astype(str), read_vocab(scgpt_dir / "vocab.json"), var)
     write_gene_vocab(mapping, work / "gene_vocab.tsv")
-    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", LATENT["max_tokens_per_cell"], seed,
-                                      zero_tokens=LATENT["zero_tokens"])
-    stats = calibrate(extractor, fold.processed, training_cell_indices(fold.processed, fold.split_json), batch_size=32,
-                      max_cells=1000, seed=seed, target_std=LATENT["target_std"], genes=list(mapping["gene"]))
+    extractor = ScGPTFeatureExtractor(
+        scgpt_dir,
+        vocab_id_array(mapping),
+        "cpu",
+        LATENT["max_tokens_per_cell"],
+        seed,
+        zero_tokens=LATENT["zero_tokens"],
+    )
+    stats = calibrate(
+        extractor,
+        fold.processed,
+        training_cell_indices(fold.processed, fold.split_json),
+        batch_size=32,
+        max_cells=1000,
+        seed=seed,
+        target_std=LATENT["target_std"],
+        genes=list(mapping["gene"]),
+    )
     stats.save(work / "latent_stats.pt")
     return {"scgpt_dir": scgpt_dir, "gene_vocab_tsv": work / "gene_vocab.tsv", "latent_stats": work / "latent_stats.pt"}
+
 
 log = logging.getLogger("quality")
 
 # The pathway screen: interactions follow modules, larger than the demo so that pair-level
 # structure can be learned from the training doubles (Norman 2019 has ~130 doubles).
-SCREEN = dict(n_genes=200, n_real_symbols=150, n_singles=24, n_doubles=72, n_modules=8, n_control_cells=1500,
-              cells_per_condition=150, n_target_control_cells=10, n_target_singles=1, n_target_doubles=1,
-              target_cells_per_condition=10)
+SCREEN = dict(
+    n_genes=200,
+    n_real_symbols=150,
+    n_singles=24,
+    n_doubles=72,
+    n_modules=8,
+    n_control_cells=1500,
+    cells_per_condition=150,
+    n_target_control_cells=10,
+    n_target_singles=1,
+    n_target_doubles=1,
+    target_cells_per_condition=10,
+)
 MODEL = {"d_model": 64, "nhead": 4, "nlayers": 2, "dh_depth": 1}
-TRAIN = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "checkpoint_every": 100000, "log_every": 50,
-         "infer_top_gene": 100, "gpus": 0}
+TRAIN = {
+    "batch_size": 32,
+    "lr": 1e-3,
+    "warmup_steps": 30,
+    "checkpoint_every": 100000,
+    "log_every": 50,
+    "infer_top_gene": 100,
+    "gpus": 0,
+}
 # Euler with 4 time points: the anchored flow starts next to its target, and 128 cells x 300 genes
 # per network evaluation cost ~1.7 s on one CPU thread.
 GENERATE = {"method": "euler", "latent_steps": 4, "expr_steps": 4}
@@ -138,9 +170,19 @@ def pseudobulk_rows(pred: ad.AnnData, real: ad.AnnData, fold: Fold, method: str,
         predicted = np.asarray(pred.X[pred_labels == label].mean(axis=0)).ravel()
         weights = np.abs(observed - control)
         err = (predicted - observed) ** 2
-        rows.append({"seed": seed, "method": method, "perturbation": label, "mse": float(err.mean()),
-                     "mse_deg": float((weights * err).sum() / max(weights.sum(), 1e-12)),
-                     **{k: float(compact.loc[label, k]) for k in ("pearson_delta", "pearson_delta_top_de", "edistance")}})
+        rows.append(
+            {
+                "seed": seed,
+                "method": method,
+                "perturbation": label,
+                "mse": float(err.mean()),
+                "mse_deg": float((weights * err).sum() / max(weights.sum(), 1e-12)),
+                **{
+                    k: float(compact.loc[label, k])
+                    for k in ("pearson_delta_pseudobulk", "pearson_delta_top_de", "edistance")
+                },
+            }
+        )
     return rows
 
 
@@ -162,13 +204,22 @@ def reference_rows(fold: Fold, real: ad.AnnData, seed: int) -> list[dict]:
         a, b = label.split("+")
         additive = mean_of(processed.X, p_labels == a) + mean_of(processed.X, p_labels == b) - control
         halves = rng.permutation(cells)
-        split_half = np.mean((mean_of(real.X, halves[: cells.size // 2]) - mean_of(real.X, halves[cells.size // 2 :])) ** 2)
+        split_half = np.mean(
+            (mean_of(real.X, halves[: cells.size // 2]) - mean_of(real.X, halves[cells.size // 2 :])) ** 2
+        )
         weights = np.abs(observed - control)
         for method, predicted in (("additive_means", additive), ("oracle", fold.oracle[label])):
             err = (predicted - observed) ** 2
-            rows.append({"seed": seed, "method": method, "perturbation": label, "mse": float(err.mean()),
-                         "mse_deg": float((weights * err).sum() / weights.sum()),
-                         "pearson_delta": float(np.corrcoef(predicted - control, observed - control)[0, 1])})
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "perturbation": label,
+                    "mse": float(err.mean()),
+                    "mse_deg": float((weights * err).sum() / weights.sum()),
+                    "pearson_delta": float(np.corrcoef(predicted - control, observed - control)[0, 1]),
+                }
+            )
         rows.append({"seed": seed, "method": "noise_floor", "perturbation": label, "mse": float(split_half / 4)})
     return rows
 
@@ -179,8 +230,16 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
     rows = reference_rows(fold, real, seed)
     for method in ("nochange", "additive"):
         out = work / f"{method}.h5ad"
-        run_baseline(method, fold.processed, fold.split_json, fold.real, out, work / f"{method}.csv",
-                     cells_per_perturbation=cells, seed=seed)
+        run_baseline(
+            method,
+            fold.processed,
+            fold.split_json,
+            fold.real,
+            out,
+            work / f"{method}.csv",
+            cells_per_perturbation=cells,
+            seed=seed,
+        )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
     latent = latent_inputs(work, fold, seed) if LATENT_VARIANTS & set(variants) else {}
@@ -188,14 +247,32 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
         model_pt = work / name / "model.pt"
         started = time.perf_counter()
         use_latent = name in LATENT_VARIANTS
-        result = train_from_files(fold.processed, fold.split_json, model_pt, work / name / "loss.tsv", work / name / "resume",
-                                  model_section={**MODEL, **VARIANTS[name]},
-                                  train_section={**TRAIN, **LATENT_TRAIN, "steps": steps}, latent_section=LATENT,
-                                  seed=seed, use_latent=use_latent, device="cpu", progress=False,
-                                  **(latent if use_latent else {}))
+        result = train_from_files(
+            fold.processed,
+            fold.split_json,
+            model_pt,
+            work / name / "loss.tsv",
+            work / name / "resume",
+            model_section={**MODEL, **VARIANTS[name]},
+            train_section={**TRAIN, **LATENT_TRAIN, "steps": steps},
+            latent_section=LATENT,
+            seed=seed,
+            use_latent=use_latent,
+            device="cpu",
+            progress=False,
+            **(latent if use_latent else {}),
+        )
         speed[name] = steps * TRAIN["batch_size"] / max(result.seconds, 1e-9)
         generation = prepare_generation(model_pt, {**GENERATE, "cells_per_perturbation": cells}, device="cpu")
-        predict_to_files(generation, fold.processed, fold.split_json, [], work / name / "pred.h5ad", work / name / "pred.csv", seed=seed)
+        predict_to_files(
+            generation,
+            fold.processed,
+            fold.split_json,
+            [],
+            work / name / "pred.h5ad",
+            work / name / "pred.csv",
+            seed=seed,
+        )
         rows += pseudobulk_rows(ad.read_h5ad(work / name / "pred.h5ad"), real, fold, name, seed)
         log.info("seed %d %s: %.0f s", seed, name, time.perf_counter() - started)
     return rows, speed
@@ -208,13 +285,21 @@ def summarise(rows: pd.DataFrame, speed: dict[str, np.ndarray], reference: str =
     for (seed, method), group in rows.groupby(["seed", "method"], sort=False):
         keyed = group.set_index(["seed", "perturbation"])
         ratio = keyed["mse"] / ref.reindex(keyed.index)
-        per_seed.append({
-            "seed": seed, "method": method, "mse": group.mse.mean(),
-            "mse_deg": group["mse_deg"].mean() if "mse_deg" in group else np.nan,
-            f"{reference}_over_method": np.nan, f"median_mse_vs_{reference}": ratio.median(),
-            f"beats_{reference}": (ratio < 1).mean(),
-            **{k: group[k].mean() if k in group else np.nan for k in ("pearson_delta", "pearson_delta_top_de", "edistance")},
-        })
+        per_seed.append(
+            {
+                "seed": seed,
+                "method": method,
+                "mse": group.mse.mean(),
+                "mse_deg": group["mse_deg"].mean() if "mse_deg" in group else np.nan,
+                f"{reference}_over_method": np.nan,
+                f"median_mse_vs_{reference}": ratio.median(),
+                f"beats_{reference}": (ratio < 1).mean(),
+                **{
+                    k: group[k].mean() if k in group else np.nan
+                    for k in ("pearson_delta_pseudobulk", "pearson_delta_top_de", "edistance")
+                },
+            }
+        )
     per_seed = pd.DataFrame(per_seed)
     ref_mse = per_seed[per_seed.method == reference].set_index("seed")["mse"]
     per_seed[f"{reference}_over_method"] = ref_mse.reindex(per_seed.seed).to_numpy() / per_seed.mse.to_numpy()
@@ -222,8 +307,12 @@ def summarise(rows: pd.DataFrame, speed: dict[str, np.ndarray], reference: str =
     table = per_seed.drop(columns="seed").groupby("method", sort=False).agg(["mean", "std"])
     out = pd.DataFrame(index=order)
     for col in [c for c in per_seed.columns if c not in ("seed", "method")]:
-        out[col] = [f"{table.loc[m, (col, 'mean')]:.4f} ± {table.loc[m, (col, 'std')]:.4f}"
-                    if np.isfinite(table.loc[m, (col, "mean")]) else "" for m in order]
+        out[col] = [
+            f"{table.loc[m, (col, 'mean')]:.4f} ± {table.loc[m, (col, 'std')]:.4f}"
+            if np.isfinite(table.loc[m, (col, "mean")])
+            else ""
+            for m in order
+        ]
     out["train_cells_per_s"] = [f"{speed[m].mean():.0f}" if m in speed else "" for m in order]
     return out
 
@@ -236,15 +325,24 @@ REAL = {
 SHARED_REAL = REPO.parent / "shared" / "data" / "real"
 
 
-def run_real_seed(name: str, seed: int, steps: int, cells: int, variants: list[str], work: Path) -> tuple[list[dict], dict[str, float]]:
+def run_real_seed(
+    name: str, seed: int, steps: int, cells: int, variants: list[str], work: Path
+) -> tuple[list[dict], dict[str, float]]:
     """One split of a real singles-only screen: fold ``seed`` holds out 30% of the singles."""
     file, column, control = REAL[name]
     raw = SHARED_REAL / file
     if not raw.exists():
         raise SystemExit(f"{raw} is absent: the real datasets ship in ../shared beside a development clone")
     processed = work / "processed.h5ad"
-    preprocess_dataset(raw, processed, dataset=name, perturbation_column=column, control_label=control,
-                       input_scale="counts", n_top_genes=300)
+    preprocess_dataset(
+        raw,
+        processed,
+        dataset=name,
+        perturbation_column=column,
+        control_label=control,
+        input_scale="counts",
+        n_top_genes=300,
+    )
     split = split_for_processed(processed, fold=seed, seed=42, heldout_fraction=0.3, n_folds=max(5, seed))
     split_json, real_path = work / "split.json", work / "real.h5ad"
     write_real(processed, split, real_path)
@@ -257,22 +355,45 @@ def run_real_seed(name: str, seed: int, steps: int, cells: int, variants: list[s
     for label in fold.test:
         cells_of = rng.permutation(np.flatnonzero(labels == label))
         half = cells_of.size // 2
-        split_half = np.mean((np.asarray(real.X[cells_of[:half]].mean(axis=0)) - np.asarray(real.X[cells_of[half:]].mean(axis=0))) ** 2)
+        split_half = np.mean(
+            (np.asarray(real.X[cells_of[:half]].mean(axis=0)) - np.asarray(real.X[cells_of[half:]].mean(axis=0))) ** 2
+        )
         rows.append({"seed": seed, "method": "noise_floor", "perturbation": label, "mse": float(split_half / 4)})
     for method in ("nochange", "meanpert"):
         out = work / f"{method}.h5ad"
-        run_baseline(method, processed, split_json, real_path, out, work / f"{method}.csv", cells_per_perturbation=cells, seed=seed)
+        run_baseline(
+            method,
+            processed,
+            split_json,
+            real_path,
+            out,
+            work / f"{method}.csv",
+            cells_per_perturbation=cells,
+            seed=seed,
+        )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
     for variant in variants:
         model_pt = work / variant / "model.pt"
-        result = train_from_files(processed, split_json, model_pt, work / variant / "loss.tsv", work / variant / "resume",
-                                  model_section={**MODEL, **VARIANTS[variant]}, train_section={**TRAIN, "steps": steps,
-                                  "infer_top_gene": 256}, latent_section=LATENT, seed=seed, use_latent=False,
-                                  device="cpu", progress=False)
+        result = train_from_files(
+            processed,
+            split_json,
+            model_pt,
+            work / variant / "loss.tsv",
+            work / variant / "resume",
+            model_section={**MODEL, **VARIANTS[variant]},
+            train_section={**TRAIN, "steps": steps, "infer_top_gene": 256},
+            latent_section=LATENT,
+            seed=seed,
+            use_latent=False,
+            device="cpu",
+            progress=False,
+        )
         speed[variant] = steps * TRAIN["batch_size"] / max(result.seconds, 1e-9)
         generation = prepare_generation(model_pt, {**GENERATE, "cells_per_perturbation": cells}, device="cpu")
-        predict_to_files(generation, processed, split_json, [], work / variant / "pred.h5ad", work / variant / "pred.csv", seed=seed)
+        predict_to_files(
+            generation, processed, split_json, [], work / variant / "pred.h5ad", work / variant / "pred.csv", seed=seed
+        )
         rows += pseudobulk_rows(ad.read_h5ad(work / variant / "pred.h5ad"), real, fold, variant, seed)
     return rows, speed
 
@@ -285,9 +406,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
-    parser.add_argument("--real", choices=sorted(REAL), default=None,
-                        help="a real singles-only screen from ../shared/data/real instead of the simulated one "
-                             "(held-out singles; seeds are folds)")
+    parser.add_argument(
+        "--real",
+        choices=sorted(REAL),
+        default=None,
+        help="a real singles-only screen from ../shared/data/real instead of the simulated one "
+        "(held-out singles; seeds are folds)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("ccfm", "anndata", "scanpy"):
@@ -305,14 +430,22 @@ def main(argv: list[str] | None = None) -> None:
         all_rows += rows
         for name, value in speed.items():
             speeds.setdefault(name, []).append(value)
-    table = summarise(pd.DataFrame(all_rows), {k: np.asarray(v) for k, v in speeds.items()},
-                      reference="meanpert" if args.real else "additive")
+    table = summarise(
+        pd.DataFrame(all_rows),
+        {k: np.asarray(v) for k, v in speeds.items()},
+        reference="meanpert" if args.real else "additive",
+    )
     minutes = (time.perf_counter() - started) / 60
-    what = (f"held-out singles of {REAL[args.real][0]} (folds {args.seeds}, 30% of the singles each)" if args.real
-            else f"held-out doubles of the pathway screen {json.dumps(SCREEN)}")
-    header = (f"Seeds {args.seeds}, {args.steps} training steps, {args.cells} generated cells per perturbation, "
-              f"{what}; {minutes:.1f} min on "
-              f"{platform.processor() or platform.machine()} with {args.threads} torch threads. Mean ± SD over seeds.")
+    what = (
+        f"held-out singles of {REAL[args.real][0]} (folds {args.seeds}, 30% of the singles each)"
+        if args.real
+        else f"held-out doubles of the pathway screen {json.dumps(SCREEN)}"
+    )
+    header = (
+        f"Seeds {args.seeds}, {args.steps} training steps, {args.cells} generated cells per perturbation, "
+        f"{what}; {minutes:.1f} min on "
+        f"{platform.processor() or platform.machine()} with {args.threads} torch threads. Mean ± SD over seeds."
+    )
     text = header + "\n\n" + table.to_markdown() + "\n"
     print(text)
     if args.out:

@@ -15,8 +15,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 # One thread per library: the numbers should not depend on the machine's core count, and
 # per-thread scratch buffers would otherwise blur the comparison between sizes.

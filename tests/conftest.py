@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -66,7 +66,7 @@ def tiny_scgpt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[
     Each (seed, sizes) is built once per session; tests must not modify it (copy it first with
     ``scgpt_test_data.copy_checkpoint``).
     """
-    from ccfm.scgpt_model import build_tiny_checkpoint
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint
 
     built: dict[tuple, Path] = {}
 
@@ -77,3 +77,15 @@ def tiny_scgpt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[
         return built[key]
 
     return build
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip, saying why, where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -5,15 +5,15 @@ The tiny checkpoints themselves come from the session fixture ``tiny_scgpt_check
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccfm.scgpt_model import CHECKPOINT_FILES
+from ccfm.scgpt.checkpoint import CHECKPOINT_FILES
 
 # Census vocabulary ids 0..60693 are genes; the special tokens (<pad>, <cls>, <eoc>) follow.
 N_GENE_TOKENS = 60694

@@ -76,7 +76,8 @@ def test_pip_block_and_post_deploy_script_resolve(tmp_path: Path) -> None:
     # The post-deploy script against this environment, pip in dry-run mode: it finds the repository
     # from its own location and both installs resolve.
     env = {**os.environ, "PIP_DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    deployed = subprocess.run(["bash", str(POST_DEPLOY)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+    deployed = subprocess.run(
+        ["bash", str(POST_DEPLOY)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "Would install" in deployed.stdout and "ccfm" in deployed.stdout and "scgpt" in deployed.stdout

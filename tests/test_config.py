@@ -79,7 +79,10 @@ def _workflow_rule_names() -> set[str]:
     import re
 
     root = Path(__file__).resolve().parents[1]
-    text = "\n".join(path.read_text() for path in [root / "workflow" / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))])
+    text = "\n".join(
+        path.read_text()
+        for path in [root / "workflow" / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+    )
     return set(re.findall(r"^rule (\w+):", text, re.M)) | set(re.findall(r"^use rule \w+ as (\w+)", text, re.M))
 
 
@@ -90,10 +93,64 @@ def test_dataset_named_like_a_rule_is_rejected(config, name):
     with pytest.raises(ConfigError) as caught:
         validate_config(config)
     message = str(caught.value)
-    assert f"dataset name {name!r}" in message and "is the name of a rule" in message and "Rename the dataset" in message
+    assert (
+        f"dataset name {name!r}" in message and "is the name of a rule" in message and "Rename the dataset" in message
+    )
 
 
 def test_reserved_dataset_names_are_exactly_the_rules():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     reserved = set(schema["properties"]["datasets"]["propertyNames"]["not"]["enum"])
     assert reserved == _workflow_rule_names()
+
+
+def test_defaults_come_from_the_schema_only():
+    from ccfm.config import load_schema, section_defaults
+    from ccfm.model.denoiser import FlowSettings
+    from ccfm.model.generation import GenerateSettings
+    from ccfm.model.training import TrainSettings
+
+    schema = load_schema()
+    for section, cls in (("train", FlowSettings), ("train", TrainSettings), ("generate", GenerateSettings)):
+        defaults = section_defaults(section)
+        built = cls()
+        # Every field that is a config key carries the schema's default, and every key has one.
+        for key, spec in schema["$defs"][section]["properties"].items():
+            assert "default" in spec, f"{section}.{key} has no default in the schema"
+            if hasattr(built, key):
+                assert getattr(built, key) == defaults[key], (cls.__name__, key)
+    # A section merged for a rule starts from the schema defaults.
+    minimal = {"seed": 1, "run": ["d"], "datasets": {"d": {"source": "simulate"}}}
+    assert dataset_section(minimal, "d", "generate") == section_defaults("generate")
+    assert (
+        dataset_config(minimal, "d")["perturbation_column"]
+        == schema["$defs"]["dataset"]["properties"]["perturbation_column"]["default"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("loader", "section"),
+    [
+        ("ccfm.model.denoiser:FlowSettings.from_train_section", "train"),
+        ("ccfm.model.training:TrainSettings.from_train_section", "train"),
+        ("ccfm.model.generation:GenerateSettings.from_section", "generate"),
+        ("ccfm.adapt.shift:AdaptSettings.from_mapping", "adapt"),
+    ],
+)
+def test_every_settings_loader_rejects_unknown_keys_the_same_way(loader, section):
+    import importlib
+
+    module, attribute = loader.split(":")
+    owner, method = attribute.split(".")
+    load = getattr(getattr(importlib.import_module(module), owner), method)
+    with pytest.raises(ConfigError, match=f"unknown key\\(s\\) 'stepz' under '{section}'; allowed keys here: "):
+        load({"stepz": 3})
+
+
+def test_mean_model_settings_reject_unknown_keys_of_either_section():
+    from ccfm.model.mean_model import MeanModelSettings
+
+    with pytest.raises(ConfigError, match="under 'model'"):
+        MeanModelSettings.from_sections({"anchr": "additive"}, {})
+    with pytest.raises(ConfigError, match="under 'train'"):
+        MeanModelSettings.from_sections({}, {"interaction_lrr": 1.0})

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import anndata as ad
 import numpy as np
@@ -27,10 +27,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm import h5io
-from ccfm.download import ChecksumError, DownloadError, download_file
-from ccfm.preprocess import preprocess_dataset, preprocess_target
-from ccfm.splits import make_split, write_real, write_split
+from ccfm.data.download import ChecksumError, DownloadError, download_file
+from ccfm.data.preprocess import preprocess_dataset, preprocess_target
+from ccfm.data.splits import make_split, write_real, write_split
+from ccfm.io import h5ad as h5io
 
 PAYLOAD = np.random.default_rng(3).integers(0, 256, size=3 * (1 << 20) + 12345, dtype=np.uint8).tobytes()
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -98,13 +98,14 @@ def test_dropped_download_resumes_with_range_and_verifies(server, tmp_path: Path
     assert dest.read_bytes() == PAYLOAD and not part.exists()
 
 
+@pytest.mark.slow  # subprocess
 def test_killed_download_process_resumes(server, tmp_path: Path) -> None:
     url, handler = server
     handler.mode = "trickle"
     dest = tmp_path / "raw.h5ad"
     part = tmp_path / "raw.h5ad.part"
     code = (
-        "import sys; from pathlib import Path; from ccfm.download import download_file; "
+        "import sys; from pathlib import Path; from ccfm.data.download import download_file; "
         "download_file(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3], progress=False)"
     )
     child = subprocess.Popen([sys.executable, "-c", code, url, str(dest), SHA256])
@@ -141,8 +142,10 @@ def test_resumed_bytes_that_do_not_match_are_rejected(server, tmp_path: Path) ->
 def _raw(path: Path, n_cells: int = 600, n_genes: int = 40, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     x = sp.csr_matrix(rng.poisson(0.8, size=(n_cells, n_genes)).astype(np.float32))
-    obs = pd.DataFrame({"target_gene": rng.choice(["non-targeting", "G1", "G2", "G3", "G1+G2", "G1+G3"], n_cells)},
-                       index=[f"c{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"target_gene": rng.choice(["non-targeting", "G1", "G2", "G3", "G1+G2", "G1+G3"], n_cells)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
     ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])).write_h5ad(path)
     return path
 
@@ -184,7 +187,9 @@ def test_exception_mid_preprocess_leaves_no_output(tmp_path: Path, monkeypatch: 
     _assert_nothing_at(out)
 
 
-def test_exception_mid_target_and_real_leaves_no_output(processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exception_mid_target_and_real_leaves_no_output(
+    processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = _raw(tmp_path / "target.h5ad", seed=1)
     split = make_split(read_labels(processed), fold=1, seed=0, heldout_fraction=0.5)
     calls = _fail_on_second_append(monkeypatch)
@@ -216,20 +221,24 @@ def test_failed_split_json_write_leaves_no_file_and_keeps_old(tmp_path: Path) ->
     assert [p.name for p in path.parent.iterdir()] == ["fold1.json"]
 
 
+@pytest.mark.slow  # subprocess
 def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     """A job killed by the scheduler mid-write (SIGKILL: no cleanup runs) leaves no output file."""
     raw = _raw(tmp_path / "raw.h5ad", n_cells=2000)
     out = tmp_path / "results" / "processed.h5ad"
     code = (
-        "import sys, time; from ccfm import h5io; from ccfm.preprocess import preprocess_dataset\n"
+        "import sys, time; from ccfm.io import h5ad as h5io; from ccfm.data.preprocess import preprocess_dataset\n"
         "append = h5io.CSRH5adWriter.append\n"
         "def slow(self, *a, **k):\n"
         "    append(self, *a, **k); self._file.flush(); time.sleep(0.3)\n"
         "h5io.CSRH5adWriter.append = slow\n"
         "preprocess_dataset(sys.argv[1], sys.argv[2], dataset='ds', n_top_genes=10, chunk_size=100)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code, str(raw), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(raw), str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not (out.parent.exists() and any(out.parent.iterdir())):
         assert child.poll() is None and time.monotonic() < deadline, "child finished before it could be killed"

@@ -9,16 +9,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ccfm.headline import headline
-from ccfm.headline import main as headline_main
-from ccfm.runtime import read_benchmarks, write_runtime_report
+from ccfm.evaluate.headline import headline
+from ccfm.evaluate.headline import main as headline_main
+from ccfm.evaluate.runtime import read_benchmarks, write_runtime_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _make_dry_run(venv: Path, target: str) -> str:
-    result = subprocess.run(["make", "-n", "-C", str(ROOT), f"VENV={venv}", target], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), f"VENV={venv}", target], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -26,8 +27,9 @@ def _make_dry_run(venv: Path, target: str) -> str:
 def test_make_installs_in_order_once(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     commands = _make_dry_run(venv, "env")
-    torch_at, package_at, scgpt_at = (commands.index(s) for s in ("torch==2.13.0", 'install --quiet -e ".[dev]"',
-                                                                      "--no-deps scgpt==0.2.4"))
+    torch_at, package_at, scgpt_at = (
+        commands.index(s) for s in ("torch==2.13.0", 'install --quiet -e ".[dev]"', "--no-deps scgpt==0.2.4")
+    )
     # torch first (else the dependency resolve pulls a CUDA build), scGPT last and without its pins
     assert torch_at < package_at < scgpt_at
     # Once installed (the stamp is newer than pyproject.toml and the Makefile) nothing is reinstalled.
@@ -39,18 +41,30 @@ def test_make_installs_in_order_once(tmp_path: Path) -> None:
     assert "pip install" not in _make_dry_run(venv, "env")
     demo = _make_dry_run(venv, "demo")
     assert "pip install" not in demo
-    assert "snakemake --cores 2 demo" in demo and "ccfm.headline" in demo
+    assert "snakemake --cores 2 demo" in demo and "ccfm.evaluate.headline" in demo
     test = _make_dry_run(venv, "test")
     assert "pip install" not in test and "pytest" in test and "snakefmt --check" in test
 
 
 def _summary(ccfm_mse: float) -> pd.DataFrame:
     rows = []
-    for method, mse, pearson in (("nochange", 0.23, 0.05), ("additive", 0.064, 0.86), ("ccfm", ccfm_mse, 0.9),
-                                 ("meanpert", 0.2, 0.2)):
+    for method, mse, pearson in (
+        ("nochange", 0.23, 0.05),
+        ("additive", 0.064, 0.86),
+        ("ccfm", ccfm_mse, 0.9),
+        ("meanpert", 0.2, 0.2),
+    ):
         for fold in ("1", "all"):
-            rows.append({"dataset": "demo", "method": method, "fold": fold, "n_perturbations": 11.0, "mse": mse,
-                         "pearson_delta": pearson})
+            rows.append(
+                {
+                    "dataset": "demo",
+                    "method": method,
+                    "fold": fold,
+                    "n_perturbations": 11.0,
+                    "mse": mse,
+                    "pearson_delta_pseudobulk": pearson,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -83,8 +97,10 @@ def test_headline_names_a_missing_method(tmp_path: Path) -> None:
 
 def _benchmark(path: Path, seconds: float, cpu: float, rss: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                    f"{seconds}\t0:00:01\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    path.write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        f"{seconds}\t0:00:01\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n"
+    )
 
 
 def test_runtime_table_sums_the_benchmark_files(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@ and builds a report that a browser can show."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -12,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_utils import FAST_DEMO_OVERRIDES, REPO_ROOT, copy_pipeline, describe_failure, snakemake
+from ccfm.evaluate import report_check
+from pipeline_utils import FAST_DEMO_OVERRIDES, copy_pipeline, describe_failure, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +35,7 @@ def test_run_ends_with_the_headline_numbers(demo_run):
     output = RUN_OUTPUT["demo"]
     summary = pd.read_csv(demo_run / "results/demo/metrics_summary.tsv", sep="\t")
     ccfm = summary[(summary["method"] == "ccfm") & (summary["fold"].astype(str) == "all")]
-    tail = output[output.rindex("held-out perturbations"):]
+    tail = output[output.rindex("held-out perturbations") :]
     assert f"ccfm      MSE {ccfm['mse'].iloc[0]:.4f}" in tail
     assert "additive  MSE" in tail and "nochange  MSE" in tail and "snakemake --report" in tail
 
@@ -44,10 +43,28 @@ def test_run_ends_with_the_headline_numbers(demo_run):
 def test_every_job_has_a_benchmark_and_the_runtime_table_sums_them(demo_run):
     runtime = pd.read_csv(demo_run / "results/demo/runtime.tsv", sep="\t").set_index("job")
     jobs = runtime.drop(index="total")
-    expected_rules = {"simulate_demo", "preprocess", "preprocess_target", "split", "build_tiny", "gene_vocab_map",
-                      "calibrate_latent", "train_ccfm", "predict", "baseline", "score", "summarize", "adapt_mmd",
-                      "predict_target", "score_target", "figure_pca", "figure_delta_scatter", "figure_metrics",
-                      "figure_loss", "figure_gene_vocab"}
+    expected_rules = {
+        "simulate_demo",
+        "preprocess",
+        "preprocess_target",
+        "split",
+        "build_tiny",
+        "gene_vocab_map",
+        "calibrate_latent",
+        "train_ccfm",
+        "predict",
+        "baseline",
+        "score",
+        "summarize",
+        "adapt_mmd",
+        "predict_target",
+        "score_target",
+        "figure_pca",
+        "figure_delta_scatter",
+        "figure_metrics",
+        "figure_loss",
+        "figure_gene_vocab",
+    }
     assert expected_rules <= set(jobs["rule"]), sorted(expected_rules - set(jobs["rule"]))
     assert (jobs["seconds"] > 0).all()
     assert runtime.loc["total", "seconds"] == pytest.approx(jobs["seconds"].sum(), abs=0.05)
@@ -64,7 +81,7 @@ def test_lint_is_clean(tmp_path):
 def test_bad_config_stops_at_start_naming_the_key(tmp_path):
     workdir = copy_pipeline(tmp_path)
     config = workdir / "config" / "config.yaml"
-    config.write_text(config.read_text().replace("n_top_genes: 5000", "n_top_genez: 5000"))
+    config.write_text(config.read_text().replace("preprocess: {n_top_genes: 200}", "preprocess: {n_top_genez: 200}"))
     result = snakemake(workdir, "-n")
     assert result.returncode != 0
     assert "n_top_genez" in result.stdout + result.stderr
@@ -75,12 +92,12 @@ def test_every_method_is_scored(demo_run):
     assert set(METHODS) <= set(summary["method"])
     # Our compact metrics are always defined; some cell-eval metrics are legitimately NaN
     # (e.g. a DE rank correlation when a prediction has no significant genes).
-    compact = summary[["pearson_delta", "pearson_delta_top_de", "mse", "edistance"]]
+    compact = summary[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "edistance"]]
     assert np.isfinite(compact.to_numpy(dtype=float)).all(), compact.to_string()
     additive = summary[(summary["method"] == "additive") & (summary["fold"].astype(str) == "1")]
     nochange = summary[(summary["method"] == "nochange") & (summary["fold"].astype(str) == "1")]
     # The simulator's doubles are mostly additive in direction: the additive baseline must beat no-change.
-    assert additive["pearson_delta"].iloc[0] > nochange["pearson_delta"].iloc[0] + 0.3
+    assert additive["pearson_delta_pseudobulk"].iloc[0] > nochange["pearson_delta_pseudobulk"].iloc[0] + 0.3
     # CCFM's mean is additive + a learned residual (LOO-guarded) with shrunk singles: it must not
     # lose to additive on held-out doubles, whatever the (short) flow training did.
     for method in ("ccfm", "ccfm_nolatent"):
@@ -110,14 +127,6 @@ def test_rerun_of_a_finished_pipeline_does_nothing(demo_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def _load_report_checker():
-    spec = importlib.util.spec_from_file_location("check_report", REPO_ROOT / "workflow/scripts/check_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_report"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_adaptation_outputs(demo_run):
     mmd = pd.read_csv(demo_run / "results/demo/fold1/adapt/mmd.tsv", sep="\t").set_index("heldout_part")
     # Early stopping keeps the best shift on the validation controls (step 0, no shift, included).
@@ -127,13 +136,13 @@ def test_adaptation_outputs(demo_run):
     assert np.isfinite(mmd[["mmd2_before", "mmd2_after"]].to_numpy()).all()
     summary = pd.read_csv(demo_run / "results/demo/fold1/adapt/target_summary.tsv", sep="\t")
     assert {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"} <= set(summary["method"])
-    assert np.isfinite(summary["pearson_delta"]).all()
+    assert np.isfinite(summary["pearson_delta_pseudobulk"]).all()
 
 
 def test_report_builds_with_figures(demo_run, tmp_path):
     result = snakemake(demo_run, "demo", "--report", "report.html")
     assert result.returncode == 0, describe_failure(result, demo_run)
-    checker = _load_report_checker()
+    checker = report_check
     check = checker.check_report(
         demo_run / "report.html",
         screenshot=tmp_path / "report.png",

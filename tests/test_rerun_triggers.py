@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 import yaml
 
@@ -25,16 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow")}
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(workdir), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
+@pytest.mark.slow  # subprocess
 def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path) -> None:
     remote = tmp_path / "remote.h5ad"
     labels = ["non-targeting"] * 20 + ["A"] * 10 + ["B"] * 10 + ["A+B"] * 10
     x = np.random.default_rng(0).poisson(2.0, size=(len(labels), 12)).astype(np.float32)
-    ad.AnnData(sp.csr_matrix(x), obs=pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(len(labels))]),
-               var=pd.DataFrame(index=["A", "B"] + [f"G{i}" for i in range(10)])).write_h5ad(remote)
+    ad.AnnData(
+        sp.csr_matrix(x),
+        obs=pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=["A", "B"] + [f"G{i}" for i in range(10)]),
+    ).write_h5ad(remote)
     dataset = {"source": "url", "url": remote.as_uri(), "allow_unverified": True, "preprocess": {"n_top_genes": 5}}
     config = tmp_path / "work" / "config" / "config.yaml"
     config.parent.mkdir(parents=True)
@@ -67,8 +77,12 @@ def test_every_memory_request_grows_with_the_retry_attempt() -> None:
     import re
 
     blocks = _rule_blocks()
-    fixed = {name: line.strip() for name, body in blocks.items() for line in body.splitlines()
-             if re.match(r"\s+mem_mb=", line) and "attempt" not in line}
+    fixed = {
+        name: line.strip()
+        for name, body in blocks.items()
+        for line in body.splitlines()
+        if re.match(r"\s+mem_mb=", line) and "attempt" not in line
+    }
     assert fixed == {}, "a retry after an OOM kill would get the same memory"
 
 

@@ -26,7 +26,9 @@ def _cluster_is_up() -> bool:
     return "is UP" in ping.stdout
 
 
-@pytest.mark.skipif(not _cluster_is_up(), reason="no SLURM cluster is running (start one with tests/slurm/start_local_slurm.sh)")
+@pytest.mark.skipif(
+    not _cluster_is_up(), reason="no SLURM cluster is running (start one with tests/slurm/start_local_slurm.sh)"
+)
 def test_demo_runs_through_sbatch(tmp_path):
     # train.gpus: 2 on a GPU-less cluster: each training job runs two data-parallel processes
     # (torchrun, gloo on CPU) inside one SLURM allocation of two CPUs.

@@ -33,7 +33,15 @@ def write_dataset(root: Path, seed: int = 0) -> tuple[Path, Path]:
     rng = np.random.default_rng(seed)
     genes = [f"G{i}" for i in range(N_GENES)]
     labels, blocks = [], []
-    for label, n in [("non-targeting", 120), ("G0", 40), ("G1", 40), ("G2", 40), ("G3", 40), ("G0+G1", 40), ("G2+G3", 40)]:
+    for label, n in [
+        ("non-targeting", 120),
+        ("G0", 40),
+        ("G1", 40),
+        ("G2", 40),
+        ("G3", 40),
+        ("G0+G1", 40),
+        ("G2+G3", 40),
+    ]:
         counts = rng.poisson(2.0, size=(n, N_GENES)).astype(np.float32)
         for gene in label.split("+") if label != "non-targeting" else []:
             g = int(gene[1:])
@@ -49,7 +57,11 @@ def write_dataset(root: Path, seed: int = 0) -> tuple[Path, Path]:
     processed = root / "processed.h5ad"
     adata.write_h5ad(processed)
     split = root / "fold1.json"
-    split.write_text(json.dumps({"fold": 1, "seed": 43, "train": SINGLES + ["G0+G1"], "test": ["G2+G3"], "controls": "non-targeting"}))
+    split.write_text(
+        json.dumps(
+            {"fold": 1, "seed": 43, "train": SINGLES + ["G0+G1"], "test": ["G2+G3"], "controls": "non-targeting"}
+        )
+    )
     return processed, split
 
 
@@ -57,10 +69,10 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
     """:func:`write_dataset` with real gene symbols, plus the gene vocab and calibrated fold
     statistics of the (tiny, read-only) scGPT checkpoint ``scgpt_dir``: the data and latent
     keyword arguments of ``train_from_files``."""
-    from ccfm.calibration import calibrate
-    from ccfm.extractor import ScGPTFeatureExtractor
-    from ccfm.scgpt_model import census_vocab_with_specials
-    from ccfm.vocab import map_genes, vocab_id_array, write_gene_vocab
+    from ccfm.scgpt.calibration import calibrate
+    from ccfm.scgpt.checkpoint import census_vocab_with_specials
+    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     processed, split = write_dataset(root)
     # rename the genes to real symbols so they map into the census vocabulary
@@ -87,6 +99,10 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
     stats = calibrate(extractor, processed, train_rows, batch_size=32, max_cells=100, seed=1, genes=symbols)
     stats.save(root / "latent_stats.pt")
     return {
-        "processed_h5ad": processed, "split_json": split, "scgpt_dir": scgpt_dir,
-        "gene_vocab_tsv": root / "gene_vocab.tsv", "latent_stats": root / "latent_stats.pt", "genes": symbols,
+        "processed_h5ad": processed,
+        "split_json": split,
+        "scgpt_dir": scgpt_dir,
+        "gene_vocab_tsv": root / "gene_vocab.tsv",
+        "latent_stats": root / "latent_stats.pt",
+        "genes": symbols,
     }

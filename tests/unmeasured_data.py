@@ -17,12 +17,19 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from ccfm.simulate import load_ground_truth, simulate_demo
+from ccfm.data.simulate import load_ground_truth, simulate_demo
 
 SIZES = {
-    "n_genes": 90, "n_real_symbols": 40, "n_singles": 8, "n_doubles": 10,
-    "n_control_cells": 300, "cells_per_condition": 30,
-    "n_target_control_cells": 120, "n_target_singles": 2, "n_target_doubles": 2, "target_cells_per_condition": 20,
+    "n_genes": 90,
+    "n_real_symbols": 40,
+    "n_singles": 8,
+    "n_doubles": 10,
+    "n_control_cells": 300,
+    "cells_per_condition": 30,
+    "n_target_control_cells": 120,
+    "n_target_singles": 2,
+    "n_target_doubles": 2,
+    "target_cells_per_condition": 20,
 }
 
 
@@ -56,4 +63,6 @@ def write_unmeasured_dataset(root: Path, seed: int = 11, n_measured_perturbed: i
     raw = root / "raw.h5ad"
     adata.write_h5ad(raw)
     conditions = [str(c) for c in truth["conditions"]]
-    return UnmeasuredDataset(raw, paths["target_raw"], perturbed, measured, unmeasured, [c for c in conditions if "+" in c])
+    return UnmeasuredDataset(
+        raw, paths["target_raw"], perturbed, measured, unmeasured, [c for c in conditions if "+" in c]
+    )

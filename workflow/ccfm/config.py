@@ -1,123 +1,55 @@
 """Configuration: schema validation with readable errors, and per-dataset settings.
 
-Top-level sections (``preprocess``, ``split``, ``latent``, ``model``, ``train``, ``generate``,
-``score``) hold defaults; a dataset may override any key of a section in a block of the same
-name. :func:`dataset_section` returns the merged view a rule should use.
+The schema (``workflow/schemas/config.schema.yaml``) is the one source of defaults: each key's
+``default:``. Top-level sections (``preprocess``, ``split``, ``latent``, ``model``, ``train``,
+``generate``, ``score``, ``adapt``) may change them; a dataset may override any key of a section
+in a block of the same name. :func:`dataset_section` returns the merged view a rule should use,
+and :func:`settings_from` builds a settings dataclass from such a view, rejecting unknown keys.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypeVar
 
 import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+T = TypeVar("T")
 
-# Sections a dataset may override, with built-in defaults (config.yaml may change them).
-SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "preprocess": {"n_top_genes": 5000, "target_sum": 10000, "chunk_size": 10000},
-    "split": {"n_folds": 5, "folds": [1], "heldout_fraction": 0.3, "min_cells_per_perturbation": 1},
-    "latent": {
-        "enabled": True,
-        "cache": "auto",
-        "cache_max_gb": 20,
-        "target_std": 1.0,
-        "max_tokens_per_cell": 1200,
-        "zero_tokens": True,
-        "calibration_cells": 5000,
-        "batch_size": 32,
-        "batching": "auto",
-    },
-    "model": {
-        "d_model": 128,
-        "nhead": 8,
-        "nlayers": 4,
-        "bottleneck": 128,
-        "dh_depth": 2,
-        "dropout": 0.0,
-        "fusion": "differential_perceiver",
-        "mlp_ratio": 4.0,
-        "anchor": "additive",
-        "interaction": "kernel",
-        "shrink_singles": True,
-        "unseen": "meanpert",
-        "interaction_hidden": 64,
-        "interaction_rank": 16,
-    },
-    "train": {
-        "steps": 200000,
-        "batch_size": 48,
-        "lr": 5e-5,
-        "weight_decay": 0.01,
-        "warmup_steps": 1000,
-        "grad_clip": 1.0,
-        "infer_top_gene": 1000,
-        "choose_latent_p": 0.4,
-        "latent_weight": 0.33,
-        "mmd": True,
-        "gamma": 0.5,
-        "checkpoint_every": 1000,
-        "log_every": 50,
-        "gpus": 1,
-        "time_schedule": "uniform",
-        "latent_t_mean": -1.2,
-        "latent_t_std": 1.0,
-        "expr_t_mean": -0.4,
-        "expr_t_std": 0.8,
-        "stage2_noised": True,
-        "noised_low": 0.75,
-        "prediction": "velocity",
-        "x_pred_min_denominator": 0.05,
-        "eta_min": 1e-6,
-        "bf16": True,
-        "interaction_lr": 3e-3,
-        "interaction_weight_decay": 1e-2,
-        "interaction_epochs": 1500,
-        "interaction_patience": 150,
-        "interaction_holdout": 0.25,
-        "interaction_min_doubles": 4,
-    },
-    "generate": {"cells_per_perturbation": 128, "method": "rk4", "latent_steps": 20, "expr_steps": 20, "batch_size": 256},
-    "score": {"profile": "full", "top_de": 20},
-    "adapt": {
-        "steps": 1000,
-        "lr": 0.02,
-        "batch_size": 128,
-        "holdout_fraction": 0.2,
-        "patience": 10,
-        "eval_every": 25,
-        "eval_cells": 1024,
-        "encoding": "tokens",
-    },
-    # Arc's State as a scored method (ccfm.state.train.STATE_DEFAULTS documents the keys).
-    "state": {
-        "enabled": "auto",
-        "steps": 400,
-        "batch_size": 8,
-        "cell_set_len": 32,
-        "hidden_dim": 128,
-        "layers": 2,
-        "heads": 4,
-        # State's own default (1e-4, for its large models) left this small one far from even
-        # control -> control after 400 CPU steps (MSE 0.19 vs 0.04 at 1e-3, demo fold 1).
-        "lr": 1.0e-3,
-        "overrides": [],
-        "run_dir": None,
-    },
-}
+SECTIONS = ("preprocess", "split", "latent", "model", "train", "generate", "score", "adapt", "state")
 
-DATASET_DEFAULTS: dict[str, Any] = {
-    "perturbation_column": "target_gene",
-    "control_label": "non-targeting",
-    "combo_separator": "+",
-    "input_scale": "auto",
-    "perturbation_type": "gene",
-    "scgpt_model": "whole-human",
-    "predict": [],
-}
+
+@functools.cache
+def load_schema(schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The configuration schema, read once."""
+    return yaml.safe_load(schema_path.read_text())
+
+
+def _defaults(definition: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: spec["default"] for key, spec in definition["properties"].items() if "default" in spec}
+
+
+def section_keys(section: str) -> frozenset[str]:
+    """Every key the schema allows in a settings section."""
+    return frozenset(load_schema()["$defs"][section]["properties"])
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """The schema's ``default:`` of every key of a settings section (a fresh copy)."""
+    if section not in SECTIONS:
+        raise KeyError(f"unknown config section {section!r}")
+    return copy.deepcopy(_defaults(load_schema()["$defs"][section]))
+
+
+def dataset_defaults() -> dict[str, Any]:
+    """The schema's ``default:`` of the dataset-level keys (a fresh copy)."""
+    return copy.deepcopy(_defaults(load_schema()["$defs"]["dataset"]))
 
 
 class ConfigError(ValueError):
@@ -151,7 +83,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) -> None:
     """Validate ``config`` against the JSON schema; raise :class:`ConfigError` naming the bad key."""
-    schema = yaml.safe_load(schema_path.read_text())
+    schema = load_schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path))
     if errors:
@@ -188,17 +120,34 @@ def dataset_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     """Dataset block with defaults filled in (sections excluded: use :func:`dataset_section`)."""
     if dataset not in config["datasets"]:
         raise ConfigError(f"dataset '{dataset}' is not declared under 'datasets' in the config")
-    merged = copy.deepcopy(DATASET_DEFAULTS)
+    merged = dataset_defaults()
     merged.update(copy.deepcopy(config["datasets"][dataset]))
     merged["name"] = dataset
     return merged
 
 
 def dataset_section(config: Mapping[str, Any], dataset: str, section: str) -> dict[str, Any]:
-    """Built-in defaults < top-level ``section`` < the dataset's own ``section`` block."""
-    if section not in SECTION_DEFAULTS:
-        raise KeyError(f"unknown config section {section!r}")
-    merged = copy.deepcopy(SECTION_DEFAULTS[section])
+    """Schema defaults < top-level ``section`` < the dataset's own ``section`` block."""
+    merged = section_defaults(section)
     merged.update(copy.deepcopy(config.get(section) or {}))
     merged.update(copy.deepcopy(config["datasets"][dataset].get(section) or {}))
     return merged
+
+
+def check_section_keys(section: str, values: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming any key of ``values`` the schema does not allow in ``section``."""
+    allowed = section_keys(section)
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} under '{section}'; "
+            f"allowed keys here: {', '.join(sorted(allowed))}"
+        )
+
+
+def settings_from(cls: type[T], section: str, values: Mapping[str, Any], **fixed: Any) -> T:
+    """A settings dataclass from a config section: unknown keys are an error, keys of other
+    settings of the same section are left to them, ``fixed`` fields are set by the caller."""
+    check_section_keys(section, values)
+    fields = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in fields}, **fixed)

@@ -1,7 +1,7 @@
 """Multi-process data-parallel training: process group, batch shards, collectives, launcher.
 
 ``train.gpus: N`` (N > 1) trains with N processes started by ``torchrun`` (torch's own launcher,
-``python -m torch.distributed.run --standalone``) around :mod:`ccfm.train_worker`; the model is
+``python -m torch.distributed.run --standalone``) around :mod:`ccfm.model.train_worker`; the model is
 wrapped in :class:`torch.nn.parallel.DistributedDataParallel`. The scheme keeps the result
 independent of the number of processes:
 
@@ -23,10 +23,11 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 
 # Generous: rank 0 alone loads data or writes checkpoints while the others wait at a barrier.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def pick_device(gpus: int | None = None) -> torch.device:
+    """CUDA when a GPU is visible (and ``gpus`` > 0 when given), otherwise CPU; logged either way."""
+    use_cuda = torch.cuda.is_available() and (gpus is None or gpus > 0)
+    device = torch.device("cuda" if use_cuda else "cpu")
+    log.info("device: %s", device)
+    return device
 
 
 @dataclass(frozen=True)
@@ -163,9 +172,14 @@ def torchrun_command(n_processes: int, request_json: str | Path) -> list[str]:
     if n_processes < 2:
         raise ValueError(f"torchrun is for 2 or more processes, got {n_processes}")
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc-per-node={int(n_processes)}",
-        "-m", "ccfm.train_worker", str(request_json),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={int(n_processes)}",
+        "-m",
+        "ccfm.model.train_worker",
+        str(request_json),
     ]
 
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 
-POOL_VARIABLES = ("NUMBA_NUM_THREADS", "POLARS_MAX_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                  "OPENBLAS_NUM_THREADS")
+POOL_VARIABLES = (
+    "NUMBA_NUM_THREADS",
+    "POLARS_MAX_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
 
 
 def limit_native_threads(threads: int) -> None:

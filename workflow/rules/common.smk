@@ -191,7 +191,7 @@ def dataset_results(ds):
 
 def print_headlines():
     """After a successful run: where each dataset's summary is, CCFM beside the baselines."""
-    from ccfm.headline import headline
+    from ccfm.evaluate.headline import headline
 
     for ds in DATASETS:
         summary = Path(f"results/{ds}/metrics_summary.tsv")

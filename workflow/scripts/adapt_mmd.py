@@ -2,7 +2,9 @@
 
 import torch
 
-from ccfm.adapt import AdaptSettings, adapt_to_files, plot_history
+from ccfm.adapt.files import adapt_to_files
+from ccfm.adapt.shift import AdaptSettings
+from ccfm.evaluate.plots import plot_adapt_history
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])
@@ -17,7 +19,7 @@ adapt_to_files(
     AdaptSettings.from_mapping(dict(snakemake.params.settings)),
     seed=snakemake.params.seed,
 )
-plot_history(
+plot_adapt_history(
     snakemake.output.history,
     snakemake.output.plot,
     f"{snakemake.wildcards.ds} fold {snakemake.wildcards.fold}: target vs source controls",

@@ -2,7 +2,8 @@
 
 import torch
 
-from ccfm.adapt import AdaptSettings
+from ccfm.adapt.shift import AdaptSettings
+from ccfm.evaluate.plots import plot_adapt_history
 from ccfm.logs import setup_rule_logging
 from ccfm.state.adapt import adapt_state_to_files
 
@@ -17,5 +18,9 @@ adapt_state_to_files(
     snakemake.output.history,
     AdaptSettings.from_mapping(dict(snakemake.params.settings)),
     seed=snakemake.params.seed,
-    out_plot=snakemake.output.plot,
+)
+plot_adapt_history(
+    snakemake.output.history,
+    snakemake.output.plot,
+    f"{snakemake.wildcards.ds} fold {snakemake.wildcards.fold}: State basal encoder, target vs source controls",
 )

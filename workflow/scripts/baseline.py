@@ -1,6 +1,6 @@
 """Rule baseline: predict a fold's held-out perturbations with one baseline method."""
 
-from ccfm.baselines import run_baseline
+from ccfm.evaluate.baselines import run_baseline
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

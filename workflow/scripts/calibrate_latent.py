@@ -1,37 +1,16 @@
 """Rule calibrate_latent: running mean/var of frozen scGPT features over a fold's training cells."""
 
-from pathlib import Path
-
-import torch
-
-from ccfm.calibration import calibrate, training_cell_indices
-from ccfm.extractor import ScGPTFeatureExtractor
 from ccfm.logs import setup_rule_logging
-from ccfm.vocab import read_gene_vocab, vocab_id_array
+from ccfm.scgpt.calibration import calibrate_to_files
 
 log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
-latent = snakemake.params.latent
-mapping = read_gene_vocab(snakemake.input.gene_vocab)
-extractor = ScGPTFeatureExtractor(
-    Path(snakemake.input.model).parent,
-    vocab_id_array(mapping),
-    device="cuda" if torch.cuda.is_available() else "cpu",
-    max_tokens_per_cell=latent["max_tokens_per_cell"],
-    seed=snakemake.params.seed,
-    batching=latent.get("batching", "auto"),
-    zero_tokens=bool(latent["zero_tokens"]),
-)
-cells = training_cell_indices(snakemake.input.processed, snakemake.input.split)
-log.info("fold %s: %d training cells (training perturbations + controls)", snakemake.wildcards.fold, len(cells))
-stats = calibrate(
-    extractor,
+calibrate_to_files(
     snakemake.input.processed,
-    cells,
-    batch_size=latent["batch_size"],
-    max_cells=latent["calibration_cells"],
+    snakemake.input.split,
+    snakemake.input.gene_vocab,
+    snakemake.input.model,
+    snakemake.output.stats,
+    latent=snakemake.params.latent,
     seed=snakemake.params.seed,
-    target_std=latent["target_std"],
-    genes=list(mapping["gene"]),
+    threads=snakemake.threads,
 )
-stats.save(snakemake.output.stats)

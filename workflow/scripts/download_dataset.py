@@ -7,7 +7,7 @@ every result built on it. A file already in place is verified whenever the rule 
 
 from pathlib import Path
 
-from ccfm.download import download_dataset
+from ccfm.data.download import download_dataset
 from ccfm.logs import setup_rule_logging
 
 log = setup_rule_logging(snakemake.log[0])

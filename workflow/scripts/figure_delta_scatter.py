@@ -1,7 +1,7 @@
 """Rule figure_delta_scatter: predicted vs observed deltas for a few held-out perturbations."""
 
+from ccfm.evaluate.plots import delta_scatter_figure
 from ccfm.logs import setup_rule_logging
-from ccfm.plots import delta_scatter_figure
 
 log = setup_rule_logging(snakemake.log[0])
 delta_scatter_figure(

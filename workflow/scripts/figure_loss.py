@@ -1,7 +1,7 @@
 """Rule figure_loss: training loss curves of the CCFM variants of one fold."""
 
+from ccfm.evaluate.plots import loss_curves_figure
 from ccfm.logs import setup_rule_logging
-from ccfm.plots import loss_curves_figure
 
 log = setup_rule_logging(snakemake.log[0])
 loss_curves_figure(

@@ -1,7 +1,7 @@
 """Rule figure_metrics: metric comparison of all methods for one dataset."""
 
+from ccfm.evaluate.plots import metric_comparison_figure
 from ccfm.logs import setup_rule_logging
-from ccfm.plots import metric_comparison_figure
 
 log = setup_rule_logging(snakemake.log[0])
 metric_comparison_figure(snakemake.input.summary, snakemake.output.png, snakemake.wildcards.ds)

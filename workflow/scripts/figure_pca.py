@@ -1,7 +1,7 @@
 """Rule figure_pca: each method's predicted vs real cells in the PCA of the real cells."""
 
+from ccfm.evaluate.plots import prediction_pca_figures
 from ccfm.logs import setup_rule_logging
-from ccfm.plots import prediction_pca_figures
 
 log = setup_rule_logging(snakemake.log[0])
 methods = list(snakemake.params.methods)

@@ -1,7 +1,7 @@
 """Rule predict: two-stage cascaded generation for a fold's held-out and `predict:` perturbations."""
 
-from ccfm.generation import predict_to_files, prepare_generation
 from ccfm.logs import setup_rule_logging
+from ccfm.model.generation import predict_to_files, prepare_generation
 
 log = setup_rule_logging(snakemake.log[0])
 generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)

@@ -1,8 +1,8 @@
 """Rule predict_target: target perturbations from shifted and from unshifted target controls."""
 
-from ccfm.adapt import predict_target_to_files
-from ccfm.generation import prepare_generation
+from ccfm.adapt.target import predict_target_to_files
 from ccfm.logs import setup_rule_logging
+from ccfm.model.generation import prepare_generation
 
 log = setup_rule_logging(snakemake.log[0])
 generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)

@@ -4,8 +4,8 @@ Everything that changes the outputs is in params (``perturbation_type`` too: it 
 perturbed genes are counted in ``perturbed_genes.tsv`` and how ``predict:`` is validated).
 """
 
+from ccfm.data.preprocess import preprocess_dataset
 from ccfm.logs import setup_rule_logging
-from ccfm.preprocess import preprocess_dataset
 
 log = setup_rule_logging(snakemake.log[0])
 preprocess_dataset(

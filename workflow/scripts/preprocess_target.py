@@ -5,8 +5,8 @@ source genes the target must measure) are read from the config, not params, as i
 """
 
 from ccfm.config import dataset_config
+from ccfm.data.preprocess import preprocess_target
 from ccfm.logs import setup_rule_logging
-from ccfm.preprocess import preprocess_target
 
 log = setup_rule_logging(snakemake.log[0])
 dataset = dataset_config(snakemake.config, snakemake.wildcards.ds)

@@ -6,7 +6,7 @@ Settings come from the config's `scgpt` block, not rule params (see the rule's c
 from pathlib import Path
 
 from ccfm.logs import setup_rule_logging
-from ccfm.scgpt_model import download_whole_human
+from ccfm.scgpt.checkpoint import download_whole_human
 
 log = setup_rule_logging(snakemake.log[0])
 settings = snakemake.config.get("scgpt", {})

@@ -3,7 +3,7 @@
 from ccfm.threads import limit_native_threads
 
 limit_native_threads(snakemake.threads)  # before cell-eval brings in numba and polars
-from ccfm.adapt import score_target_to_files  # noqa: E402
+from ccfm.adapt.score import score_target_to_files  # noqa: E402
 from ccfm.logs import setup_rule_logging  # noqa: E402
 
 log = setup_rule_logging(snakemake.log[0])

@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
+from ccfm.data.simulate import simulate_demo
 from ccfm.logs import setup_rule_logging
-from ccfm.simulate import simulate_demo
 
 log = setup_rule_logging(snakemake.log[0])
 out_dir = Path(snakemake.output.raw).parent
 written = simulate_demo(out_dir, seed=snakemake.params.seed, **dict(snakemake.params.sizes))
 expected = {Path(snakemake.output.raw), Path(snakemake.output.target_raw), Path(snakemake.output.ground_truth)}
 if {Path(p) for p in written.values()} != expected:
-    raise RuntimeError(f"simulate_demo wrote {sorted(map(str, written.values()))}, expected {sorted(map(str, expected))}")
+    raise RuntimeError(
+        f"simulate_demo wrote {sorted(map(str, written.values()))}, expected {sorted(map(str, expected))}"
+    )

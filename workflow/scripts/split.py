@@ -7,25 +7,22 @@ split and every model trained on it; train_ccfm and score check them again when 
 """
 
 from ccfm.config import dataset_section
+from ccfm.data.splits import split_to_files
 from ccfm.logs import setup_rule_logging
-from ccfm.splits import check_fold_usable, split_for_processed, write_real, write_split
 
 log = setup_rule_logging(snakemake.log[0])
 dataset = snakemake.wildcards.ds
-split = split_for_processed(
+split_to_files(
     snakemake.input.processed,
+    snakemake.output.split,
+    snakemake.output.real,
     fold=int(snakemake.wildcards.fold),
     seed=int(snakemake.params.seed),
     heldout_fraction=float(snakemake.params.heldout_fraction),
     n_folds=int(snakemake.params.n_folds),
     min_cells_per_perturbation=int(snakemake.params.min_cells),
     perturbation_type=str(snakemake.params.perturbation_type),
-)
-check_fold_usable(
-    snakemake.input.processed,
-    split,
     score_profile=dataset_section(snakemake.config, dataset, "score")["profile"],
     batch_size=int(dataset_section(snakemake.config, dataset, "train")["batch_size"]),
+    chunk_size=int(snakemake.params.chunk_size),
 )
-write_real(snakemake.input.processed, split, snakemake.output.real, chunk_size=int(snakemake.params.chunk_size))
-write_split(split, snakemake.output.split)

@@ -1,7 +1,7 @@
 """Rule summarize: every method and fold of a dataset in one metric table."""
 
+from ccfm.evaluate.metrics import summarize_score_files
 from ccfm.logs import setup_rule_logging
-from ccfm.metrics import summarize_score_files
 
 log = setup_rule_logging(snakemake.log[0])
 summarize_score_files(

@@ -3,25 +3,15 @@
 ``train.gpus`` > 1 starts that many data-parallel processes with torchrun; otherwise one process.
 """
 
-from pathlib import Path
-
-import torch
-
 from ccfm.logs import setup_rule_logging
-from ccfm.training import train_distributed, train_from_files
+from ccfm.model.training import train_rule
 
 log = setup_rule_logging(snakemake.log[0])
-processes = int(snakemake.params.processes)
-latent_inputs = (
-    {
-        "scgpt_dir": str(Path(snakemake.input.scgpt_model).parent),
-        "gene_vocab_tsv": snakemake.input.gene_vocab,
-        "latent_stats": snakemake.input.latent_stats,
-    }
-    if snakemake.params.use_latent
-    else {}
-)
-arguments = dict(
+use_latent = bool(snakemake.params.use_latent)
+train_rule(
+    int(snakemake.params.processes),
+    int(snakemake.threads),
+    snakemake.log[0],
     processed_h5ad=snakemake.input.processed,
     split_json=snakemake.input.split,
     out_model=snakemake.output.model,
@@ -34,10 +24,13 @@ arguments = dict(
     use_latent=snakemake.params.use_latent,
     perturbation_type=snakemake.params.perturbation_type,
     extra_labels=list(snakemake.params.extra),
-    **latent_inputs,
+    **(
+        {
+            "scgpt_model": snakemake.input.scgpt_model,
+            "gene_vocab_tsv": snakemake.input.gene_vocab,
+            "latent_stats": snakemake.input.latent_stats,
+        }
+        if use_latent
+        else {}
+    ),
 )
-if processes > 1:
-    train_distributed(processes, snakemake.log[0], threads_per_process=max(1, snakemake.threads // processes), **arguments)
-else:
-    torch.set_num_threads(snakemake.threads)
-    train_from_files(**arguments)

@@ -17,27 +17,18 @@ holds (config ``state.run_dir``), loaded with :func:`ccfm.state.model.load_state
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.adapt import (
-    AdaptSettings,
-    align_shift,
-    learn_shift,
-    load_shift,
-    plot_history,
-    read_control_rows,
-    save_shift,
-    score_target_to_files,
-    write_history,
-    write_mmd_table,
-)
-from ccfm.h5io import read_obs
-from ccfm.predictions import write_predictions, write_table_atomic
+from ccfm.adapt.files import align_shift, load_shift, save_shift, write_history, write_mmd_table
+from ccfm.adapt.score import score_target_to_files
+from ccfm.adapt.shift import AdaptSettings, learn_shift
+from ccfm.io.h5ad import read_control_cells, read_obs
+from ccfm.io.predictions import write_predictions, write_table_atomic
 from ccfm.state.model import StateRun, check_genes, encode_basal, load_state_run
 from ccfm.state.predict import predict_from_controls
 
@@ -56,36 +47,51 @@ def adapt_state_to_files(
     settings: AdaptSettings,
     *,
     seed: int,
-    out_plot: str | Path | None = None,
     device: str = "cpu",
 ):
-    """Learn the per-gene shift of the target controls against State's basal encoder and write it
-    (plus the validation-MMD plot when ``out_plot`` is given)."""
+    """Learn the per-gene shift of the target controls against State's basal encoder and write its files."""
     run = load_state_run(run_dir, device=device)
-    source = read_control_rows(processed_h5ad)
-    target = read_control_rows(target_h5ad)
+    source = read_control_cells(processed_h5ad)
+    target = read_control_cells(target_h5ad)
     check_genes(run, source.genes, str(processed_h5ad))
     check_genes(run, target.genes, str(target_h5ad))
     log.info(
         "adapting %d target controls to %d source controls through State's basal encoder (%d genes)",
-        target.matrix.shape[0], source.matrix.shape[0], len(target.genes),
+        target.matrix.shape[0],
+        source.matrix.shape[0],
+        len(target.genes),
     )
     result = learn_shift(
-        lambda expression: encode_basal(run, expression), target.matrix, source.matrix, seed=seed, device=device,
-        steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size, holdout_fraction=settings.holdout_fraction,
-        patience=settings.patience, eval_every=settings.eval_every, eval_cells=settings.eval_cells,
+        lambda expression: encode_basal(run, expression),
+        target.matrix,
+        source.matrix,
+        seed=seed,
+        device=device,
+        steps=settings.steps,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        holdout_fraction=settings.holdout_fraction,
+        patience=settings.patience,
+        eval_every=settings.eval_every,
+        eval_cells=settings.eval_cells,
     )
     metadata = {
-        "seed": seed, "encoder": "state basal_encoder", "settings": asdict(settings), "mmd2_before": result.mmd_before,
-        "mmd2_after": result.mmd_after, "best_step": result.best_step, "bandwidths": list(result.bandwidths),
-        "n_cells": result.n_cells, "model": str(run.directory), "checkpoint": str(run.checkpoint),
-        "target": str(target_h5ad), "source": str(processed_h5ad),
+        "seed": seed,
+        "encoder": "state basal_encoder",
+        "settings": asdict(settings),
+        "mmd2_before": result.mmd_before,
+        "mmd2_after": result.mmd_after,
+        "best_step": result.best_step,
+        "bandwidths": list(result.bandwidths),
+        "n_cells": result.n_cells,
+        "model": str(run.directory),
+        "checkpoint": str(run.checkpoint),
+        "target": str(target_h5ad),
+        "source": str(processed_h5ad),
     }
     save_shift(out_shift, result.shift, target.genes, metadata)
     write_mmd_table(out_mmd_tsv, result)
     write_history(out_history_tsv, result)
-    if out_plot is not None:
-        plot_history(out_history_tsv, out_plot, f"State basal encoder: target vs source controls ({Path(run_dir).name})")
     return result
 
 
@@ -100,13 +106,17 @@ def state_target_labels(run: StateRun, observed: Sequence[str], requested: Seque
         labels = list(dict.fromkeys(str(r) for r in requested))
         unknown = [label for label in labels if label == CONTROL_LABEL or not representable(label)]
         if unknown:
-            raise ValueError(f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for")
+            raise ValueError(
+                f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for"
+            )
         return labels
     candidates = sorted(set(map(str, observed)) - {CONTROL_LABEL})
     labels = [label for label in candidates if representable(label)]
     skipped = sorted(set(candidates) - set(labels))
     if skipped:
-        log.warning("%d target perturbation(s) unknown to the State model are not predicted: %s", len(skipped), skipped[:20])
+        log.warning(
+            "%d target perturbation(s) unknown to the State model are not predicted: %s", len(skipped), skipped[:20]
+        )
     if not labels:
         raise ValueError(f"no target perturbation is known to the State model in {run.directory}; nothing to predict")
     return labels
@@ -127,14 +137,21 @@ def predict_target_state_to_files(
 ) -> list[str]:
     """Target predictions from shifted and from unshifted target controls (VCC layout, both)."""
     run = load_state_run(run_dir)
-    controls = read_control_rows(target_h5ad)
+    controls = read_control_cells(target_h5ad)
     check_genes(run, controls.genes, str(target_h5ad))
     shift, shift_genes, _ = load_shift(shift_path)
     shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
     labels = state_target_labels(run, read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique(), requested)
-    log.info("predicting %d target perturbation(s) with State from %d target controls", len(labels), controls.matrix.shape[0])
-    for shift_or_none, pred_path, means_path in ((shift_np, out_pred, out_means), (None, out_pred_unadapted, out_means_unadapted)):
-        predicted = predict_from_controls(run, controls.matrix, labels, cells_per_perturbation, seed, shift=shift_or_none)
+    log.info(
+        "predicting %d target perturbation(s) with State from %d target controls", len(labels), controls.matrix.shape[0]
+    )
+    for shift_or_none, pred_path, means_path in (
+        (shift_np, out_pred, out_means),
+        (None, out_pred_unadapted, out_means_unadapted),
+    ):
+        predicted = predict_from_controls(
+            run, controls.matrix, labels, cells_per_perturbation, seed, shift=shift_or_none
+        )
         write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
     return labels
 
@@ -149,7 +166,9 @@ def score_target_state_to_files(
     **kwargs,
 ) -> pd.DataFrame:
     """:func:`ccfm.adapt.score_target_to_files` on State's predictions; rows named ``state_*``."""
-    score_target_to_files(target_h5ad, processed_h5ad, pred_adapted, pred_unadapted, out_metrics_tsv, out_summary_tsv, **kwargs)
+    score_target_to_files(
+        target_h5ad, processed_h5ad, pred_adapted, pred_unadapted, out_metrics_tsv, out_summary_tsv, **kwargs
+    )
     tables = {}
     for path in (out_metrics_tsv, out_summary_tsv):
         frame = pd.read_csv(path, sep="\t")

@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,8 @@ def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path
         path = Path(checkpoint)
         path = path if path.is_absolute() else run_dir / path
         if not path.is_file():
-            raise RunDirError(f"{run_dir}: missing {path.relative_to(run_dir) if path.is_relative_to(run_dir) else path} (the checkpoint asked for)")
+            shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+            raise RunDirError(f"{run_dir}: missing {shown} (the checkpoint asked for)")
         return path
     for name in CHECKPOINT_NAMES:
         path = run_dir / "checkpoints" / name
@@ -105,7 +107,9 @@ def check_run_dir(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
     return find_checkpoint(run_dir, checkpoint)
 
 
-def _model_hparams(checkpoint: Mapping[str, Any], config: Mapping[str, Any], var_dims: Mapping[str, Any], source: Path) -> dict[str, Any]:
+def _model_hparams(
+    checkpoint: Mapping[str, Any], config: Mapping[str, Any], var_dims: Mapping[str, Any], source: Path
+) -> dict[str, Any]:
     """Constructor arguments of the transition model: the checkpoint's recorded hyper-parameters,
     or (older checkpoints) the same merge of config and var_dims that arc-state's training does."""
     hparams = checkpoint.get("hyper_parameters")
@@ -142,7 +146,9 @@ def _model_hparams(checkpoint: Mapping[str, Any], config: Mapping[str, Any], var
     return hparams
 
 
-def load_state_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> StateRun:
+def load_state_run(
+    run_dir: str | Path, *, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+) -> StateRun:
     """Load a State run directory without executing anything from it (see the module docstring)."""
     run_dir = Path(run_dir)
     ckpt_path = check_run_dir(run_dir, checkpoint)
@@ -151,10 +157,13 @@ def load_state_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
         model_name = str(config["model"]["name"])
         data_kwargs = dict(config["data"]["kwargs"])
     except (KeyError, TypeError) as error:
-        raise RunDirError(f"{run_dir / 'config.yaml'}: no model.name / data.kwargs ({error}); not a State training config") from error
+        raise RunDirError(
+            f"{run_dir / 'config.yaml'}: no model.name / data.kwargs ({error}); not a State training config"
+        ) from error
     if model_name.lower() not in SUPPORTED_MODELS:
         raise RunDirError(
-            f"{run_dir / 'config.yaml'}: model {model_name!r} is not State's transition model ({', '.join(SUPPORTED_MODELS)})"
+            f"{run_dir / 'config.yaml'}: model {model_name!r} is not State's transition model "
+            f"({', '.join(SUPPORTED_MODELS)})"
         )
     var_dims = load_var_dims(run_dir / "var_dims.pkl")
     raw_map = load_tensor_file(run_dir / "pert_onehot_map.pt", REQUIRED_FILES["pert_onehot_map.pt"])
@@ -200,7 +209,11 @@ def load_state_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
     )
     log.info(
         "loaded State model from %s (%s; %d genes, %d perturbations, cell sets of %d)",
-        run_dir, ckpt_path.name, len(run.genes), len(pert_map), run.cell_set_len,
+        run_dir,
+        ckpt_path.name,
+        len(run.genes),
+        len(pert_map),
+        run.cell_set_len,
     )
     return run
 
@@ -239,7 +252,9 @@ def predict_cells(run: StateRun, controls: np.ndarray, label: str) -> np.ndarray
     perturbation per set, through ``predict_step``; gene-space output is clamped at 0.
     """
     if not run.gene_space:
-        raise ValueError(f"{run.directory}: the model works on an embedding (embed_key), not on expression; not supported here")
+        raise ValueError(
+            f"{run.directory}: the model works on an embedding (embed_key), not on expression; not supported here"
+        )
     pert, _ = perturbation_vector(run, label)
     device = run.device
     out = []

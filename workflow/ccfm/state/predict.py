@@ -10,11 +10,14 @@ perturbation, and State maps each draw through ``predict_step``. Written with
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from ccfm.baselines import conditions_to_predict, read_control_cells, read_split, sample_control_rows
-from ccfm.predictions import write_predictions
+from ccfm.data.conditions import conditions_to_predict
+from ccfm.evaluate.baselines import sample_control_rows
+from ccfm.io.h5ad import read_control_cells
+from ccfm.io.predictions import write_predictions
+from ccfm.io.splits import read_split
 from ccfm.state.model import StateRun, check_genes, load_state_run, perturbation_vector, predict_cells
 
 log = logging.getLogger(__name__)
@@ -22,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def predict_from_controls(run: StateRun, controls, labels: Sequence[str], n_cells: int, seed: int, shift=None) -> dict:
     """``{label: (n_cells, G)}`` from per-label draws of ``controls`` (CSR), optionally shifted first."""
-    from ccfm.adapt import apply_shift
+    from ccfm.adapt.shift import apply_shift
 
     rows = sample_control_rows(controls.shape[0], list(labels), n_cells, seed)
     predicted = {}
@@ -51,7 +54,8 @@ def predict_state_to_files(
     """Predict the fold's held-out (and ``extra_predict``) perturbations with State and write them."""
     split = read_split(split_json)
     conditions = conditions_to_predict(split["test"], extra_predict)
-    genes, controls = read_control_cells(real_h5ad)
+    control_rows = read_control_cells(real_h5ad)
+    genes, controls = control_rows.genes, control_rows.matrix
     run = load_state_run(run_dir)
     check_genes(run, genes, str(real_h5ad))
     predicted = predict_from_controls(run, controls, conditions, cells_per_perturbation, seed)

@@ -51,7 +51,21 @@ class RunDirError(FileNotFoundError):
 # Builtins that only build plain values. No getattr/eval/exec/__import__/type/object: a pickle
 # can call whatever global it names with arguments of its choosing.
 _SAFE_BUILTINS = frozenset(
-    {"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "complex", "bool", "slice"}
+    {
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "str",
+        "bytes",
+        "bytearray",
+        "int",
+        "float",
+        "complex",
+        "bool",
+        "slice",
+    }
 )
 # What numpy pickles an ndarray / numpy scalar / dtype with, across numpy 1.x and 2.x module names.
 _NUMPY_GLOBALS = frozenset(
@@ -64,9 +78,13 @@ _NUMPY_GLOBALS = frozenset(
         ("numpy", "dtype"),
     }
 )
-_SAFE_GLOBALS = frozenset({("builtins", name) for name in _SAFE_BUILTINS} | {("collections", "OrderedDict")} | _NUMPY_GLOBALS)
+_SAFE_GLOBALS = frozenset(
+    {("builtins", name) for name in _SAFE_BUILTINS} | {("collections", "OrderedDict")} | _NUMPY_GLOBALS
+)
 
-_ALLOWED_DESCRIPTION = "plain containers (dict, list, tuple, set), strings, numbers, booleans, None and numpy arrays/scalars"
+_ALLOWED_DESCRIPTION = (
+    "plain containers (dict, list, tuple, set), strings, numbers, booleans, None and numpy arrays/scalars"
+)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -91,7 +109,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeFileError(f"{self._source}: refused to load: it uses persistent ids ({pid!r}), which plain data never does")
+        raise UnsafeFileError(
+            f"{self._source}: refused to load: it uses persistent ids ({pid!r}), which plain data never does"
+        )
 
 
 def _check_plain(value: Any, source: str, where: str = "value", depth: int = 0) -> None:
@@ -126,7 +146,9 @@ def safe_unpickle(data: bytes, *, source: str = "<pickle>") -> Any:
     except UnsafeFileError:
         raise
     except Exception as error:  # truncated or corrupt file: say which one
-        raise UnsafeFileError(f"{source}: not a readable pickle of plain data ({type(error).__name__}: {error})") from error
+        raise UnsafeFileError(
+            f"{source}: not a readable pickle of plain data ({type(error).__name__}: {error})"
+        ) from error
     _check_plain(value, source)
     return value
 
@@ -172,7 +194,6 @@ CHECKPOINT_SAFE_GLOBALS: tuple[tuple[str, str], ...] = (
 
 def _resolved_safe_globals() -> list[Any]:
     import importlib
-
     import warnings
 
     resolved = []
@@ -188,7 +209,9 @@ def _resolved_safe_globals() -> list[Any]:
     # numpy dtype classes (numpy.dtypes.Float64DType ...) are how numpy 2 pickles dtypes.
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        resolved += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+        resolved += [
+            getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)
+        ]
     return resolved
 
 
@@ -207,7 +230,10 @@ def load_tensor_file(path: str | Path, what: str) -> Any:
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         # torch's message opens with advice to load unsafely; the reason is on a later line.
-        reason = next((line for line in lines if "Unsupported global" in line or "can only build" in line.lower()), lines[-1] if lines else "")
+        reason = next(
+            (line for line in lines if "Unsupported global" in line or "can only build" in line.lower()),
+            lines[-1] if lines else "",
+        )
         raise UnsafeFileError(
             f"{path}: refused to load with torch.load(weights_only=True): {reason} "
             "(only tensors and plain data are accepted; nothing from the file was executed)"

@@ -22,25 +22,26 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.baselines import read_split
-from ccfm.config import SECTION_DEFAULTS
-from ccfm.h5io import read_rows_with_labels, write_h5ad_atomic
+from ccfm.config import section_defaults
+from ccfm.io.h5ad import read_rows_with_labels, write_h5ad_atomic
+from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
 
 # enabled (auto | true | false), steps, batch_size (cell sets per step), cell_set_len, hidden_dim,
 # layers and heads (of the transformer), lr, overrides (extra Hydra overrides of `state tx
 # train`), run_dir (a State run directory for the adapter instead of the fold's own model).
-STATE_DEFAULTS: dict[str, Any] = SECTION_DEFAULTS["state"]
+STATE_DEFAULTS: dict[str, Any] = section_defaults("state")
 HIDE_ENV = "CCFM_HIDE_ARC_STATE"
 DISTRIBUTION = "arc-state"
 CELL_TYPE = "source"
@@ -69,11 +70,17 @@ def state_status(settings: Mapping[str, Any]) -> tuple[bool, str]:
                 "state.enabled is true but arc-state is not installed: pip install -e '.[state]' "
                 "(or set state.enabled: auto to skip the method)"
             )
-        return False, "state: skipped, arc-state is not installed (pip install -e '.[state]' adds Arc's State as a scored method)"
+        return (
+            False,
+            "state: skipped, arc-state is not installed "
+            "(pip install -e '.[state]' adds Arc's State as a scored method)",
+        )
     return True, f"state: arc-state {version} found, State is trained and scored"
 
 
-def write_training_cells(processed_h5ad: str | Path, split_json: str | Path, out_h5ad: str | Path, *, chunk_size: int = 10000) -> ad.AnnData:
+def write_training_cells(
+    processed_h5ad: str | Path, split_json: str | Path, out_h5ad: str | Path, *, chunk_size: int = 10000
+) -> ad.AnnData:
     """The fold's training cells (split ``train`` labels and the controls) in cell-load's layout.
 
     ``obs``: ``target_gene`` (canonical labels), ``cell_type`` and ``batch`` (one value each:
@@ -96,11 +103,17 @@ def write_training_cells(processed_h5ad: str | Path, split_json: str | Path, out
         },
         index=pd.Index(rows.cell_names, dtype=str),
     )
-    adata = ad.AnnData(X=rows.matrix.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(rows.genes, dtype=str)))
+    adata = ad.AnnData(
+        X=rows.matrix.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(rows.genes, dtype=str))
+    )
     write_h5ad_atomic(adata, out_h5ad)
     log.info(
         "State training cells: %d (%d controls, %d perturbations) x %d genes -> %s",
-        adata.n_obs, int((labels == CONTROL_LABEL).sum()), len(set(labels) - {CONTROL_LABEL}), adata.n_vars, out_h5ad,
+        adata.n_obs,
+        int((labels == CONTROL_LABEL).sum()),
+        len(set(labels) - {CONTROL_LABEL}),
+        adata.n_vars,
+        out_h5ad,
     )
     return adata
 
@@ -110,7 +123,9 @@ def write_cell_load_toml(path: str | Path, train_h5ad: str | Path, name: str = "
     Path(path).write_text(f'[datasets]\n{name} = "{Path(train_h5ad).resolve()}"\n\n[training]\n{name} = "train"\n')
 
 
-def train_overrides(settings: Mapping[str, Any], toml_path: str | Path, output_dir: str | Path, name: str, seed: int) -> list[str]:
+def train_overrides(
+    settings: Mapping[str, Any], toml_path: str | Path, output_dir: str | Path, name: str, seed: int
+) -> list[str]:
     """Hydra overrides of ``state tx train`` for the pipeline: data keys of the canonical files, a
     small transition model (``model=state_sm`` shrunk by the ``state`` settings; add
     ``model=state`` and larger sizes via ``state.overrides`` for the documented GPU setting), no
@@ -159,8 +174,13 @@ def train_overrides(settings: Mapping[str, Any], toml_path: str | Path, output_d
 def _subprocess_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        WANDB_MODE="disabled", WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        WANDB_DISABLED="true",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
     )
     return env
 
@@ -203,20 +223,34 @@ def train_state_to_files(
     train_h5ad, toml_path = work / "train_cells.h5ad", work / "cell_load.toml"
     write_training_cells(processed_h5ad, split_json, train_h5ad, chunk_size=chunk_size)
     write_cell_load_toml(toml_path, train_h5ad)
-    command = [sys.executable, "-m", "state", "tx", "train", *train_overrides(merged, toml_path, work, run_dir.name, seed)]
+    command = [
+        sys.executable,
+        "-m",
+        "state",
+        "tx",
+        "train",
+        *train_overrides(merged, toml_path, work, run_dir.name, seed),
+    ]
     log.info("training State with arc-state's entry point: %s", " ".join(command))
     start = time.monotonic()
     sink = open(log_path, "a") if log_path else None
     try:
         result = subprocess.run(
-            command, cwd=work, env=_subprocess_env(threads), stdout=sink or subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=work,
+            env=_subprocess_env(threads),
+            stdout=sink or subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     finally:
         if sink:
             sink.close()
     if result.returncode != 0:
         tail = "" if sink else "\n" + (result.stdout or "")[-4000:]
-        raise RuntimeError(f"state tx train failed (exit {result.returncode}); its output is in {log_path or 'the text below'}{tail}")
+        raise RuntimeError(
+            f"state tx train failed (exit {result.returncode}); its output is in {log_path or 'the text below'}{tail}"
+        )
     log.info("State trained in %.0f s", time.monotonic() - start)
     # Loading it back through the safe loader is the check that the run directory is complete.
     from ccfm.state.model import load_state_run
@@ -225,4 +259,3 @@ def train_state_to_files(
     write_loss_table(run_dir, out_loss_tsv)
     train_h5ad.unlink(missing_ok=True)
     return run_dir
-

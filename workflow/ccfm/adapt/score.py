@@ -1,0 +1,152 @@
+"""Target scoring: the ``score_target`` rule, adapted vs unadapted predictions beside target-control baselines."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.validation import check_enough_perturbations
+from ccfm.evaluate.baselines import condition_means, predict_baseline
+from ccfm.evaluate.celleval import run_cell_eval
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.io.h5ad import read_obs, read_rows_with_labels
+from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Rule entry point 3: score target predictions beside target-control baselines
+# --------------------------------------------------------------------------------------------
+
+TARGET_METHODS = ("ccfm_adapted", "ccfm_unadapted", "nochange", "additive")
+
+
+def target_baselines(
+    processed_h5ad: str | Path,
+    controls: sp.csr_matrix,
+    genes: Sequence[str],
+    labels: Sequence[str],
+    *,
+    n_cells: int,
+    seed: int,
+    chunk_size: int = 10000,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``nochange`` and ``additive`` predictions built from the *target* controls.
+
+    ``additive`` moves the target controls by the sum of the source single-perturbation deltas
+    (means from ``processed.h5ad``): the context-transfer baseline that needs no model at all.
+    """
+    singles = sorted({part for label in labels for part in label.split(COMBO_SEPARATOR)})
+    source_labels = set(read_obs(processed_h5ad)[PERT_COLUMN].astype(str))
+    available = [s for s in singles if s in source_labels]
+    means = condition_means(processed_h5ad, [CONTROL_LABEL, *available], chunk_size=chunk_size)
+    if means.genes != list(genes):
+        raise ValueError(f"{processed_h5ad} genes differ from the target's; rerun preprocess_target")
+    return {
+        method: predict_baseline(method, list(labels), means, available, controls, n_cells, seed).predicted
+        for method in ("nochange", "additive")
+    }
+
+
+def _real_target_anndata(target_h5ad: str | Path, labels: Sequence[str], chunk_size: int) -> ad.AnnData:
+    """Target controls plus the cells of ``labels``, read in row chunks (other cells never loaded)."""
+    rows = read_rows_with_labels(
+        target_h5ad, lambda found: np.isin(found, [*labels, CONTROL_LABEL]), chunk_size=chunk_size
+    )
+    return ad.AnnData(
+        X=rows.matrix,
+        obs=pd.DataFrame({PERT_COLUMN: pd.Categorical(rows.labels)}, index=pd.Index(rows.cell_names, dtype=str)),
+        var=pd.DataFrame(index=pd.Index(rows.genes, dtype=str)),
+    )
+
+
+def _restrict(pred: ad.AnnData, labels: Sequence[str]) -> ad.AnnData:
+    keep = pred.obs[PERT_COLUMN].astype(str).isin([*labels, CONTROL_LABEL]).to_numpy()
+    pred = pred[keep].copy()
+    pred.obs[PERT_COLUMN] = pred.obs[PERT_COLUMN].astype(str).astype("category")
+    return pred
+
+
+def score_target_to_files(
+    target_h5ad: str | Path,
+    processed_h5ad: str | Path,
+    pred_adapted: str | Path,
+    pred_unadapted: str | Path,
+    out_metrics_tsv: str | Path,
+    out_summary_tsv: str | Path,
+    *,
+    n_cells: int,
+    seed: int,
+    top_de: int = 20,
+    cell_eval_profile: str | None = "full",
+    num_threads: int = 1,
+    chunk_size: int = 10000,
+) -> pd.DataFrame:
+    """Score adapted and unadapted predictions beside the target-control baselines.
+
+    Methods (:data:`TARGET_METHODS`): CCFM from shifted controls, CCFM from unshifted controls,
+    and the ``nochange``/``additive`` baselines built from the target controls. Scored on the
+    target perturbations that were both predicted and observed, against the real target cells
+    (controls + those perturbations, read in row chunks). Writes the compact metrics per
+    perturbation (``method`` column) and a per-method summary: the compact means plus, with
+    ``cell_eval_profile``, cell-eval's aggregate means (columns prefixed ``celleval_``).
+    """
+    predicted = read_expression_h5ad(pred_adapted)
+    labels = sorted(set(predicted.obs[PERT_COLUMN].astype(str)) - {CONTROL_LABEL})
+    real = _real_target_anndata(target_h5ad, labels, chunk_size)
+    scored = sorted(set(real.obs[PERT_COLUMN].astype(str)) - {CONTROL_LABEL})
+    if not scored:
+        raise ValueError(f"{target_h5ad}: none of the predicted target perturbations was observed; nothing to score")
+    unscored = sorted(set(labels) - set(scored))
+    if unscored:
+        log.info(
+            "%d predicted target perturbation(s) have no observed cells and are not scored: %s",
+            len(unscored),
+            unscored[:10],
+        )
+    if cell_eval_profile:
+        # before any scoring: cell-eval would otherwise fail in its last metrics, after the others
+        check_enough_perturbations(len(scored), cell_eval_profile, str(target_h5ad), target=True)
+    genes = [str(g) for g in real.var_names]
+    controls = real.X[np.flatnonzero(real.obs[PERT_COLUMN].astype(str).to_numpy() == CONTROL_LABEL)]
+    predictions = {"ccfm_adapted": predicted, "ccfm_unadapted": read_expression_h5ad(pred_unadapted)}
+    for method, cells in target_baselines(
+        processed_h5ad, controls, genes, scored, n_cells=n_cells, seed=seed, chunk_size=chunk_size
+    ).items():
+        predictions[method] = build_prediction_anndata(genes, cells, controls)
+    frames, summaries = [], []
+    for method, pred in predictions.items():
+        pred = _restrict(pred, scored)
+        frame = compact_metrics(pred, real, CONTROL_LABEL, top_de, seed=seed)
+        frame.insert(0, "method", method)
+        frames.append(frame)
+        summary = frame.drop(columns=["method", "perturbation"]).mean().to_frame().T
+        if cell_eval_profile:
+            _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, cell_eval_profile, num_threads)
+            summary = pd.concat([summary, _celleval_means(aggregate)], axis=1)
+        summary.insert(0, "method", method)
+        summaries.append(summary)
+    metrics = pd.concat(frames, ignore_index=True)
+    summary = pd.concat(summaries, ignore_index=True)
+    summary.insert(1, "n_perturbations", len(scored))
+    write_table_atomic(metrics, out_metrics_tsv, sep="\t", index=False)
+    write_table_atomic(summary, out_summary_tsv, sep="\t", index=False)
+    log.info("target scores (mean over %d perturbations):\n%s", len(scored), summary.to_string(index=False))
+    return summary
+
+
+def _celleval_means(aggregate: pd.DataFrame) -> pd.DataFrame:
+    """One row of cell-eval's per-metric means (its aggregate table has a ``statistic`` column)."""
+    if "statistic" in aggregate.columns:
+        row = aggregate.set_index("statistic").loc[["mean"]].reset_index(drop=True)
+    else:
+        row = aggregate.mean(numeric_only=True).to_frame().T
+    return row.add_prefix("celleval_").reset_index(drop=True)

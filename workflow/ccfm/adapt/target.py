@@ -1,0 +1,159 @@
+"""Target prediction: the ``predict_target`` rule, from shifted and unshifted target controls."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm import tqdm
+
+from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.adapt.files import align_shift, check_same_genes, load_shift
+from ccfm.adapt.shift import apply_shift
+from ccfm.data.conditions import parse_condition
+from ccfm.data.perturbations import PerturbationVocab
+from ccfm.io.h5ad import read_control_cells, read_obs
+from ccfm.io.predictions import write_predictions
+from ccfm.model.checkpoint import LoadedModel
+from ccfm.model.expression import ExpressionData
+from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Rule entry point 2: predict target perturbations from shifted (and unshifted) controls
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShiftedExpression(ExpressionData):
+    """Control cells whose dense batches come out shifted, ``max(X + s, 0)``.
+
+    Handed to :func:`ccfm.model.generation.predict_label` in place of the source data, so the model
+    engineer's sampler runs unchanged on the adapted target controls.
+    """
+
+    shift: np.ndarray | None = None
+
+    def dense_rows(self, rows: np.ndarray) -> np.ndarray:
+        dense = super().dense_rows(rows)
+        return dense if self.shift is None else apply_shift(dense, self.shift)
+
+
+def target_labels_to_predict(
+    observed: Sequence[str], requested: Sequence[str], vocab: PerturbationVocab, control_label: str = CONTROL_LABEL
+) -> list[str]:
+    """The target perturbations to predict.
+
+    ``requested`` (the dataset's ``target.predict`` list) wins and every entry must be
+    embeddable by the model (a clear error otherwise). Without it, every observed target
+    perturbation is predicted, except those naming a gene outside the model's gene list: those are
+    skipped with a warning, since the model cannot embed them.
+    """
+    if requested:
+        labels = list(dict.fromkeys(parse_condition(str(r), control_label=control_label).canonical for r in requested))
+        if CONTROL_LABEL in labels:
+            raise ValueError("target.predict lists the control label; list perturbations only")
+        for label in labels:
+            vocab.ids(label)
+        return labels
+    labels, skipped = [], []
+    for label in sorted(set(map(str, observed)) - {control_label, CONTROL_LABEL}):
+        try:
+            vocab.ids(label)
+        except KeyError:
+            skipped.append(label)
+            continue
+        labels.append(label)
+    if skipped:
+        log.warning(
+            "%d observed target perturbation(s) name genes the model cannot embed and are not predicted: %s",
+            len(skipped),
+            skipped[:20],
+        )
+    if not labels:
+        raise ValueError(
+            "no target perturbation to predict: the target data has none the model can embed and the "
+            "dataset's target.predict list is empty"
+        )
+    return labels
+
+
+def predict_target_cells(
+    model: LoadedModel,
+    controls: sp.csr_matrix,
+    labels: Sequence[str],
+    settings: GenerateSettings,
+    *,
+    seed: int,
+    device: torch.device,
+    shift: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """Generate cells for every label from the (shifted) target controls with the cascaded sampler.
+
+    Source cells and noise are seeded per label (:func:`ccfm.model.generation.label_seed`), so the
+    adapted and unadapted predictions start from the same cells and the same noise: they differ
+    only by the shift.
+    """
+    data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=shift)
+    control_rows = np.arange(controls.shape[0])
+    what = "adapted" if shift is not None else "unadapted"
+    # An anchored model centres its cells on the context's own (unshifted) control mean + its
+    # predicted shift: the MMD shift only changes what the flow sees, not the context the
+    # prediction is for (centring on the shifted controls would move the prediction back into
+    # the source context).
+    raw = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=None)
+    reference = controls_mean(raw, control_rows)
+    return {
+        label: predict_label(model, data, control_rows, label, settings, seed, device, reference)
+        for label in tqdm(labels, desc=f"predict target ({what})", mininterval=5)
+    }
+
+
+def predict_target_to_files(
+    generation: GenerationSetup,
+    target_h5ad: str | Path,
+    shift_path: str | Path,
+    out_pred: str | Path,
+    out_means: str | Path,
+    out_pred_unadapted: str | Path,
+    out_means_unadapted: str | Path,
+    *,
+    requested: Sequence[str] = (),
+    seed: int,
+    control_label: str = CONTROL_LABEL,
+    chunk_size: int = 10000,
+) -> list[str]:
+    """Predict the target perturbations with and without the learned shift; write both files.
+
+    Both prediction files carry the real (unshifted) target controls under ``non-targeting``:
+    cell-eval's deltas must be relative to the real target context. Returns the labels.
+    """
+    model = generation.model
+    controls = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
+    check_same_genes(model.genes, controls.genes, str(target_h5ad), generation.model_pt)
+    shift, shift_genes, _ = load_shift(shift_path)
+    shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
+    observed = read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique()
+    labels = target_labels_to_predict(observed, requested, model.vocab, control_label)
+    log.info("predicting %d target perturbation(s) from %d target controls", len(labels), controls.matrix.shape[0])
+    for shift_or_none, pred_path, means_path in (
+        (shift_np, out_pred, out_means),
+        (None, out_pred_unadapted, out_means_unadapted),
+    ):
+        predicted = predict_target_cells(
+            model,
+            controls.matrix,
+            labels,
+            generation.settings,
+            seed=seed,
+            device=generation.device,
+            shift=shift_or_none,
+        )
+        write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
+    return labels

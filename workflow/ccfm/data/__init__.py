@@ -1,0 +1,1 @@
+"""Dataset stages: condition labels, input validation, preprocessing, splits, the simulator, downloads."""

@@ -1,0 +1,271 @@
+"""Train/test splits of perturbation conditions, and the per-fold ``real.h5ad``.
+
+Additive split (as in scDFM/GEARS "combo seen 2"): every single perturbation trains; the
+doubles are shuffled with ``seed + fold`` and ``heldout_fraction`` of them (rounded, at least
+one) are held out as the test set. Folds are independent reshuffles (fold ``i`` uses seed
+``seed + i``), so ``n_folds`` only bounds the valid fold numbers.
+
+Datasets without doubles (Datlinger, Papalexi, most CRISPR screens): the same procedure runs
+on the singles instead -- ``heldout_fraction`` of the singles are held out, the rest train.
+
+Gene perturbations outside the measured panel (``measured_genes`` given): a perturbed gene
+without an expression column is embedded by a learned row that only its training cells teach
+(:mod:`ccfm.data.perturbations`), so a condition is held out only if each of its unmeasured genes
+still trains: in the additive split a double is eligible when each unmeasured partner has a
+single; in the singles split an unmeasured single is never held out. Ineligible conditions train
+and are listed as ``kept_in_train_unmeasured``; with every gene measured the split is unchanged.
+
+Controls (``non-targeting``) are never a condition of either side; every split file names the
+control label and ``real.h5ad`` contains all control cells. A held-out condition never appears
+in ``train`` (checked in :func:`make_split`, which raises if it ever did).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ccfm import COMBO_SEPARATOR, PERT_COLUMN
+from ccfm.data.conditions import CONTROL, condition_type
+from ccfm.data.validation import (
+    FEW_CELLS,
+    check_batch_size,
+    check_enough_perturbations,
+    few_cell_perturbations,
+    warn_doubles_missing_singles,
+)
+from ccfm.io.h5ad import (
+    CSRH5adWriter,
+    atomic_output,
+    iter_row_chunks,
+    matrix_shape,
+    read_obs_labels,
+    read_obs_subset,
+    read_var,
+)
+from ccfm.io.splits import SplitLeakError, write_split
+
+log = logging.getLogger(__name__)
+
+
+def _held_out(conditions: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
+    n_test = min(max(1, int(round(fraction * len(conditions)))), len(conditions))
+    order = rng.permutation(len(conditions))
+    return {conditions[i] for i in order[:n_test]}
+
+
+def _can_hold_out(condition: str, measured: set[str], singles: set[str], strategy: str) -> bool:
+    """Whether holding ``condition`` out still leaves training cells for each unmeasured gene."""
+    unmeasured = [part for part in condition.split(COMBO_SEPARATOR) if part not in measured]
+    if strategy == "singles":
+        return not unmeasured  # a held-out single is its gene's only condition
+    return all(part in singles for part in unmeasured)  # every single trains in the additive split
+
+
+def make_split(
+    conditions: Iterable[str],
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int | None = None,
+    measured_genes: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Split canonical condition labels into train and test for one fold (see module doc).
+
+    ``measured_genes`` (gene datasets): the expression panel; conditions whose unmeasured genes
+    would lose all training cells are not held out. None (drug datasets): no such restriction.
+
+    Returns a JSON-able dict with keys ``fold``, ``seed`` (the seed actually used,
+    ``seed + fold``), ``strategy`` (``additive`` or ``singles``), ``heldout_fraction``,
+    ``train``, ``test`` (sorted lists), ``controls``, ``doubles_missing_singles`` and
+    ``kept_in_train_unmeasured``.
+    """
+    if fold < 1 or (n_folds is not None and fold > n_folds):
+        raise ValueError(f"fold must be in 1..{n_folds}, got {fold}; check config 'split.folds' and 'split.n_folds'")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    distinct = sorted({c for c in conditions if c != CONTROL})
+    singles = [c for c in distinct if condition_type(c) == "single"]
+    doubles = [c for c in distinct if condition_type(c) == "double"]
+    rng = np.random.default_rng(seed + fold)
+    if doubles:
+        strategy, candidates = "additive", doubles
+    elif len(singles) >= 2:
+        strategy, candidates = "singles", singles
+    else:
+        raise ValueError(
+            f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles"
+        )
+    kept: list[str] = []
+    if measured_genes is not None:
+        measured, single_set = set(map(str, measured_genes)), set(singles)
+        kept = [c for c in candidates if not _can_hold_out(c, measured, single_set, strategy)]
+        candidates = [c for c in candidates if c not in set(kept)]
+        if kept:
+            log.info(
+                "split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
+                "gene without training cells: %s",
+                fold,
+                len(kept),
+                ", ".join(kept[:20]),
+            )
+        if not candidates:
+            raise ValueError(
+                f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
+                f"perturbed gene that is not measured (absent from var) and has no other training condition, so "
+                f"holding it out would leave nothing to learn that gene from ({len(kept)} such conditions). "
+                f"Fix: keep these genes among the expression columns of the input file."
+            )
+    test = _held_out(candidates, heldout_fraction, rng)
+    train = [c for c in distinct if c not in test]
+    incomplete = warn_doubles_missing_singles(distinct, f"split fold {fold}", log)
+    leaked = test & set(train)
+    if leaked:  # cannot happen by construction; guarded because a leak would void every metric
+        raise SplitLeakError(f"held-out conditions in train: {sorted(leaked)}")
+    if strategy == "additive" and not set(singles) <= set(train):
+        raise SplitLeakError("additive split must train on every single")
+    return {
+        "fold": int(fold),
+        "seed": int(seed + fold),
+        "strategy": strategy,
+        "heldout_fraction": float(heldout_fraction),
+        "train": sorted(train),
+        "test": sorted(test),
+        "controls": CONTROL,
+        "doubles_missing_singles": incomplete,
+        "kept_in_train_unmeasured": kept,
+    }
+
+
+def split_for_processed(
+    processed: str | Path,
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int | None = None,
+    min_cells_per_perturbation: int = 1,
+    perturbation_type: str = "gene",
+) -> dict[str, Any]:
+    """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the labels and var only).
+
+    Perturbations with fewer than ``min_cells_per_perturbation`` cells take part in neither
+    side (listed under ``excluded_few_cells``); kept ones with fewer than
+    :data:`ccfm.data.validation.FEW_CELLS` cells are logged, since their metrics are mostly noise.
+    For gene perturbations its ``var_names`` are the measured genes (see :func:`make_split`).
+    """
+    counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts()
+    excluded = few_cell_perturbations(counts, min_cells_per_perturbation)
+    if excluded:
+        log.warning(
+            "%s: %d perturbation(s) with fewer than split.min_cells_per_perturbation=%d cells are left out "
+            "of training and scoring: %s",
+            processed,
+            len(excluded),
+            min_cells_per_perturbation,
+            ", ".join(f"{k} ({v})" for k, v in list(excluded.items())[:20]),
+        )
+    noisy = {k: v for k, v in few_cell_perturbations(counts, FEW_CELLS).items() if k not in excluded}
+    if noisy:
+        log.warning(
+            "%s: %d perturbation(s) have only 1-%d cells, so their metrics are mostly noise: %s. "
+            "Set split.min_cells_per_perturbation (e.g. %d) in config/config.yaml to leave them out.",
+            processed,
+            len(noisy),
+            FEW_CELLS - 1,
+            ", ".join(f"{k} ({v})" for k, v in list(noisy.items())[:20]),
+            FEW_CELLS,
+        )
+    kept = [label for label in counts.index if label not in excluded]
+    measured = read_var(processed).index.astype(str) if perturbation_type == "gene" else None
+    split = make_split(
+        kept, fold=fold, seed=seed, heldout_fraction=heldout_fraction, n_folds=n_folds, measured_genes=measured
+    )
+    split["excluded_few_cells"] = sorted(excluded)
+    split["n_cells"] = {
+        "train": int(counts.reindex(split["train"]).fillna(0).sum()),
+        "test": int(counts.reindex(split["test"]).fillna(0).sum()),
+        "controls": int(counts.get(CONTROL, 0)),
+    }
+    return split
+
+
+def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_profile: str, batch_size: int) -> None:
+    """Fail before training if the fold cannot be scored with ``score_profile`` or batched.
+
+    Checks that enough perturbations are held out for the cell-eval profile
+    (:func:`ccfm.data.validation.check_enough_perturbations`) and that ``train.batch_size`` fits the
+    training cells (:func:`ccfm.data.validation.check_batch_size`).
+    """
+    where = f"{processed} (fold {split['fold']})"
+    check_enough_perturbations(len(split["test"]), score_profile, where)
+    counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts().to_dict()
+    check_batch_size(counts, split["train"], int(batch_size), where, log)
+
+
+def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, chunk_size: int = 10000) -> int:
+    """Write ``real.h5ad``: the held-out cells of the fold plus all control cells; return n cells.
+
+    Streams the rows of ``processed.h5ad`` (X only, log1p scale) in file order; ``var`` and the
+    label columns of ``obs`` are kept, so the file matches the predictions' layout.
+    """
+    processed, out = Path(processed), Path(out)
+    labels = read_obs_labels(processed, PERT_COLUMN)
+    rows = np.flatnonzero(pd.Series(labels).isin(set(split["test"]) | {CONTROL}).to_numpy())
+    var = read_var(processed)
+    out_obs = read_obs_subset(processed, rows, [PERT_COLUMN, "condition_type", "original_condition"])
+    n_chunks = -(-matrix_shape(processed)[0] // chunk_size)
+    with atomic_output(out) as tmp:
+        with CSRH5adWriter(tmp, var) as writer:
+            for _, chunk in tqdm(
+                iter_row_chunks(processed, chunk_size, rows=rows), total=n_chunks, desc="real cells", unit="chunk"
+            ):
+                writer.append(chunk)
+            writer.finish(
+                out_obs, uns={"ccfm": {"fold": split["fold"], "test": list(split["test"]), "controls": CONTROL}}
+            )
+    log.info(
+        "wrote %s: %d held-out cells + %d control cells",
+        out,
+        int((labels[rows] != CONTROL).sum()),
+        int((labels == CONTROL).sum()),
+    )
+    return int(rows.size)
+
+
+def split_to_files(
+    processed: str | Path,
+    out_split: str | Path,
+    out_real: str | Path,
+    *,
+    fold: int,
+    seed: int,
+    heldout_fraction: float,
+    n_folds: int,
+    min_cells_per_perturbation: int,
+    perturbation_type: str,
+    score_profile: str,
+    batch_size: int,
+    chunk_size: int = 10000,
+) -> dict[str, Any]:
+    """The ``split`` rule: choose the fold, check later rules can use it, write ``real.h5ad`` and the split file."""
+    split = split_for_processed(
+        processed,
+        fold=fold,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        n_folds=n_folds,
+        min_cells_per_perturbation=min_cells_per_perturbation,
+        perturbation_type=perturbation_type,
+    )
+    check_fold_usable(processed, split, score_profile=score_profile, batch_size=batch_size)
+    write_real(processed, split, out_real, chunk_size=chunk_size)
+    write_split(split, out_split)
+    return split

@@ -1,0 +1,1 @@
+"""Scoring: baselines, metrics, cell-eval, figures and the report check."""

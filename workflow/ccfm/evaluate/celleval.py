@@ -1,0 +1,131 @@
+"""Scoring with Arc Institute's cell-eval (the real package, its Python API).
+
+:func:`score_prediction` checks the prediction against the real held-out cells (same genes in the
+same order, every real perturbation predicted, controls in both; see
+:func:`ccfm.io.predictions.align_prediction_to_real`), runs ``cell_eval.MetricsEvaluator`` with
+``break_on_error=True`` so a failing metric stops the run instead of silently vanishing from the
+table, and writes the per-perturbation and aggregate tables atomically. It also computes the
+compact literature metrics of :mod:`ccfm.evaluate.metrics` on the same aligned pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.validation import CELL_EVAL_PROFILES, check_enough_perturbations
+from ccfm.evaluate.metrics import compact_metrics
+from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreTables:
+    """cell-eval's per-perturbation and aggregate tables plus the compact metric table."""
+
+    results: pd.DataFrame
+    aggregate: pd.DataFrame
+    compact: pd.DataFrame
+
+
+def _as_float32_csr(adata: ad.AnnData) -> ad.AnnData:
+    """cell-eval's DE (numba) needs float32/64; keep the matrix sparse to bound memory."""
+    matrix = adata.X
+    adata.X = sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float32)
+    return adata
+
+
+def run_cell_eval(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    control_label: str = CONTROL_LABEL,
+    profile: str = "full",
+    num_threads: int = 1,
+    pert_col: str = PERT_COLUMN,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run cell-eval on an aligned pair; return (per-perturbation, aggregate) tables as pandas.
+
+    cell-eval writes its DE tables into an output directory; a temporary one is used and
+    discarded, since only the metric tables are part of the pipeline's contract.
+    """
+    if profile not in CELL_EVAL_PROFILES:
+        raise ValueError(
+            f"unknown cell-eval profile {profile!r}; config score.profile must be one of {CELL_EVAL_PROFILES}"
+        )
+    # Imported here: cell-eval pulls in polars, numba and pdex, which the rest of the package
+    # does not need at import time.
+    from cell_eval import MetricsEvaluator
+
+    with tempfile.TemporaryDirectory(prefix="cell-eval-") as outdir:
+        evaluator = MetricsEvaluator(
+            adata_pred=_as_float32_csr(pred),
+            adata_real=_as_float32_csr(real),
+            control_pert=control_label,
+            pert_col=pert_col,
+            num_threads=max(1, int(num_threads)),
+            outdir=outdir,
+        )
+        results, aggregate = evaluator.compute(profile=profile, write_csv=False, break_on_error=True)
+    return results.to_pandas(), aggregate.to_pandas()
+
+
+def score_prediction(
+    pred_h5ad: str | Path,
+    real_h5ad: str | Path,
+    control_label: str = CONTROL_LABEL,
+    profile: str = "full",
+    num_threads: int = 1,
+    top_de: int = 20,
+    seed: int = 0,
+    pert_col: str = PERT_COLUMN,
+) -> ScoreTables:
+    """Score one prediction file against the fold's real cells with cell-eval and the compact metrics."""
+    real = read_expression_h5ad(real_h5ad, pert_col)
+    pred = read_expression_h5ad(pred_h5ad, pert_col)
+    pred = align_prediction_to_real(pred, real, control_label, pert_col, source=str(pred_h5ad))
+    # Also checked by the split rule; again here for a profile changed after the split was made.
+    labels = real.obs[pert_col].astype(str)
+    check_enough_perturbations(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
+    compact = compact_metrics(pred, real, control_label, top_de, pert_col=pert_col, seed=seed)
+    results, aggregate = run_cell_eval(pred, real, control_label, profile, num_threads, pert_col)
+    log.info("scored %s: %d perturbations, %d cell-eval metrics", pred_h5ad, len(results), results.shape[1] - 1)
+    return ScoreTables(results=results, aggregate=aggregate, compact=compact)
+
+
+def score_methods_to_files(
+    preds: Mapping[str, str | Path],
+    real_h5ad: str | Path,
+    outputs: Mapping[str, tuple[str | Path, str | Path, str | Path]],
+    **score_options: Any,
+) -> None:
+    """Score several methods' predictions of one fold in one process.
+
+    cell-eval's numba kernels (DE tests, neighbour graphs) compile on first use in each process,
+    which costs more than scoring a small fold: one process per fold compiles them once.
+    ``outputs`` maps each method to its (results CSV, aggregate CSV, compact TSV) paths.
+    """
+    missing = sorted(set(preds) - set(outputs))
+    if missing:
+        raise ValueError(f"no output paths for method(s) {missing}")
+    for method, pred_h5ad in preds.items():
+        write_score_tables(score_prediction(pred_h5ad, real_h5ad, **score_options), *outputs[method])
+
+
+def write_score_tables(
+    tables: ScoreTables, results_csv: str | Path, agg_csv: str | Path, compact_tsv: str | Path
+) -> None:
+    """Write the three score tables atomically (CSV for cell-eval's, TSV for the compact one)."""
+    write_table_atomic(tables.results, results_csv, index=False)
+    write_table_atomic(tables.aggregate, agg_csv, index=False)
+    write_table_atomic(tables.compact, compact_tsv, sep="\t", index=False)

@@ -1,0 +1,60 @@
+"""The lines a user reads at the end of a run: where the results are and CCFM beside the baselines.
+
+``python -m ccfm.evaluate.headline results/demo/metrics_summary.tsv [--report results/report.html]``
+prints, for each summary table, CCFM's, the additive baseline's and no-change's MSE and Pearson
+delta on the held-out perturbations (all folds pooled), and says plainly when CCFM loses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+HEADLINE_METHODS = ("ccfm", "additive", "nochange")
+HEADLINE_METRICS = ("mse", "pearson_delta_pseudobulk")
+
+
+def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The pooled (``fold == 'all'``) rows of CCFM, additive and no-change, in that order."""
+    pooled = summary[summary["fold"].astype(str) == "all"].set_index("method")
+    missing = [method for method in HEADLINE_METHODS if method not in pooled.index]
+    if missing:
+        raise ValueError(f"summary table has no pooled row for {missing}; methods present: {sorted(pooled.index)}")
+    return pooled.loc[list(HEADLINE_METHODS), ["n_perturbations", *HEADLINE_METRICS]]
+
+
+def headline(summary_tsv: str | Path) -> str:
+    """Three lines of numbers and a verdict for one ``metrics_summary.tsv``."""
+    summary = pd.read_csv(summary_tsv, sep="\t")
+    rows = headline_rows(summary)
+    dataset = str(summary["dataset"].iloc[0])
+    n_perturbations = int(rows["n_perturbations"].iloc[0])
+    lines = [f"{dataset}: {n_perturbations} held-out perturbations ({summary_tsv})"]
+    for method, row in rows.iterrows():
+        lines.append(f"  {method:<9} MSE {row['mse']:.4f}   Pearson delta {row['pearson_delta_pseudobulk']:.3f}")
+    ccfm_mse, additive_mse = rows.loc["ccfm", "mse"], rows.loc["additive", "mse"]
+    if ccfm_mse < additive_mse:
+        lines.append(f"  CCFM's MSE is {additive_mse / ccfm_mse:.2f}x lower than the additive baseline's.")
+    else:
+        ratio = ccfm_mse / additive_mse
+        lines.append(f"  CCFM LOSES to the additive baseline: its MSE is {ratio:.2f}x the additive one.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ccfm.evaluate.headline", description=__doc__.splitlines()[0])
+    parser.add_argument("summaries", nargs="+", help="results/{dataset}/metrics_summary.tsv files")
+    parser.add_argument("--report", help="path of the HTML report, printed for the user")
+    args = parser.parse_args(argv)
+    for summary_tsv in args.summaries:
+        print(headline(summary_tsv))
+    if args.report:
+        print(f"Report: {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

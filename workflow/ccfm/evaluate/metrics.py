@@ -1,0 +1,259 @@
+"""Compact per-perturbation metrics, comparable with the perturbation-prediction literature.
+
+cell-eval (:mod:`ccfm.evaluate.celleval`) gives the full picture; this module adds the handful of numbers
+most papers report, computed the way GEARS and scPerturb define them:
+
+- ``pearson_delta_pseudobulk``: Pearson correlation between predicted and observed mean shifts,
+  delta = mean(perturbed cells) − mean(control cells), over all genes. Both deltas use the real
+  control mean (the prediction file carries the same real controls, so this is also its own).
+  cell-eval's ``pearson_delta`` (``celleval_pearson_delta`` in the summary) has the same
+  definition; this one is computed in float64 and is always defined.
+- ``pearson_delta_top_de``: the same over the perturbation's top-``top_de`` DE genes (GEARS:
+  genes ranked by |t| of a Welch t-test of the real perturbed cells against the real controls,
+  as scanpy's ``rank_genes_groups(method="t-test", rankby_abs=True)`` does).
+- ``mse`` / ``mse_top_de``: mean squared error of the predicted mean profile (log1p scale).
+- ``edistance``: energy distance (scPerturb's definition with squared Euclidean distances,
+  2·E‖X−Y‖² − E‖X−X'‖² − E‖Y−Y'‖²) between predicted and real cells of the perturbation, in the
+  space of the first ``n_pcs`` principal components of the fold's real cells (controls and
+  held-out perturbations; PCA fitted on the real data only, predictions projected into it).
+
+Control cells are summarised without densifying (sparse mean and variance); perturbed cells are
+dense one perturbation at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy import stats
+from sklearn.decomposition import PCA
+
+from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
+
+log = logging.getLogger(__name__)
+
+COMPACT_COLUMNS = [
+    "perturbation",
+    "n_cells_pred",
+    "n_cells_real",
+    "pearson_delta_pseudobulk",
+    "pearson_delta_top_de",
+    "mse",
+    "mse_top_de",
+    "edistance",
+    "top_de",
+]
+
+
+@dataclass(frozen=True)
+class MeanVar:
+    """Per-gene mean and unbiased variance of a group of cells."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    n: int
+
+
+def mean_var(matrix: sp.spmatrix | np.ndarray) -> MeanVar:
+    """Per-gene mean and variance (ddof=1) of the rows of ``matrix``, sparse-aware."""
+    n = matrix.shape[0]
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix, dtype=np.float64)
+        mean = np.asarray(csr.mean(axis=0)).ravel()
+        mean_sq = np.asarray(csr.multiply(csr).mean(axis=0)).ravel()
+    else:
+        dense = np.asarray(matrix, dtype=np.float64)
+        mean = dense.mean(axis=0)
+        mean_sq = (dense * dense).mean(axis=0)
+    var = np.maximum(mean_sq - mean * mean, 0.0) * (n / (n - 1) if n > 1 else 0.0)
+    return MeanVar(mean=mean, var=var, n=n)
+
+
+def welch_t(group: MeanVar, reference: MeanVar) -> np.ndarray:
+    """Welch t statistic of ``group`` against ``reference`` per gene (0 where both are constant)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = stats.ttest_ind_from_stats(
+            group.mean,
+            np.sqrt(group.var),
+            max(group.n, 1),
+            reference.mean,
+            np.sqrt(reference.var),
+            max(reference.n, 1),
+            equal_var=False,
+        ).statistic
+    return np.where(np.isfinite(t), t, 0.0)
+
+
+def top_de_indices(group: MeanVar, control: MeanVar, n_genes: int) -> np.ndarray:
+    """Indices of the ``n_genes`` genes with the largest |Welch t| (ties broken by gene order)."""
+    score = np.abs(welch_t(group, control))
+    order = np.argsort(-score, kind="stable")
+    return order[: min(n_genes, score.size)]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN when either side is constant (correlation undefined)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.pearsonr(x, y).statistic)
+
+
+def pearson_delta(pred_mean: np.ndarray, real_mean: np.ndarray, control_mean: np.ndarray) -> float:
+    """Pearson correlation of predicted and observed shifts from the control mean."""
+    return pearson(pred_mean - control_mean, real_mean - control_mean)
+
+
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """scPerturb E-distance with squared Euclidean distances: 2·δ_XY − σ_X − σ_Y.
+
+    δ_XY is the mean distance over all pairs between the sets, σ the mean over all pairs within a
+    set (diagonal included, as scPerturb/pertpy do). With squared Euclidean distances this
+    V-statistic is exactly 2·‖mean(X) − mean(Y)‖², which is what is computed.
+    """
+    if len(x) == 0 or len(y) == 0:
+        return float("nan")
+    diff = np.asarray(x, dtype=np.float64).mean(axis=0) - np.asarray(y, dtype=np.float64).mean(axis=0)
+    return float(2.0 * diff @ diff)
+
+
+def _dense_rows(adata: ad.AnnData, mask: np.ndarray) -> np.ndarray:
+    block = adata.X[np.flatnonzero(mask)]
+    return block.toarray() if sp.issparse(block) else np.asarray(block)
+
+
+def _subsample(rows: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    if len(rows) <= max_cells:
+        return rows
+    return rows[np.sort(rng.choice(len(rows), size=max_cells, replace=False))]
+
+
+def fit_real_pca(real: ad.AnnData, n_pcs: int, max_cells: int, seed: int) -> PCA:
+    """PCA of the real cells (a seeded subsample of at most ``max_cells``), dense only on that subsample."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(real.n_obs)
+    if real.n_obs > max_cells:
+        rows = np.sort(rng.choice(real.n_obs, size=max_cells, replace=False))
+    block = real.X[rows]
+    dense = block.toarray() if sp.issparse(block) else np.asarray(block)
+    n_components = max(1, min(n_pcs, dense.shape[0] - 1, dense.shape[1]))
+    return PCA(n_components=n_components, svd_solver="auto", random_state=seed).fit(dense.astype(np.float64))
+
+
+def compact_metrics(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    control_label: str = CONTROL_LABEL,
+    top_de: int = 20,
+    *,
+    pert_col: str = PERT_COLUMN,
+    n_pcs: int = 50,
+    max_cells: int = 500,
+    pca_cells: int = 5000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-perturbation compact metrics (columns :data:`COMPACT_COLUMNS`), one row per real perturbation.
+
+    ``pred`` must predict every perturbation of ``real`` (otherwise :class:`PredictionError`);
+    predicted perturbations without real cells are ignored. Cells are subsampled (seeded) to at
+    most ``max_cells`` per side for the E-distance.
+    """
+    pred = align_prediction_to_real(pred, real, control_label, pert_col)
+    real_labels = real.obs[pert_col].astype(str).to_numpy()
+    pred_labels = pred.obs[pert_col].astype(str).to_numpy()
+    control = mean_var(real.X[np.flatnonzero(real_labels == control_label)])
+    pca = fit_real_pca(real, n_pcs, pca_cells, seed)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pert in sorted(set(real_labels) - {control_label}):
+        real_cells = _dense_rows(real, real_labels == pert)
+        pred_cells = _dense_rows(pred, pred_labels == pert)
+        real_stats = mean_var(real_cells)
+        pred_mean = pred_cells.mean(axis=0, dtype=np.float64)
+        de = top_de_indices(real_stats, control, top_de)
+        err = (pred_mean - real_stats.mean) ** 2
+        rows.append(
+            {
+                "perturbation": pert,
+                "n_cells_pred": len(pred_cells),
+                "n_cells_real": len(real_cells),
+                "pearson_delta_pseudobulk": pearson_delta(pred_mean, real_stats.mean, control.mean),
+                "pearson_delta_top_de": pearson_delta(pred_mean[de], real_stats.mean[de], control.mean[de]),
+                "mse": float(err.mean()),
+                "mse_top_de": float(err[de].mean()),
+                "edistance": energy_distance(
+                    pca.transform(_subsample(pred_cells, max_cells, rng).astype(np.float64)),
+                    pca.transform(_subsample(real_cells, max_cells, rng).astype(np.float64)),
+                ),
+                "top_de": int(len(de)),
+            }
+        )
+    return pd.DataFrame(rows, columns=COMPACT_COLUMNS)
+
+
+SUMMARY_COMPACT_METRICS = ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]
+
+
+def celleval_means(aggregate: pd.DataFrame) -> dict[str, float]:
+    """The ``mean`` row of a cell-eval aggregate table (polars ``describe`` layout), prefixed ``celleval_``."""
+    if "statistic" not in aggregate.columns or "mean" not in set(aggregate["statistic"]):
+        raise ValueError(
+            "cell-eval aggregate table has no 'statistic' == 'mean' row; was it written by the score rule?"
+        )
+    row = aggregate.loc[aggregate["statistic"] == "mean"].iloc[0].drop("statistic")
+    return {f"celleval_{name}": float(value) for name, value in row.items()}
+
+
+def summarize_scores(
+    entries: Sequence[tuple[str, int | str, pd.DataFrame, pd.DataFrame]], dataset: str
+) -> pd.DataFrame:
+    """One row per (method, fold) plus a ``fold == "all"`` row per method (mean over folds).
+
+    Each entry is (method, fold, compact metric table, cell-eval aggregate table). Values are means
+    over the held-out perturbations of the fold; cell-eval columns are prefixed ``celleval_``.
+    """
+    rows = []
+    for method, fold, compact, aggregate in entries:
+        row: dict[str, object] = {
+            "dataset": dataset,
+            "method": method,
+            "fold": str(fold),
+            "n_perturbations": len(compact),
+        }
+        row.update({m: float(compact[m].mean()) for m in SUMMARY_COMPACT_METRICS})
+        row.update(celleval_means(aggregate))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    numeric = [c for c in table.columns if c not in ("dataset", "method", "fold")]
+    overall = table.groupby("method", sort=False)[numeric].mean().reset_index()
+    overall.insert(0, "dataset", dataset)
+    overall.insert(2, "fold", "all")
+    return pd.concat([table, overall], ignore_index=True)
+
+
+def summarize_score_files(
+    methods: Sequence[str],
+    folds: Sequence[int | str],
+    compact_tsvs: Sequence[str],
+    agg_csvs: Sequence[str],
+    dataset: str,
+    out_tsv: str,
+) -> pd.DataFrame:
+    """Read the score tables of every (method, fold), summarise them and write ``metrics_summary.tsv``."""
+    if not (len(methods) == len(folds) == len(compact_tsvs) == len(agg_csvs)):
+        raise ValueError("summarize: methods, folds and the score tables must be parallel lists of one length")
+    entries = [
+        (method, fold, pd.read_csv(compact, sep="\t"), pd.read_csv(agg))
+        for method, fold, compact, agg in zip(methods, folds, compact_tsvs, agg_csvs)
+    ]
+    table = summarize_scores(entries, dataset)
+    write_table_atomic(table, out_tsv, sep="\t", index=False)
+    return table

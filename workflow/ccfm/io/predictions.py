@@ -1,0 +1,214 @@
+"""Prediction files: the one format every method (CCFM and the baselines) writes and scoring reads.
+
+A prediction is an AnnData (``pred.h5ad``) on the log1p-normalised scale with the same genes, in
+the same order, as the real data; ``obs["target_gene"]`` names the perturbation of each cell and
+the real control cells are included under the control label (cell-eval computes every delta
+against each file's own controls, so the prediction must carry the real ones). Beside it,
+``pred_means.csv`` holds one row per predicted perturbation (mean log1p expression per gene), the
+small file figures and quick checks read without loading cells.
+
+Writers are atomic (:func:`ccfm.io.h5ad.atomic_output`) so an interrupted job never leaves a
+truncated file that Snakemake would take as finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
+
+log = logging.getLogger(__name__)
+
+# cell-eval refuses log1p data at or above this value (it takes it for another scale).
+CELL_EVAL_MAX_LOG1P = 15.0
+
+
+class PredictionError(ValueError):
+    """A prediction file or array breaks the prediction contract; the message names the fix."""
+
+
+def _check_matrix(name: str, matrix: np.ndarray | sp.spmatrix, n_genes: int) -> None:
+    """Raise unless ``matrix`` is 2-D with ``n_genes`` columns, finite and non-negative."""
+    if matrix.ndim != 2 or matrix.shape[1] != n_genes:
+        raise PredictionError(
+            f"{name}: expected a (cells, {n_genes}) matrix matching the gene list, got shape "
+            f"{tuple(matrix.shape)}; predict on exactly the genes of processed.h5ad"
+        )
+    if matrix.shape[0] == 0:
+        raise PredictionError(f"{name}: no cells; generate at least one cell per perturbation")
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if values.size and not np.all(np.isfinite(values)):
+        raise PredictionError(f"{name}: contains NaN or infinite values; check the generator output")
+    if values.size and values.min() < 0:
+        raise PredictionError(
+            f"{name}: contains negative values (min {values.min():.4g}); predictions are on the "
+            "log1p scale and must be clamped at 0"
+        )
+    if values.size and values.max() >= CELL_EVAL_MAX_LOG1P:
+        raise PredictionError(
+            f"{name}: maximum {values.max():.4g} is not a log1p-normalised value (cell-eval "
+            f"requires < {CELL_EVAL_MAX_LOG1P}); predict on the log1p scale of processed.h5ad"
+        )
+
+
+def write_table_atomic(frame: pd.DataFrame, path: str | Path, sep: str = ",", index: bool = True) -> None:
+    """Write a CSV/TSV through :func:`ccfm.io.h5ad.atomic_output`."""
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, sep=sep, index=index)
+
+
+def build_prediction_anndata(
+    genes: Sequence[str],
+    predicted: Mapping[str, np.ndarray],
+    controls: sp.spmatrix | np.ndarray,
+    control_label: str = CONTROL_LABEL,
+) -> ad.AnnData:
+    """Assemble the prediction AnnData: the predicted cells of every perturbation, then the controls.
+
+    ``X`` is CSR float32 (predicted log1p profiles are often sparse after clamping at zero, and the
+    control cells arrive sparse), ``obs["target_gene"]`` a categorical, ``var_names`` = ``genes``.
+    """
+    genes = [str(g) for g in genes]
+    if len(set(genes)) != len(genes):
+        raise PredictionError("gene list has duplicates; use the unique var_names of processed.h5ad")
+    if not predicted:
+        raise PredictionError("no perturbation was predicted; the fold's held-out list is empty?")
+    if control_label in predicted:
+        raise PredictionError(
+            f"predicted contains the control label {control_label!r}; the real control cells are "
+            "added from `controls`, do not predict them"
+        )
+    blocks: list[sp.csr_matrix] = []
+    labels: list[str] = []
+    names: list[str] = []
+    for pert, cells in predicted.items():
+        _check_matrix(f"prediction for {pert!r}", cells, len(genes))
+        blocks.append(sp.csr_matrix(np.asarray(cells, dtype=np.float32)))
+        labels.extend([pert] * cells.shape[0])
+        names.extend(f"{pert}_pred{i}" for i in range(cells.shape[0]))
+    _check_matrix("control cells", controls, len(genes))
+    blocks.append(sp.csr_matrix(controls, dtype=np.float32))
+    labels.extend([control_label] * controls.shape[0])
+    names.extend(f"{control_label}_{i}" for i in range(controls.shape[0]))
+
+    matrix = sp.vstack(blocks, format="csr", dtype=np.float32)
+    categories = [*predicted.keys(), control_label]
+    obs = pd.DataFrame({PERT_COLUMN: pd.Categorical(labels, categories=categories)}, index=pd.Index(names, dtype=str))
+    var = pd.DataFrame(index=pd.Index(genes, dtype=str))
+    return ad.AnnData(X=matrix, obs=obs, var=var)
+
+
+def prediction_means(genes: Sequence[str], predicted: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Mean predicted log1p expression per perturbation: rows perturbations, columns genes."""
+    rows = {pert: np.asarray(cells, dtype=np.float64).mean(axis=0) for pert, cells in predicted.items()}
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=[str(g) for g in genes])
+    frame.index.name = PERT_COLUMN
+    return frame
+
+
+def write_predictions(
+    out_h5ad: str | Path,
+    out_means_csv: str | Path,
+    genes: Sequence[str],
+    predicted: Mapping[str, np.ndarray],
+    controls: sp.spmatrix | np.ndarray,
+    control_label: str = CONTROL_LABEL,
+) -> None:
+    """Write ``pred.h5ad`` and ``pred_means.csv`` for one method and fold, atomically.
+
+    ``predicted[pert]`` is a (n_cells, n_genes) array of log1p values ≥ 0 for perturbation
+    ``pert`` (canonical label ``A`` or ``A+B``); ``controls`` the real control cells (log1p, same
+    genes) that the prediction file carries for cell-eval's deltas.
+    """
+    adata = build_prediction_anndata(genes, predicted, controls, control_label)
+    means = prediction_means(genes, predicted)
+    write_h5ad_atomic(adata, out_h5ad)
+    write_table_atomic(means, out_means_csv)
+    log.info(
+        "wrote %d predicted perturbations (%d cells) + %d control cells to %s",
+        len(predicted),
+        adata.n_obs - controls.shape[0],
+        controls.shape[0],
+        out_h5ad,
+    )
+
+
+def read_prediction_means(path: str | Path) -> pd.DataFrame:
+    """Read ``pred_means.csv`` (rows perturbations, columns genes)."""
+    frame = pd.read_csv(path, index_col=0)
+    frame.index = frame.index.astype(str)
+    return frame
+
+
+def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN) -> ad.AnnData:
+    """Read a prediction or real h5ad, checking the perturbation column is there."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the rule that writes it first")
+    adata = ad.read_h5ad(path)
+    if pert_col not in adata.obs.columns:
+        raise PredictionError(
+            f"{path}: obs has no {pert_col!r} column (columns: {list(adata.obs.columns)}); "
+            "prediction and real files must label cells with the canonical perturbation"
+        )
+    adata.obs[pert_col] = adata.obs[pert_col].astype(str).astype("category")
+    return adata
+
+
+def perturbation_set(adata: ad.AnnData, control_label: str, pert_col: str = PERT_COLUMN) -> set[str]:
+    """The non-control perturbations present in ``adata``."""
+    return set(adata.obs[pert_col].astype(str)) - {control_label}
+
+
+def align_prediction_to_real(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    control_label: str = CONTROL_LABEL,
+    pert_col: str = PERT_COLUMN,
+    source: str = "prediction",
+) -> ad.AnnData:
+    """Validate ``pred`` against ``real`` and return the part of it that scoring uses.
+
+    Checks: identical ``var_names`` in the same order; values finite, ≥ 0 and on the log1p scale;
+    control cells present in both; every real perturbation predicted (a missing one is an error,
+    never a silent drop). Predicted perturbations absent from the real data (config ``predict:``
+    entries without measured cells) are dropped here, with a log line, since nothing can score them.
+    """
+    if not np.array_equal(np.asarray(pred.var_names), np.asarray(real.var_names)):
+        raise PredictionError(
+            f"{source}: var_names differ from the real data ({pred.n_vars} vs {real.n_vars} genes, "
+            "or a different order); write predictions on the genes of processed.h5ad, in its order"
+        )
+    _check_matrix(source, pred.X, real.n_vars)
+    real_perts = perturbation_set(real, control_label, pert_col)
+    pred_perts = perturbation_set(pred, control_label, pert_col)
+    for name, adata in (("real data", real), (source, pred)):
+        if control_label not in set(adata.obs[pert_col].astype(str)):
+            raise PredictionError(
+                f"{name}: no control cells labelled {control_label!r} in obs[{pert_col!r}]; include "
+                "the real control cells (cell-eval computes deltas against them)"
+            )
+    missing = sorted(real_perts - pred_perts)
+    if missing:
+        raise PredictionError(
+            f"{source}: {len(missing)} held-out perturbation(s) of the real data are not predicted: "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; predict every perturbation of "
+            "the fold's test list"
+        )
+    extra = sorted(pred_perts - real_perts)
+    if extra:
+        log.info(
+            "%s: %d predicted perturbation(s) have no real cells and are not scored: %s", source, len(extra), extra[:10]
+        )
+        keep = ~pred.obs[pert_col].astype(str).isin(extra).to_numpy()
+        pred = pred[keep].copy()
+        pred.obs[pert_col] = pred.obs[pert_col].astype(str).astype("category")
+    return pred
