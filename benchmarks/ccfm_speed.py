@@ -1,10 +1,10 @@
 """CCFM speed: training steps/s, inference cells/s and the share of scGPT feature extraction.
 
-Two sizes, both from config/config.yaml:
+Two sizes, fixed here (the shipped demo is smaller still: d_model 32, 2 heads, batch 16):
 
-- ``demo``: the demo block (d_model 64, 2 layers, batch 32, 256-gene window, ~200 genes) with the
+- ``demo``: a small CPU model (d_model 64, 2 layers, batch 32, 256-gene window, ~200 genes) with the
   ``tiny`` scGPT (width 32, 2 layers);
-- ``default``: the real defaults (d_model 128, 4 layers, batch 48, 1000-gene window of 5000 genes)
+- ``default``: the schema's defaults (d_model 128, 4 layers, batch 48, 1000-gene window of 5000 genes)
   with a randomly initialised scGPT of the whole-human architecture (width 512, 12 layers, 8 heads),
   fed cells with ~1000 expressed genes of 5000 (scGPT cost grows with expressed genes per cell).
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccfm.config import SCHEMA_PATH, ConfigError, dataset_config, dataset_section, load_config, validate_config
+from ccfm.config import (
+    SCHEMA_PATH,
+    ConfigError,
+    dataset_config,
+    dataset_section,
+    load_config,
+    section_defaults,
+    validate_config,
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 
@@ -30,7 +38,7 @@ def test_unknown_top_level_key_is_named(config):
 
 
 def test_unknown_section_key_names_its_path_and_the_allowed_keys(config):
-    config["train"]["stepz"] = 10
+    config.setdefault("train", {})["stepz"] = 10
     with pytest.raises(ConfigError) as info:
         validate_config(config)
     message = str(info.value)
@@ -57,14 +65,14 @@ def test_path_source_requires_a_path(config):
 
 
 def test_dataset_sections_override_top_level_defaults(config):
-    config["train"]["lr"] = 1e-4
+    config["train"] = {"lr": 1e-4}
     config["datasets"]["demo"]["train"] = {"steps": 7}
     merged = dataset_section(config, "demo", "train")
     assert merged["steps"] == 7  # dataset override
     assert merged["lr"] == 1e-4  # top-level value
     assert merged["choose_latent_p"] == 0.4  # built-in default
     other = copy.deepcopy(config)
-    assert dataset_section(other, "norman", "train")["steps"] == config["train"]["steps"]
+    assert dataset_section(other, "norman", "train")["steps"] == section_defaults("train")["steps"]
 
 
 def test_dataset_config_fills_defaults(config):
