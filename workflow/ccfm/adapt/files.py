@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,16 @@ import torch
 from torch import Tensor
 
 from ccfm import CONTROL_LABEL
-from ccfm.adapt.shift import SHIFT_TENSOR_NAME, AdaptSettings, ShiftResult, learn_shift, model_control_encoder
+from ccfm.adapt.shift import (
+    SHIFT_TENSOR_NAME,
+    AdaptSettings,
+    Encoder,
+    ShiftResult,
+    learn_shift,
+    model_control_encoder,
+)
 from ccfm.distributed import pick_device
-from ccfm.io.h5ad import atomic_output, read_control_cells
+from ccfm.io.h5ad import LabelledRows, atomic_output, read_control_cells
 from ccfm.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -169,6 +176,43 @@ def adapt_to_files(
         device,
     )
     encode = model_control_encoder(loaded.denoiser.model, encoding=encoding)
+    return learn_shift_to_files(
+        encode,
+        source,
+        target,
+        out_shift,
+        out_mmd_tsv,
+        out_history_tsv,
+        settings,
+        seed=seed,
+        device=device,
+        provenance={
+            "encoding": encoding,
+            "model": str(model_pt),
+            "target": str(target_h5ad),
+            "source": str(processed_h5ad),
+        },
+    )
+
+
+def learn_shift_to_files(
+    encode: Encoder,
+    source: LabelledRows,
+    target: LabelledRows,
+    out_shift: str | Path,
+    out_mmd_tsv: str | Path,
+    out_history_tsv: str | Path,
+    settings: AdaptSettings,
+    *,
+    seed: int,
+    device: str | torch.device,
+    provenance: Mapping[str, Any],
+) -> ShiftResult:
+    """Learn the shift of ``target`` controls towards ``source`` controls under ``encode``; write
+    the shift (with ``provenance`` and the result in its metadata), the MMD table and the history.
+
+    Shared by every model the shift adapts to (CCFM's control encoder, State's basal encoder).
+    """
     result = learn_shift(
         encode,
         target.matrix,
@@ -185,16 +229,13 @@ def adapt_to_files(
     )
     metadata = {
         "seed": seed,
-        "encoding": encoding,
+        **provenance,
         "settings": asdict(settings),
         "mmd2_before": result.mmd_before,
         "mmd2_after": result.mmd_after,
         "best_step": result.best_step,
         "bandwidths": list(result.bandwidths),
         "n_cells": result.n_cells,
-        "model": str(model_pt),
-        "target": str(target_h5ad),
-        "source": str(processed_h5ad),
     }
     save_shift(out_shift, result.shift, target.genes, metadata)
     write_mmd_table(out_mmd_tsv, result)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.adapt.files import align_shift, load_shift, save_shift, write_history, write_mmd_table
+from ccfm.adapt.files import align_shift, learn_shift_to_files, load_shift
 from ccfm.adapt.score import score_target_to_files
-from ccfm.adapt.shift import AdaptSettings, learn_shift
+from ccfm.adapt.shift import AdaptSettings
 from ccfm.io.h5ad import read_control_cells, read_obs
 from ccfm.io.predictions import write_predictions, write_table_atomic
 from ccfm.state.model import StateRun, check_genes, encode_basal, load_state_run
@@ -61,38 +60,24 @@ def adapt_state_to_files(
         source.matrix.shape[0],
         len(target.genes),
     )
-    result = learn_shift(
+    return learn_shift_to_files(
         lambda expression: encode_basal(run, expression),
-        target.matrix,
-        source.matrix,
+        source,
+        target,
+        out_shift,
+        out_mmd_tsv,
+        out_history_tsv,
+        settings,
         seed=seed,
         device=device,
-        steps=settings.steps,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        holdout_fraction=settings.holdout_fraction,
-        patience=settings.patience,
-        eval_every=settings.eval_every,
-        eval_cells=settings.eval_cells,
+        provenance={
+            "encoder": "state basal_encoder",
+            "model": str(run.directory),
+            "checkpoint": str(run.checkpoint),
+            "target": str(target_h5ad),
+            "source": str(processed_h5ad),
+        },
     )
-    metadata = {
-        "seed": seed,
-        "encoder": "state basal_encoder",
-        "settings": asdict(settings),
-        "mmd2_before": result.mmd_before,
-        "mmd2_after": result.mmd_after,
-        "best_step": result.best_step,
-        "bandwidths": list(result.bandwidths),
-        "n_cells": result.n_cells,
-        "model": str(run.directory),
-        "checkpoint": str(run.checkpoint),
-        "target": str(target_h5ad),
-        "source": str(processed_h5ad),
-    }
-    save_shift(out_shift, result.shift, target.genes, metadata)
-    write_mmd_table(out_mmd_tsv, result)
-    write_history(out_history_tsv, result)
-    return result
 
 
 def state_target_labels(run: StateRun, observed: Sequence[str], requested: Sequence[str]) -> list[str]:
