@@ -138,3 +138,21 @@ def test_native_thread_pools_follow_the_rule(monkeypatch: pytest.MonkeyPatch) ->
     assert {os.environ[name] for name in POOL_VARIABLES} == {"2"}
     limit_native_threads(0)
     assert os.environ["NUMBA_NUM_THREADS"] == "1"
+
+
+@pytest.mark.slow  # subprocess
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["repository_root", "directory_elsewhere"])
+def test_dry_run_from_the_root_and_with_directory_elsewhere(tmp_path: Path, elsewhere: bool) -> None:
+    import sys
+
+    args = [sys.executable, "-m", "snakemake", "-n", "--forceall", "demo"]
+    if elsewhere:
+        args += ["--directory", str(tmp_path)]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "train_ccfm" in output and "runtime" in output
+    # Without a config/config.yaml of its own, the working directory uses the repository's.
+    if elsewhere:
+        assert str(ROOT / "config" / "config.yaml") in output.split("Config file(s):", 1)[1].splitlines()[0]
+    assert not (tmp_path / "results").exists()
