@@ -84,7 +84,9 @@ rule score:
         "../scripts/score.py"
 
 
-rule score_optional_method:
+# An optional method (state) in a job of its own: which ones run depends on the dataset and
+# the installed extras, and an output list cannot depend on wildcards.
+use rule score as score_optional_method with:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
@@ -112,25 +114,14 @@ rule score_optional_method:
         "logs/{ds}/fold{fold}/{method}/score.log",
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/{method}/score.tsv"
-    # An optional method (state) in a job of its own: its set depends on the dataset and installs.
     wildcard_constraints:
         method="|".join(OPTIONAL_METHODS),
-    conda:
-        ENV
-    threads: 2
     resources:
-        # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
         mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),
         runtime=lambda wc, attempt: 60 * attempt,
     params:
+        # one method; the other params come from rule score
         methods=lambda wc: [wc.method],
-        control_label=CONTROL_LABEL,
-        pert_col=PERT_COLUMN,
-        profile=lambda wc: section(wc.ds, "score")["profile"],
-        top_de=lambda wc: section(wc.ds, "score")["top_de"],
-        seed=config["seed"],
-    script:
-        "../scripts/score.py"
 
 
 rule summarize:
@@ -250,7 +241,7 @@ rule figure_pca:
         "../scripts/figure_pca.py"
 
 
-rule figure_pca_optional_method:
+use rule figure_pca as figure_pca_optional_method with:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
@@ -270,18 +261,11 @@ rule figure_pca_optional_method:
         "results/{ds}/benchmarks/fold{fold}/{method}/figure_pca.tsv"
     wildcard_constraints:
         method="|".join(OPTIONAL_METHODS),
-    conda:
-        ENV
-    threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int((2000 + 3 * input.size_mb) * attempt),
         runtime=lambda wc, attempt: 20 * attempt,
     params:
         methods=lambda wc: [wc.method],
-        seed=config["seed"],
-        control_label=CONTROL_LABEL,
-    script:
-        "../scripts/figure_pca.py"
 
 
 rule figure_gene_vocab:
