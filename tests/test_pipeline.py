@@ -92,7 +92,7 @@ def test_every_method_is_scored(demo_run):
     assert set(METHODS) <= set(summary["method"])
     # Our compact metrics are always defined; some cell-eval metrics are legitimately NaN
     # (e.g. a DE rank correlation when a prediction has no significant genes).
-    compact = summary[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "edistance"]]
+    compact = summary[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "sq_mean_shift", "energy_distance"]]
     assert np.isfinite(compact.to_numpy(dtype=float)).all(), compact.to_string()
     additive = summary[(summary["method"] == "additive") & (summary["fold"].astype(str) == "1")]
     nochange = summary[(summary["method"] == "nochange") & (summary["fold"].astype(str) == "1")]

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate.metrics import compact_metrics, energy_distance, mean_var, pearson_delta, top_de_indices, welch_t
+from ccfm.evaluate.metrics import (
+    compact_metrics,
+    mean_var,
+    pearson_delta,
+    squared_mean_shift,
+    top_de_indices,
+    welch_t,
+)
 from ccfm.io.predictions import PredictionError
 
 GENES = ["g0", "g1", "g2", "g3"]
@@ -55,12 +62,15 @@ def test_welch_t_and_top_de_ranking():
     assert sorted(top_de_indices(group, control, 2).tolist()) == [0, 2]
 
 
-def test_energy_distance_hand_value():
+def test_squared_mean_shift_hand_value():
     x = np.array([[0.0], [2.0]])
     y = np.array([[1.0], [3.0]])
-    # between: (1 + 9 + 1 + 1)/4 = 3; within (diagonal included): (0 + 4 + 4 + 0)/4 = 2 each.
-    assert energy_distance(x, y) == pytest.approx(2 * 3 - 2 - 2)
-    assert energy_distance(x, x) == pytest.approx(0.0)
+    # between: (1 + 9 + 1 + 1)/4 = 3; within (diagonal included): (0 + 4 + 4 + 0)/4 = 2 each;
+    # 2*3 - 2 - 2 = 2 = 2 * (mean shift 1)^2: the squared-distance E-distance sees means only.
+    assert squared_mean_shift(x, y) == pytest.approx(2 * 3 - 2 - 2)
+    assert squared_mean_shift(x, x) == pytest.approx(0.0)
+    # a point mass at the mean scores the same as the real spread: the reason for the rename
+    assert squared_mean_shift(np.array([[1.0], [1.0]]), np.array([[0.0], [2.0]])) == pytest.approx(0.0)
 
 
 def test_compact_metrics_toy_table():
@@ -75,19 +85,24 @@ def test_compact_metrics_toy_table():
     assert row["mse"] == pytest.approx(0.375, abs=1e-6)
     assert row["mse_top_de"] == pytest.approx(0.625, abs=1e-6)
     assert row["n_cells_pred"] == 2 and row["n_cells_real"] == 2 and row["top_de"] == 2
-    assert row["edistance"] > 0
+    # PCA of the 4 real cells, 3 components (n - 1): the means' shift is preserved by the
+    # orthogonal projection as far as it lies in the span; it is strictly positive here.
+    assert row["sq_mean_shift"] > 0
 
 
-def test_edistance_is_zero_for_identical_cells_and_grows_with_shift():
+def test_mean_shift_is_zero_for_identical_cells_and_grows_with_shift():
     rng = np.random.default_rng(0)
     ctrl = rng.uniform(0, 2, size=(30, 4))
     real_a = rng.uniform(0, 2, size=(20, 4)) + [1, 0, 0, 0]
     real = _adata({"non-targeting": ctrl, "A": real_a})
     exact = compact_metrics(_adata({"A": real_a, "non-targeting": ctrl}), real, top_de=2)
     off = compact_metrics(_adata({"A": real_a + [0, 1, 0, 0], "non-targeting": ctrl}), real, top_de=2)
-    assert exact.loc[0, "edistance"] == pytest.approx(0.0, abs=1e-8)
+    assert exact.loc[0, "sq_mean_shift"] == pytest.approx(0.0, abs=1e-8)
     assert exact.loc[0, "pearson_delta_pseudobulk"] == pytest.approx(1.0)
-    assert off.loc[0, "edistance"] > 0.5
+    # every PC is kept (4 genes, 50 cells), so the projection is a rotation: 2 * |(0, 1, 0, 0)|^2
+    assert off.loc[0, "sq_mean_shift"] == pytest.approx(2.0, rel=1e-6)
+    # the cell metrics see the same sets: identical cells score their own split-half floor
+    assert exact.loc[0, "std_ratio"] == pytest.approx(1.0)
 
 
 def test_missing_perturbation_is_an_error():
@@ -106,7 +121,7 @@ def test_summary_means_per_fold_and_over_folds(tmp_path):
                 "perturbation": ["A+B", "C+D"],
                 **{
                     m: values
-                    for m in ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]
+                    for m in ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "mse_top_de", "sq_mean_shift"]
                 },
             }
         )

@@ -65,7 +65,7 @@ def test_figures_are_drawn(tmp_path, toy_real):
             "pearson_delta_pseudobulk": [0.1, 0.6, 0.2, 0.7, 0.15, 0.65],
             "pearson_delta_top_de": [0.2, 0.8, 0.1, 0.9, 0.15, 0.85],
             "mse": [0.3, 0.1, 0.35, 0.12, 0.325, 0.11],
-            "edistance": [5.0, 2.0, 6.0, 1.5, 5.5, 1.75],
+            "energy_distance": [5.0, 2.0, 6.0, 1.5, 5.5, 1.75],
         }
     )
     plot_metric_comparison(summary, tmp_path / "metrics.png", "demo")

@@ -95,13 +95,26 @@ def test_warmup_cosine_schedule() -> None:
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+# (flow settings, least drop of the expression loss over 100 steps). With the start cell as the
+# network's input the endpoint of each path is predictable and the loss falls towards 0 (that is
+# the collapse: tests/model/test_flow_spread.py); with the default flow (another control cell,
+# OT pairs) the within-condition spread is irreducible and only the perturbation's shift is
+# learnable here (no mean model): about 0.12 of ~0.4 on this data.
+FLOWS = {
+    "start cell, independent pairs": ({"condition_cell": "start", "coupling": "independent"}, 0.75),
+    "default": ({}, 0.92),
+}
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
 @pytest.mark.parametrize("latent_dim", [0, 4])
-def test_loss_goes_down(dataset, tmp_path, latent_dim) -> None:
-    trainer = _trainer(*dataset, tmp_path / "resume", steps=100, latent_dim=latent_dim)
+def test_loss_goes_down(dataset, tmp_path, latent_dim, flow) -> None:
+    settings, least_drop = FLOWS[flow]
+    trainer = _trainer(*dataset, tmp_path / "resume", steps=100, latent_dim=latent_dim, **settings)
     history = np.asarray(trainer.run(progress=False).history)
     assert history.shape == (20, len(LOSS_COLUMNS))
     first, last = history[:2, 2].mean(), history[-4:, 2].mean()  # expression loss
-    assert last < 0.75 * first, (first, last)
+    assert last < least_drop * first, (first, last)
     if latent_dim:
         assert history[-4:, 3].mean() < 0.75 * history[:2, 3].mean()
     else:

@@ -139,7 +139,9 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
         assert {*split["test"], *predict} <= set(pred.obs["target_gene"].astype(str)), method
         metrics = compact_metrics(pred, real_cells, top_de=10, seed=0)
         assert set(metrics["perturbation"]) == set(split["test"]), method
-        values = metrics[["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "edistance"]].to_numpy(dtype=float)
+        values = metrics[
+            ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "sq_mean_shift", "energy_distance"]
+        ].to_numpy(dtype=float)
         assert np.isfinite(values).all(), (method, metrics)
         rows.append(
             {"method": method, **metrics[["mse", "pearson_delta_pseudobulk", "pearson_delta_top_de"]].mean().to_dict()}

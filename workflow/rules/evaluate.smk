@@ -40,6 +40,9 @@ rule score:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=lambda wc: method_files(wc, "pred.h5ad"),
+        # the cell-level metrics' PCA space is fitted on the fold's real training cells
+        processed="results/{ds}/processed.h5ad",
+        split="results/{ds}/splits/fold{fold}.json",
     output:
         results=expand("results/{{ds}}/fold{{fold}}/{method}/celleval_results.csv", method=METHODS),
         agg=[
@@ -90,6 +93,8 @@ use rule score as score_optional_method with:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
+        processed="results/{ds}/processed.h5ad",
+        split="results/{ds}/splits/fold{fold}.json",
     output:
         results=["results/{ds}/fold{fold}/{method}/celleval_results.csv"],
         agg=[
@@ -212,6 +217,9 @@ rule figure_pca:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=lambda wc: method_files(wc, "pred.h5ad"),
+        # the cell-level metrics' PCA space is fitted on the fold's real training cells
+        processed="results/{ds}/processed.h5ad",
+        split="results/{ds}/splits/fold{fold}.json",
     output:
         png=[
             report(
@@ -245,6 +253,8 @@ use rule figure_pca as figure_pca_optional_method with:
     input:
         real="results/{ds}/fold{fold}/real.h5ad",
         preds=["results/{ds}/fold{fold}/{method}/pred.h5ad"],
+        processed="results/{ds}/processed.h5ad",
+        split="results/{ds}/splits/fold{fold}.json",
     output:
         png=[
             report(

@@ -12,6 +12,8 @@ score_methods_to_files(
     dict(zip(methods, snakemake.input.preds)),
     snakemake.input.real,
     dict(zip(methods, zip(snakemake.output.results, snakemake.output.agg, snakemake.output.compact))),
+    processed_h5ad=snakemake.input.processed,
+    split_json=snakemake.input.split,
     control_label=snakemake.params.control_label,
     profile=snakemake.params.profile,
     num_threads=snakemake.threads,

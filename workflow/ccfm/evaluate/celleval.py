@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.validation import CELL_EVAL_PROFILES, check_enough_perturbations
-from ccfm.evaluate.metrics import compact_metrics
+from ccfm.evaluate.metrics import compact_metrics, training_cells
 from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,22 @@ def score_prediction(
     top_de: int = 20,
     seed: int = 0,
     pert_col: str = PERT_COLUMN,
+    pca_reference: ad.AnnData | None = None,
 ) -> ScoreTables:
-    """Score one prediction file against the fold's real cells with cell-eval and the compact metrics."""
+    """Score one prediction file against the fold's real cells with cell-eval and the compact metrics.
+
+    ``pca_reference``: real training cells the cell-level metrics' PCA space is fitted on
+    (:func:`ccfm.evaluate.metrics.training_cells`); without it, the fold's real cells.
+    """
     real = read_expression_h5ad(real_h5ad, pert_col)
     pred = read_expression_h5ad(pred_h5ad, pert_col)
     pred = align_prediction_to_real(pred, real, control_label, pert_col, source=str(pred_h5ad))
     # Also checked by the split rule; again here for a profile changed after the split was made.
     labels = real.obs[pert_col].astype(str)
     check_enough_perturbations(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
-    compact = compact_metrics(pred, real, control_label, top_de, pert_col=pert_col, seed=seed)
+    compact = compact_metrics(
+        pred, real, control_label, top_de, pert_col=pert_col, seed=seed, pca_reference=pca_reference
+    )
     results, aggregate = run_cell_eval(pred, real, control_label, profile, num_threads, pert_col)
     log.info("scored %s: %d perturbations, %d cell-eval metrics", pred_h5ad, len(results), results.shape[1] - 1)
     return ScoreTables(results=results, aggregate=aggregate, compact=compact)
@@ -107,19 +114,32 @@ def score_methods_to_files(
     preds: Mapping[str, str | Path],
     real_h5ad: str | Path,
     outputs: Mapping[str, tuple[str | Path, str | Path, str | Path]],
+    processed_h5ad: str | Path | None = None,
+    split_json: str | Path | None = None,
     **score_options: Any,
 ) -> None:
     """Score several methods' predictions of one fold in one process.
 
     cell-eval's numba kernels (DE tests, neighbour graphs) compile on first use in each process,
     which costs more than scoring a small fold: one process per fold compiles them once.
-    ``outputs`` maps each method to its (results CSV, aggregate CSV, compact TSV) paths.
+    ``outputs`` maps each method to its (results CSV, aggregate CSV, compact TSV) paths. With
+    ``processed_h5ad`` and ``split_json`` the cell-level metrics' PCA space is fitted on the
+    fold's real training cells (read once for every method).
     """
     missing = sorted(set(preds) - set(outputs))
     if missing:
         raise ValueError(f"no output paths for method(s) {missing}")
+    reference = None
+    if processed_h5ad is not None and split_json is not None:
+        reference = training_cells(
+            str(processed_h5ad),
+            str(split_json),
+            seed=int(score_options.get("seed", 0)),
+            pert_col=score_options.get("pert_col", PERT_COLUMN),
+        )
     for method, pred_h5ad in preds.items():
-        write_score_tables(score_prediction(pred_h5ad, real_h5ad, **score_options), *outputs[method])
+        tables = score_prediction(pred_h5ad, real_h5ad, pca_reference=reference, **score_options)
+        write_score_tables(tables, *outputs[method])
 
 
 def write_score_tables(

@@ -1,8 +1,9 @@
 """The lines a user reads at the end of a run: where the results are and CCFM beside the baselines.
 
 ``python -m ccfm.evaluate.headline results/demo/metrics_summary.tsv [--report results/report.html]``
-prints, for each summary table, CCFM's, the additive baseline's and no-change's MSE and Pearson
-delta on the held-out perturbations (all folds pooled), and says plainly when CCFM loses.
+prints, for each summary table, CCFM's, the additive baseline's and no-change's MSE, Pearson
+delta, cell-eval DE overlap and cell-level energy distance (beside its real-vs-real floor) on
+the held-out perturbations (all folds pooled), and names plainly every metric CCFM loses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 import pandas as pd
 
 HEADLINE_METHODS = ("ccfm", "additive", "nochange")
-HEADLINE_METRICS = ("mse", "pearson_delta_pseudobulk")
+# metric column -> (printed name, format, higher is better); the energy distance's floor is
+# printed beside it.
+HEADLINE_METRICS = {
+    "mse": ("MSE", ".4f", False),
+    "pearson_delta_pseudobulk": ("Pearson delta", ".3f", True),
+    "celleval_overlap_at_N": ("DE overlap", ".3f", True),
+    "energy_distance": ("energy distance", ".3f", False),
+}
 
 
 def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
@@ -23,24 +31,47 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
     missing = [method for method in HEADLINE_METHODS if method not in pooled.index]
     if missing:
         raise ValueError(f"summary table has no pooled row for {missing}; methods present: {sorted(pooled.index)}")
-    return pooled.loc[list(HEADLINE_METHODS), ["n_perturbations", *HEADLINE_METRICS]]
+    columns = [c for c in (*HEADLINE_METRICS, "energy_distance_floor", "std_ratio") if c in pooled.columns]
+    return pooled.loc[list(HEADLINE_METHODS), ["n_perturbations", *columns]]
+
+
+def _method_line(method: str, row: pd.Series) -> str:
+    parts = [f"{name} {row[metric]:{fmt}}" for metric, (name, fmt, _) in HEADLINE_METRICS.items() if metric in row]
+    if "energy_distance_floor" in row:
+        parts[-1] += f" (real-vs-real floor {row['energy_distance_floor']:.3f})"
+    if "std_ratio" in row:
+        parts.append(f"std ratio {row['std_ratio']:.2f}")
+    return f"  {method:<9} " + "   ".join(parts)
+
+
+def verdicts(rows: pd.DataFrame, against: str = "additive") -> list[str]:
+    """One line naming the metrics on which CCFM beats ``against`` and one naming those it loses."""
+    wins, losses = [], []
+    for metric, (name, _, higher_better) in HEADLINE_METRICS.items():
+        if metric not in rows.columns:
+            continue
+        ours, theirs = float(rows.loc["ccfm", metric]), float(rows.loc[against, metric])
+        (wins if (ours > theirs if higher_better else ours < theirs) else losses).append(name)
+    lines = []
+    if wins:
+        lines.append(f"  CCFM beats the {against} baseline on: {', '.join(wins)}.")
+    if losses:
+        lines.append(f"  CCFM LOSES to the {against} baseline on: {', '.join(losses)}.")
+    return lines
 
 
 def headline(summary_tsv: str | Path) -> str:
-    """Three lines of numbers and a verdict for one ``metrics_summary.tsv``."""
+    """A line per method and the verdicts against the additive baseline for one ``metrics_summary.tsv``."""
     summary = pd.read_csv(summary_tsv, sep="\t")
     rows = headline_rows(summary)
     dataset = str(summary["dataset"].iloc[0])
     n_perturbations = int(rows["n_perturbations"].iloc[0])
     lines = [f"{dataset}: {n_perturbations} held-out perturbations ({summary_tsv})"]
-    for method, row in rows.iterrows():
-        lines.append(f"  {method:<9} MSE {row['mse']:.4f}   Pearson delta {row['pearson_delta_pseudobulk']:.3f}")
+    lines += [_method_line(str(method), row) for method, row in rows.iterrows()]
     ccfm_mse, additive_mse = rows.loc["ccfm", "mse"], rows.loc["additive", "mse"]
     if ccfm_mse < additive_mse:
         lines.append(f"  CCFM's MSE is {additive_mse / ccfm_mse:.2f}x lower than the additive baseline's.")
-    else:
-        ratio = ccfm_mse / additive_mse
-        lines.append(f"  CCFM LOSES to the additive baseline: its MSE is {ratio:.2f}x the additive one.")
+    lines += verdicts(rows)
     return "\n".join(lines)
 
 

@@ -12,10 +12,14 @@ most papers report, computed the way GEARS and scPerturb define them:
   genes ranked by |t| of a Welch t-test of the real perturbed cells against the real controls,
   as scanpy's ``rank_genes_groups(method="t-test", rankby_abs=True)`` does).
 - ``mse`` / ``mse_top_de``: mean squared error of the predicted mean profile (log1p scale).
-- ``edistance``: energy distance (scPerturb's definition with squared Euclidean distances,
-  2·E‖X−Y‖² − E‖X−X'‖² − E‖Y−Y'‖²) between predicted and real cells of the perturbation, in the
-  space of the first ``n_pcs`` principal components of the fold's real cells (controls and
-  held-out perturbations; PCA fitted on the real data only, predictions projected into it).
+- ``sq_mean_shift``: scPerturb's E-distance with squared Euclidean distances,
+  2·E‖X−Y‖² − E‖X−X'‖² − E‖Y−Y'‖², which is exactly 2·‖mean(X) − mean(Y)‖²: a statistic of
+  means, named for what it is. It is taken in the PCA space below.
+- the cell-level metrics of :mod:`ccfm.evaluate.cells` (Euclidean energy distance, RBF MMD, std
+  ratio, correlation error on the top DE genes), each beside its real-vs-real split-half floor,
+  in the space of the first ``n_pcs`` principal components fitted on real *training* cells
+  (controls and training perturbations, all genes; ``pca_cells``) when they are given, else on
+  the fold's real cells. Predictions are projected into that fixed space.
 
 Control cells are summarised without densifying (sparse mean and variance); perturbed cells are
 dense one perturbation at a time.
@@ -35,6 +39,7 @@ from scipy import stats
 from sklearn.decomposition import PCA
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.evaluate.cells import CELL_COLUMNS, cell_metrics
 from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,8 @@ COMPACT_COLUMNS = [
     "pearson_delta_top_de",
     "mse",
     "mse_top_de",
-    "edistance",
+    "sq_mean_shift",
+    *CELL_COLUMNS,
     "top_de",
 ]
 
@@ -112,12 +118,13 @@ def pearson_delta(pred_mean: np.ndarray, real_mean: np.ndarray, control_mean: np
     return pearson(pred_mean - control_mean, real_mean - control_mean)
 
 
-def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """scPerturb E-distance with squared Euclidean distances: 2·δ_XY − σ_X − σ_Y.
+def squared_mean_shift(x: np.ndarray, y: np.ndarray) -> float:
+    """scPerturb's E-distance with squared Euclidean distances: 2·δ_XY − σ_X − σ_Y.
 
     δ_XY is the mean distance over all pairs between the sets, σ the mean over all pairs within a
     set (diagonal included, as scPerturb/pertpy do). With squared Euclidean distances this
-    V-statistic is exactly 2·‖mean(X) − mean(Y)‖², which is what is computed.
+    V-statistic is exactly 2·‖mean(X) − mean(Y)‖², which is what is computed: it sees means
+    only (:func:`ccfm.evaluate.cells.energy_distance` is the one that sees cells).
     """
     if len(x) == 0 or len(y) == 0:
         return float("nan")
@@ -137,7 +144,10 @@ def _subsample(rows: np.ndarray, max_cells: int, rng: np.random.Generator) -> np
 
 
 def fit_real_pca(real: ad.AnnData, n_pcs: int, max_cells: int, seed: int) -> PCA:
-    """PCA of the real cells (a seeded subsample of at most ``max_cells``), dense only on that subsample."""
+    """PCA of the real cells (a seeded subsample of at most ``max_cells``), dense only on that subsample.
+
+    ``real`` may be opened backed (``backed="r"``): only the subsample's rows are read.
+    """
     rng = np.random.default_rng(seed)
     rows = np.arange(real.n_obs)
     if real.n_obs > max_cells:
@@ -146,6 +156,28 @@ def fit_real_pca(real: ad.AnnData, n_pcs: int, max_cells: int, seed: int) -> PCA
     dense = block.toarray() if sp.issparse(block) else np.asarray(block)
     n_components = max(1, min(n_pcs, dense.shape[0] - 1, dense.shape[1]))
     return PCA(n_components=n_components, svd_solver="auto", random_state=seed).fit(dense.astype(np.float64))
+
+
+def training_cells(
+    processed_h5ad: str, split_json: str, max_cells: int = 5000, seed: int = 0, pert_col: str = PERT_COLUMN
+) -> ad.AnnData:
+    """A seeded subsample (at most ``max_cells``) of the fold's real training cells: controls and
+    training perturbations of ``processed.h5ad``, read backed (only the drawn rows are loaded)."""
+    from ccfm.io.splits import read_split
+
+    split = read_split(split_json)
+    keep = {str(label) for label in split["train"]} | {str(split.get("controls", CONTROL_LABEL))}
+    backed = ad.read_h5ad(processed_h5ad, backed="r")
+    try:
+        labels = backed.obs[pert_col].astype(str).to_numpy()
+        rows = np.flatnonzero(np.isin(labels, sorted(keep)))
+        if rows.size > max_cells:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cells, replace=False))
+        block = backed.X[rows]
+        matrix = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+        return ad.AnnData(X=matrix, obs=backed.obs.iloc[rows].copy(), var=backed.var.copy())
+    finally:
+        backed.file.close()
 
 
 def compact_metrics(
@@ -159,18 +191,23 @@ def compact_metrics(
     max_cells: int = 500,
     pca_cells: int = 5000,
     seed: int = 0,
+    pca_reference: ad.AnnData | None = None,
 ) -> pd.DataFrame:
     """Per-perturbation compact metrics (columns :data:`COMPACT_COLUMNS`), one row per real perturbation.
 
     ``pred`` must predict every perturbation of ``real`` (otherwise :class:`PredictionError`);
     predicted perturbations without real cells are ignored. Cells are subsampled (seeded) to at
-    most ``max_cells`` per side for the E-distance.
+    most ``max_cells`` per side for the distances. ``pca_reference`` holds the real training
+    cells the PCA space is fitted on (:func:`training_cells`, same genes as ``real``); without
+    it the space is fitted on ``real``.
     """
     pred = align_prediction_to_real(pred, real, control_label, pert_col)
     real_labels = real.obs[pert_col].astype(str).to_numpy()
     pred_labels = pred.obs[pert_col].astype(str).to_numpy()
     control = mean_var(real.X[np.flatnonzero(real_labels == control_label)])
-    pca = fit_real_pca(real, n_pcs, pca_cells, seed)
+    if pca_reference is not None and list(pca_reference.var_names) != list(real.var_names):
+        raise ValueError("the PCA reference cells must have the genes of the real cells, in the same order")
+    pca = fit_real_pca(real if pca_reference is None else pca_reference, n_pcs, pca_cells, seed)
     rng = np.random.default_rng(seed)
     rows = []
     for pert in sorted(set(real_labels) - {control_label}):
@@ -189,17 +226,25 @@ def compact_metrics(
                 "pearson_delta_top_de": pearson_delta(pred_mean[de], real_stats.mean[de], control.mean[de]),
                 "mse": float(err.mean()),
                 "mse_top_de": float(err[de].mean()),
-                "edistance": energy_distance(
+                "sq_mean_shift": squared_mean_shift(
                     pca.transform(_subsample(pred_cells, max_cells, rng).astype(np.float64)),
                     pca.transform(_subsample(real_cells, max_cells, rng).astype(np.float64)),
                 ),
+                **cell_metrics(pred_cells, real_cells, pca.transform, de, rng, max_cells),
                 "top_de": int(len(de)),
             }
         )
     return pd.DataFrame(rows, columns=COMPACT_COLUMNS)
 
 
-SUMMARY_COMPACT_METRICS = ["pearson_delta_pseudobulk", "pearson_delta_top_de", "mse", "mse_top_de", "edistance"]
+SUMMARY_COMPACT_METRICS = [
+    "pearson_delta_pseudobulk",
+    "pearson_delta_top_de",
+    "mse",
+    "mse_top_de",
+    "sq_mean_shift",
+    *CELL_COLUMNS,
+]
 
 
 def celleval_means(aggregate: pd.DataFrame) -> dict[str, float]:
@@ -228,7 +273,8 @@ def summarize_scores(
             "fold": str(fold),
             "n_perturbations": len(compact),
         }
-        row.update({m: float(compact[m].mean()) for m in SUMMARY_COMPACT_METRICS})
+        # tables written before a metric existed summarise without it
+        row.update({m: float(compact[m].mean()) for m in SUMMARY_COMPACT_METRICS if m in compact})
         row.update(celleval_means(aggregate))
         rows.append(row)
     table = pd.DataFrame(rows)

@@ -39,7 +39,8 @@ COMPARISON_METRICS = {
     "pearson_delta_pseudobulk": "higher is better",
     "pearson_delta_top_de": "higher is better",
     "mse": "lower is better",
-    "edistance": "lower is better",
+    "energy_distance": "lower is better",
+    "std_ratio": "closer to 1 is better",
     "celleval_discrimination_score_l1": "higher is better",
     "celleval_overlap_at_N": "higher is better",
 }

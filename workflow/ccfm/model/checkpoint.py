@@ -70,7 +70,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a CCFM model file (format {payload.get('format')!r}); retrain with train_ccfm")
     config = ModelConfig.from_dict(json.loads(payload["model_config"]))
-    settings = FlowSettings(**json.loads(payload["flow_settings"]))
+    flow = json.loads(payload["flow_settings"])
+    # Files written before these keys existed trained with the start cell as the network's
+    # control input and independent pairs: rebuild them as they were trained.
+    flow.setdefault("condition_cell", "start")
+    flow.setdefault("coupling", "independent")
+    settings = FlowSettings(**flow)
     denoiser = CascadedDenoiser(CascadedFlowModel(config), settings)
     denoiser.model.load_state_dict(payload["state_dict"])
     denoiser.to(device).eval()

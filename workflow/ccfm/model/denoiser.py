@@ -37,6 +37,9 @@ TIME_SCHEDULES = ("uniform", "logit_normal")
 # Where the expression flow starts: Gaussian noise (the plan) or the control cell moved by the
 # mean model's predicted shift (``model.anchor: additive``; see ccfm.model.mean_model).
 SOURCES = ("gaussian", "control")
+# What the network is shown as its control cell in a control-anchored flow (see FlowSettings).
+CONDITION_CELLS = ("separate", "start")
+COUPLINGS = ("independent", "ot")
 
 
 _TRAIN = section_defaults("train")
@@ -63,10 +66,22 @@ class FlowSettings:
     prediction: str = _TRAIN["prediction"]
     x_pred_min_denominator: float = _TRAIN["x_pred_min_denominator"]
     source: str = "gaussian"
+    # Control-anchored flow only. "separate": the network's control-cell input is drawn apart
+    # from the cell the flow starts at, so (x_t, t, label) is all it knows of where the path
+    # began and the learned flow carries the distribution of starting cells onto that of the
+    # target cells. "start": that same cell, the old coupling: given it, x0 is known and the
+    # loss's exact minimiser sends every cell to the condition mean (zero spread).
+    condition_cell: str = _TRAIN["condition_cell"]
+    # Pairing of starting and target cells in a batch: "independent" or minibatch OT.
+    coupling: str = _TRAIN["coupling"]
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"flow source {self.source!r} is unknown: use one of {SOURCES}")
+        if self.condition_cell not in CONDITION_CELLS:
+            raise ValueError(f"train.condition_cell {self.condition_cell!r} is unknown: use one of {CONDITION_CELLS}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"train.coupling {self.coupling!r} is unknown: use one of {COUPLINGS}")
         if self.time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"train.time_schedule {self.time_schedule!r} is unknown: use one of {TIME_SCHEDULES}")
         if self.prediction not in ("velocity", "x"):
@@ -301,19 +316,24 @@ class CascadedDenoiser(nn.Module):
         method: str = "rk4",
         generator: torch.Generator | None = None,
         x_start: Tensor | None = None,
+        z_noise: Tensor | None = None,
+        x_noise: Tensor | None = None,
     ) -> Tensor:
         """Stage 1: integrate the latent ODE from Gaussian noise with ``t_expr = 0``.
 
         The expression input is the expression flow's starting point, as in training: noise, or
-        the (anchored) control cells for a control-anchored flow.
+        the (anchored) control cells for a control-anchored flow. ``z_noise`` / ``x_noise``: the
+        starting noise, drawn from ``generator`` when not given.
         """
         batch, n_genes = source.shape
         dim = self.model.config.latent_dim
         device = source.device
-        z_noise = torch.randn((batch, n_genes, dim), generator=generator, device=device)
-        x_noise = torch.randn(source.shape, generator=generator, device=device)
+        if z_noise is None:
+            z_noise = torch.randn((batch, n_genes, dim), generator=generator, device=device)
         if self.settings.source == "control":
             x_noise = source.float() if x_start is None else x_start.float()
+        elif x_noise is None:
+            x_noise = torch.randn(source.shape, generator=generator, device=device)
         t_expr = torch.zeros(batch, device=device)
 
         def latent_field(t: Tensor, z_t: Tensor) -> Tensor:
@@ -334,17 +354,20 @@ class CascadedDenoiser(nn.Module):
         method: str = "rk4",
         generator: torch.Generator | None = None,
         x_start: Tensor | None = None,
+        x_noise: Tensor | None = None,
     ) -> Tensor:
         """Stage 2: integrate the expression ODE with ``latent`` held clean (``t_latent = 1``).
 
-        The ODE starts from Gaussian noise, or from ``x_start`` (default: the control cells
-        themselves) for a control-anchored flow.
+        The ODE starts from Gaussian noise (``x_noise``, drawn from ``generator`` when not
+        given), or from ``x_start`` (default: the control cells themselves) for a
+        control-anchored flow.
         """
         batch = source.shape[0]
         device = source.device
-        x_noise = torch.randn(source.shape, generator=generator, device=device)
         if self.settings.source == "control":
             x_noise = source.float() if x_start is None else x_start.float()
+        elif x_noise is None:
+            x_noise = torch.randn(source.shape, generator=generator, device=device)
         t_latent = torch.ones(batch, device=device)
 
         def expr_field(t: Tensor, x_t: Tensor) -> Tensor:
@@ -365,17 +388,23 @@ class CascadedDenoiser(nn.Module):
         generator: torch.Generator | None = None,
         latent: Tensor | None = None,
         x_start: Tensor | None = None,
+        z_noise: Tensor | None = None,
+        x_noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Two-stage cascaded generation -> (expression ≥ 0 (B, G), latent (B, G, D) or None).
 
         ``latent`` may be given to skip stage 1 (used to test that stage 2 reads it);
-        ``x_start`` is where a control-anchored expression flow starts (see :meth:`generate_expression`).
+        ``x_start`` is where a control-anchored expression flow starts (see :meth:`generate_expression`);
+        ``z_noise`` / ``x_noise`` are the latent and (Gaussian-source) expression starting noise,
+        drawn from ``generator`` when not given.
         """
         if self.latent_enabled and latent is None:
-            latent = self.generate_latent(gene_ids, source, pert_ids, latent_steps, method, generator, x_start)
+            latent = self.generate_latent(
+                gene_ids, source, pert_ids, latent_steps, method, generator, x_start, z_noise, x_noise
+            )
         if not self.latent_enabled:
             latent = None
         expression = self.generate_expression(
-            gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start
+            gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start, x_noise
         )
         return expression.clamp(min=0.0), latent

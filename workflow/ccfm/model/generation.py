@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class GenerateSettings:
     latent_steps: int = _GENERATE["latent_steps"]
     expr_steps: int = _GENERATE["expr_steps"]
     batch_size: int = _GENERATE["batch_size"]
+    # Anchored flow: re-centre the generated cells on the mean model's predicted mean.
+    recenter: bool = _GENERATE["recenter"]
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> GenerateSettings:
@@ -97,6 +99,152 @@ def controls_mean(data: ExpressionData, control_rows: np.ndarray) -> np.ndarray:
     return row_moments(data, control_rows, chunk=4096)[0]
 
 
+@dataclass
+class _Block:
+    """Up to ``batch_size`` cells of one label: their start and condition cells and noise."""
+
+    label: str
+    starts: np.ndarray
+    conditions: np.ndarray
+    pert_ids: torch.Tensor  # (1, 2)
+    shift: torch.Tensor | None
+    z_noise: torch.Tensor | None
+    x_noise: torch.Tensor | None
+
+
+def _label_blocks(
+    model: LoadedModel,
+    data: ExpressionData,
+    control_rows: np.ndarray,
+    label: str,
+    settings: GenerateSettings,
+    seed: int,
+    device: torch.device,
+) -> list[_Block]:
+    """One label's draws, from generators seeded by the run seed and the label alone.
+
+    Cells are drawn in blocks of ``settings.batch_size`` and each block's noise in turn from the
+    label's own generator, so a label's cells do not depend on which other labels are generated
+    with it, nor on how the blocks are packed into network batches.
+    """
+    rng = np.random.default_rng(label_seed(seed, label))
+    n_cells = settings.cells_per_perturbation
+    starts = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
+    generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**63 - 1)))
+    flow = model.denoiser.settings
+    conditions = starts
+    if flow.source == "control" and flow.condition_cell == "separate":
+        conditions = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
+    anchored = flow.source == "control" and model.mean_model is not None
+    shift = model.mean_model.delta(label) if anchored else None
+    pert_ids = model.vocab.batch_ids([label]).to(device)
+    latent_dim = model.denoiser.model.config.latent_dim
+    blocks = []
+    for begin in range(0, n_cells, settings.batch_size):
+        size = min(settings.batch_size, n_cells - begin)
+        z_noise = x_noise = None
+        if model.denoiser.latent_enabled:
+            z_noise = torch.randn((size, data.n_genes, latent_dim), generator=generator, device=device)
+        if flow.source == "gaussian":
+            x_noise = torch.randn((size, data.n_genes), generator=generator, device=device)
+        blocks.append(
+            _Block(
+                label,
+                starts[begin : begin + size],
+                conditions[begin : begin + size],
+                pert_ids,
+                None if shift is None else shift.to(device),
+                z_noise,
+                x_noise,
+            )
+        )
+    return blocks
+
+
+def _packed(blocks: Iterable[_Block], batch_size: int) -> Iterator[list[_Block]]:
+    """Consecutive blocks grouped into network batches of at most ``batch_size`` cells."""
+    group: list[_Block] = []
+    size = 0
+    for block in blocks:
+        if group and size + len(block.starts) > batch_size:
+            yield group
+            group, size = [], 0
+        group.append(block)
+        size += len(block.starts)
+    if group:
+        yield group
+
+
+def _generate_group(
+    model: LoadedModel, data: ExpressionData, group: list[_Block], settings: GenerateSettings, device: torch.device
+) -> list[np.ndarray]:
+    """Run one network batch made of several labels' blocks; return each block's cells."""
+    starts = torch.from_numpy(data.dense_rows(np.concatenate([b.starts for b in group]))).to(device)
+    sources = torch.from_numpy(data.dense_rows(np.concatenate([b.conditions for b in group]))).to(device)
+    sizes = [len(b.starts) for b in group]
+    shifts = [torch.zeros(data.n_genes, device=device) if b.shift is None else b.shift for b in group]
+    x_start = starts + torch.cat([s.expand(n, -1) for s, n in zip(shifts, sizes)])
+    pert_ids = torch.cat([b.pert_ids.expand(n, -1) for b, n in zip(group, sizes)])
+    z_noise = torch.cat([b.z_noise for b in group]) if group[0].z_noise is not None else None
+    x_noise = torch.cat([b.x_noise for b in group]) if group[0].x_noise is not None else None
+    batch = starts.shape[0]
+    expression, _ = model.denoiser.generate(
+        torch.arange(data.n_genes, device=device).expand(batch, -1),
+        sources,
+        pert_ids,
+        latent_steps=settings.latent_steps,
+        expr_steps=settings.expr_steps,
+        method=settings.method,
+        x_start=x_start,
+        z_noise=z_noise,
+        x_noise=x_noise,
+    )
+    cells = expression.float().cpu().numpy()
+    return np.split(cells, np.cumsum(sizes)[:-1])
+
+
+def generate_labels(
+    model: LoadedModel,
+    data: ExpressionData,
+    control_rows: np.ndarray,
+    labels: Sequence[str],
+    settings: GenerateSettings,
+    seed: int,
+    device: torch.device,
+    control_mean: np.ndarray | None = None,
+    progress: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Generate ``cells_per_perturbation`` cells (n, G), log1p ≥ 0, for every label.
+
+    A control-anchored model starts each cell's flow at a drawn control cell moved by the mean
+    model's predicted shift; the network's control-cell input is that same cell or, for models
+    trained with ``condition_cell: separate``, an independent draw (as in training). With
+    ``settings.recenter`` each label's cells are then re-centred on the mean of the controls
+    they start from (``control_mean``, computed from ``control_rows`` when not given) plus that
+    shift: in another cell context (adaptation) the shift applies to that context's controls.
+    Without it the flow's own mean stands. Labels the mean model cannot anchor (unseen singles)
+    start at the control cell unmoved.
+
+    The cells of several labels share network batches of ``settings.batch_size`` (a label's
+    draws are its own: see :func:`_label_blocks`); ``progress`` names a progress bar over them.
+    """
+    blocks = [b for label in labels for b in _label_blocks(model, data, control_rows, label, settings, seed, device)]
+    pieces: dict[str, list[np.ndarray]] = {label: [] for label in labels}
+    groups = list(_packed(blocks, settings.batch_size))
+    for group in tqdm(groups, desc=progress, mininterval=5.0, disable=progress is None):
+        for block, cells in zip(group, _generate_group(model, data, group, settings, device)):
+            pieces[block.label].append(cells)
+    predicted = {label: np.concatenate(parts, axis=0) for label, parts in pieces.items()}
+    anchored = model.denoiser.settings.source == "control" and model.mean_model is not None
+    if anchored and settings.recenter:
+        reference = controls_mean(data, control_rows) if control_mean is None else control_mean
+        for label in labels:
+            shift = model.mean_model.delta(label)
+            if shift is not None:
+                predicted[label] = match_mean(predicted[label], reference + shift.numpy())
+    return predicted
+
+
 def predict_label(
     model: LoadedModel,
     data: ExpressionData,
@@ -107,44 +255,8 @@ def predict_label(
     device: torch.device,
     control_mean: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Generate ``cells_per_perturbation`` cells (n, G) for one perturbation, log1p ≥ 0.
-
-    A control-anchored model starts each cell's flow at its control cell moved by the mean
-    model's predicted shift and re-centres the generated cells on the mean of the controls it
-    starts from (``control_mean``, computed from ``control_rows`` when not given) plus that
-    shift: in another cell context (adaptation) the shift applies to that context's controls.
-    Labels the mean model cannot anchor (unseen singles) start at the control cell unmoved.
-    """
-    rng = np.random.default_rng(label_seed(seed, label))
-    n_cells = settings.cells_per_perturbation
-    sources = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
-    generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**63 - 1)))
-    pert_row = model.vocab.batch_ids([label]).to(device)
-    all_genes = torch.arange(data.n_genes, device=device)
-    anchored = model.denoiser.settings.source == "control" and model.mean_model is not None
-    shift = model.mean_model.delta(label) if anchored else None
-    blocks = []
-    for start in range(0, n_cells, settings.batch_size):
-        rows = sources[start : start + settings.batch_size]
-        source = torch.from_numpy(data.dense_rows(rows)).to(device)
-        batch = source.shape[0]
-        x_start = None if shift is None else source + shift.to(device)
-        expression, _ = model.denoiser.generate(
-            all_genes.expand(batch, -1),
-            source,
-            pert_row.expand(batch, -1),
-            latent_steps=settings.latent_steps,
-            expr_steps=settings.expr_steps,
-            method=settings.method,
-            generator=generator,
-            x_start=x_start,
-        )
-        blocks.append(expression.float().cpu().numpy())
-    cells = np.concatenate(blocks, axis=0)
-    if shift is not None:
-        reference = controls_mean(data, control_rows) if control_mean is None else control_mean
-        cells = match_mean(cells, reference + shift.numpy())
-    return cells
+    """The cells of one label (:func:`generate_labels`; the same cells as when generated with others)."""
+    return generate_labels(model, data, control_rows, [label], settings, seed, device, control_mean)[label]
 
 
 def read_control_cells(
@@ -185,10 +297,10 @@ def predict_to_files(
     # Positions among the controls: draws the same cells as the controls' row numbers in the file would.
     control_rows = np.arange(controls.matrix.shape[0])
     started = time.perf_counter()
-    predicted: dict[str, np.ndarray] = {}
     reference = controls_mean(controls, control_rows)
-    for label in tqdm(labels, desc="predict", mininterval=5.0):
-        predicted[label] = predict_label(model, controls, control_rows, label, settings, seed, device, reference)
+    predicted = generate_labels(
+        model, controls, control_rows, labels, settings, seed, device, reference, progress="predict"
+    )
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())
     log.info(

@@ -102,11 +102,28 @@ class GeneEncoder(nn.Module):
 class ContinuousValueEncoder(nn.Module):
     """One expression value per gene -> a d-vector: Linear(1,d) -> ReLU -> Linear -> LayerNorm."""
 
+    # Knots of the first layer's hinges span the usual log1p range (see :meth:`reset_knots`).
+    KNOT_RANGE = (0.0, 6.0)
+
     def __init__(self, d_model: int, dropout: float = 0.0, max_value: float = 512.0) -> None:
         super().__init__()
         self.max_value = max_value
         self.net = nn.Sequential(nn.Linear(1, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.LayerNorm(d_model))
         self.dropout = nn.Dropout(dropout)
+
+    @torch.no_grad()
+    def reset_knots(self) -> None:
+        """Hinges ``relu(w_j · (v − u_j))`` with knots ``u_j`` spread over :data:`KNOT_RANGE`.
+
+        With zero first-layer biases every hidden unit is proportional to ``v`` for v > 0 and the
+        final LayerNorm divides the scale away: all positive values would get one encoding, and a
+        flow could not see *where* a cell is, only whether a gene is expressed (it then learns a
+        per-gene constant velocity, i.e. a mean shift, and never the spread).
+        """
+        first = self.net[0]
+        low, high = self.KNOT_RANGE
+        knots = torch.linspace(low, high, first.out_features, dtype=first.weight.dtype)
+        first.bias.copy_(-first.weight[:, 0] * knots)
 
     def forward(self, values: Tensor) -> Tensor:
         # The clamp keeps a wild noisy sample from blowing up the first linear layer.
@@ -427,6 +444,8 @@ class CascadedFlowModel(nn.Module):
             if isinstance(module, (AdaLNZeroBlock, FinalLayer)):
                 nn.init.zeros_(module.modulation[-1].weight)
                 nn.init.zeros_(module.modulation[-1].bias)
+        self.control_value_encoder.reset_knots()
+        self.noisy_value_encoder.reset_knots()
         if self.config.latent_enabled:
             nn.init.zeros_(self.latent_decoder.final.linear.weight)
             nn.init.zeros_(self.latent_decoder.final.linear.bias)

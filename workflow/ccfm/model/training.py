@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -68,8 +69,14 @@ class Batch:
 
     label: str
     target_rows: np.ndarray
-    control_rows: np.ndarray
+    control_rows: np.ndarray  # the network's control-cell input
     gene_window: np.ndarray  # sorted gene indices
+    # Control cells the anchored flow starts from; None: the same cells as ``control_rows``.
+    start_rows: np.ndarray | None = None
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self.control_rows if self.start_rows is None else self.start_rows
 
 
 class PerturbationBatchSampler:
@@ -83,8 +90,10 @@ class PerturbationBatchSampler:
         window: int,
         rng: np.random.Generator,
         control_label: str = CONTROL_LABEL,
+        separate_starts: bool = False,
     ) -> None:
         self.data = data
+        self.separate_starts = separate_starts
         self.batch_size = batch_size
         self.window = min(window, data.n_genes)
         self.rng = rng
@@ -107,7 +116,8 @@ class PerturbationBatchSampler:
         targets = self._draw(self.rows[label])
         controls = self._draw(self.control_rows)
         window = np.sort(self.rng.permutation(self.data.n_genes)[: self.window])
-        return Batch(label, targets, controls, window)
+        starts = self._draw(self.control_rows) if self.separate_starts else None
+        return Batch(label, targets, controls, window, starts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,9 +304,18 @@ class Trainer:
         self.mean_model = mean_model
         self._anchor_cache: dict[str, np.ndarray | None] = {}
         self.np_rng = np.random.default_rng(seed)
+        flow = denoiser.settings
+        anchored = flow.source == "control"
         self.sampler = PerturbationBatchSampler(
-            data, train_labels, settings.batch_size, settings.infer_top_gene, self.np_rng, control_label
+            data,
+            train_labels,
+            settings.batch_size,
+            settings.infer_top_gene,
+            self.np_rng,
+            control_label,
+            separate_starts=anchored and flow.condition_cell == "separate",
         )
+        self.ot_coupling = anchored and flow.coupling == "ot"
         self.torch_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.optimizer = torch.optim.AdamW(denoiser.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         min_ratio = min(1.0, settings.eta_min / settings.lr)
@@ -406,8 +425,8 @@ class Trainer:
         source = self.data.dense_rows(batch.control_rows)[:, window]
         x_start = None
         if self.denoiser.settings.source == "control":
-            shift = self.anchor_shift(batch.label)
-            x_start = torch.from_numpy(source if shift is None else source + shift[window]).to(self.device)
+            start = source if batch.start_rows is None else self.data.dense_rows(batch.start_rows)[:, window]
+            x_start = torch.from_numpy(self._anchored(start, batch)).to(self.device)
         z_target = None
         if self.latent_targets is not None:
             started = time.perf_counter()
@@ -420,19 +439,45 @@ class Trainer:
         target = torch.from_numpy(target_full[:, window]).to(self.device)
         return gene_ids, torch.from_numpy(source).to(self.device), target, pert_ids, z_target, x_start
 
+    def _anchored(self, start: np.ndarray, batch: Batch) -> np.ndarray:
+        """Starting cells (B, window) moved by the label's predicted shift (unmoved without one)."""
+        shift = self.anchor_shift(batch.label)
+        return start if shift is None else start + shift[batch.gene_window]
+
+    def _couple(self, batch: Batch) -> Batch:
+        """Minibatch OT: reorder the starting cells so start i goes to target i at least total cost.
+
+        The cost is the squared Euclidean distance over the batch's gene window between the
+        anchored starting cells and the target cells; the global batch is coupled before it is
+        sharded, so every process sees the same pairs.
+        """
+        window = batch.gene_window
+        starts = batch.starts
+        start = self._anchored(self.data.dense_rows(starts)[:, window], batch).astype(np.float64)
+        target = self.data.dense_rows(batch.target_rows)[:, window].astype(np.float64)
+        cost = ((target[:, None, :] - start[None, :, :]) ** 2).sum(axis=-1)
+        _, order = linear_sum_assignment(cost)
+        if batch.start_rows is None:  # the start cells are the network's control input too
+            return Batch(batch.label, batch.target_rows, starts[order], window)
+        return Batch(batch.label, batch.target_rows, batch.control_rows, window, starts[order])
+
     def _local_part(self, batch: Batch) -> tuple[Batch, BatchShard]:
         """This process's contiguous slice of the global batch (all of it in a single process)."""
         total = len(batch.target_rows)
         if not self.dist.distributed:
             return batch, BatchShard.whole(total)
         rows = self.dist.shard(total)
-        local = Batch(batch.label, batch.target_rows[rows], batch.control_rows[rows], batch.gene_window)
+        starts = None if batch.start_rows is None else batch.start_rows[rows]
+        local = Batch(batch.label, batch.target_rows[rows], batch.control_rows[rows], batch.gene_window, starts)
         return local, BatchShard(rows.start, rows.stop, total, self.dist.world_size, gather_rows)
 
     def train_step(self) -> dict[str, float]:
         self.denoiser.train()
         # Every rank draws the same global batch (same sampler state), then keeps its own shard.
-        local, shard = self._local_part(self.sampler.sample())
+        batch = self.sampler.sample()
+        if self.ot_coupling:
+            batch = self._couple(batch)
+        local, shard = self._local_part(batch)
         if self.rows_seen is not None:
             self.rows_seen.append(local.target_rows)
         gene_ids, source, target, pert_ids, z_target, x_start = self._tensors(local)
