@@ -1,0 +1,78 @@
+"""benchmarks/gpu_check.sh in its CPU mode: the GPU check must keep working where CI has no GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.slow  # a subprocess that trains, extracts and generates (~20-60 s on 2 CPU cores)
+def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> None:
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CCFM_COMMIT="test-commit")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root / "workflow"), env.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(
+        ["bash", str(repo_root / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    markdown = (out / "gpu_check.md").read_text()
+
+    assert report["mode"] == "cpu" and report["numbers_are"] == "CPU" and report["ok"] and report["failures"] == []
+    if not torch.cuda.is_available():
+        assert report["statement"].startswith("No CUDA GPU was found")
+        assert "No CUDA GPU was found" in markdown
+    assert "CPU numbers" in markdown
+    env_info = report["environment"]
+    assert env_info["git_commit"] == "test-commit" and env_info["torch"] == torch.__version__
+
+    # the gpu-marked tests ran (skipped without CUDA) and the files holding them were found
+    tests = report["tests"]
+    assert tests["returncode"] == 0 and tests["failed"] == 0 and tests["error"] == 0
+    assert "tests/model/test_cuda.py" in tests["files"] and "tests/scgpt/test_scgpt_cuda.py" in tests["files"]
+    assert tests["passed"] + tests["skipped"] >= 8
+
+    for key in ("ccfm_fp32", "ccfm_bf16", "ccfm_nolatent_fp32", "ccfm_nolatent_bf16"):
+        entry = report["training"][key]
+        assert entry["steps_per_s"] > 0 and math.isfinite(entry["cells_per_s"]) and entry["cells_per_s"] > 0
+        assert entry["losses_finite"] and entry["bf16_active"] is False and entry["peak_gpu_memory_gib"] is None
+    assert report["training"]["ccfm_fp32"]["latent_targets_share"] > 0
+    assert report["training"]["ccfm_nolatent_fp32"]["latent_targets_share"] == 0
+
+    comparison = report["bf16_vs_fp32"]
+    assert comparison["bf16_active"] is False and comparison["within_tolerance"]
+    assert comparison["loss_fp32"] == comparison["loss_bf16"] and comparison["rel_diff"] == 0  # both fp32 on CPU
+    assert comparison["tolerance_rel"] == 0.02 and "CUDA only" in comparison["note"]
+
+    extraction = report["extraction"]
+    for key in ("cold_fp32", "warm"):
+        assert extraction[key]["cells_per_s"] > 0 and math.isfinite(extraction[key]["cells_per_s"])
+    assert extraction["cells"] > 0 and extraction["tokens_per_cell_mean"] > 0
+
+    generation = report["generation"]
+    assert generation["method"] == "rk4" and generation["latent_steps"] == generation["expr_steps"] == 20
+    assert generation["ccfm_fp32"]["stages"] == 2 and generation["ccfm_nolatent_fp32"]["stages"] == 1
+    assert generation["ccfm_fp32"]["evaluations_per_batch"] == 4 * (19 + 19)
+    for key in ("ccfm_fp32", "ccfm_nolatent_fp32"):
+        assert generation[key]["finite"] and generation[key]["shape_ok"] and generation[key]["cells_per_s"] > 0
+
+    loss = report["loss_check"]
+    assert loss["fell"] and loss["finite"] and loss["last_fifth_mean"] < loss["first_fifth_mean"]
+    assert loss["relative_drop"] >= loss["required_drop"] == 0.1
+
+    projection = report["projection"]
+    assert projection["total_gpu_h"] > 0 and "NOT an estimate" in projection["label"]
+    assert projection["assumptions"]["train_steps"] == 200000
