@@ -45,12 +45,20 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
     assert "tests/model/test_cuda.py" in tests["files"] and "tests/scgpt/test_scgpt_cuda.py" in tests["files"]
     assert tests["passed"] + tests["skipped"] >= 8
 
-    for key in ("ccfm_fp32", "ccfm_bf16", "ccfm_nolatent_fp32", "ccfm_nolatent_bf16"):
-        entry = report["training"][key]
+    training = report["training"]
+    keys = ("ccfm_fp32", "ccfm_bf16", "ccfm_bf16_cache_off", "ccfm_bf16_targets_on_device")
+    for key in (*keys, "ccfm_nolatent_fp32", "ccfm_nolatent_bf16"):
+        entry = training[key]
         assert entry["steps_per_s"] > 0 and math.isfinite(entry["cells_per_s"]) and entry["cells_per_s"] > 0
+        assert entry["cells_per_s"] == pytest.approx(entry["steps_per_s"] * 8)  # batch 8 in CPU mode
         assert entry["losses_finite"] and entry["bf16_active"] is False and entry["peak_gpu_memory_gib"] is None
-    assert report["training"]["ccfm_fp32"]["latent_targets_share"] > 0
-    assert report["training"]["ccfm_nolatent_fp32"]["latent_targets_share"] == 0
+        assert entry["steps"] >= 3
+    for key in keys:
+        assert 0 < training[key]["latent_targets_share"] < 1
+        assert training[key]["parameters"] > training["ccfm_nolatent_fp32"]["parameters"]
+    assert training["ccfm_nolatent_fp32"]["latent_targets_share"] == 0
+    # extracting scGPT features on the fly costs more of the step than reading the cache
+    assert training["ccfm_bf16_cache_off"]["latent_targets_share"] > training["ccfm_bf16"]["latent_targets_share"]
 
     comparison = report["bf16_vs_fp32"]
     assert comparison["bf16_active"] is False and comparison["within_tolerance"]
@@ -58,7 +66,7 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
     assert comparison["tolerance_rel"] == 0.02 and "CUDA only" in comparison["note"]
 
     extraction = report["extraction"]
-    for key in ("cold_fp32", "warm"):
+    for key in ("cold_fp32", "warm", "warm_targets_on_device"):
         assert extraction[key]["cells_per_s"] > 0 and math.isfinite(extraction[key]["cells_per_s"])
     assert extraction["cells"] > 0 and extraction["tokens_per_cell_mean"] > 0
 
@@ -76,3 +84,7 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
     projection = report["projection"]
     assert projection["total_gpu_h"] > 0 and "NOT an estimate" in projection["label"]
     assert projection["assumptions"]["train_steps"] == 200000
+    # 100k cells x 100 tokens x (32 fp16 values + a position): 0.68 GB, under the 20 GB limit
+    assert projection["feature_cache_gb"] == pytest.approx(100_000 * 100 * (32 * 2 + 4) / 1e9)
+    assert projection["feature_cache_used"] and projection["ccfm_training_variant"] == "ccfm_bf16"
+    assert projection["train_ccfm_h"] == pytest.approx(200000 / training["ccfm_bf16"]["steps_per_s"] / 3600)
