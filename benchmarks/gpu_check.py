@@ -158,13 +158,14 @@ def make_plan(device: str) -> Plan:
             map_all_genes=True,
             model=_schema_defaults("model"),
             train=_schema_defaults("train"),
-            latent=latent,
+            # calibration only supplies the statistics here: a few hundred cells suffice
+            latent={**latent, "calibration_cells": 256},
             scgpt_sizes=sizes,
             scgpt_sizes_source=source,
-            warmup_steps=5,
+            warmup_steps=3,
             timed_steps=60,
             min_timed_steps=5,
-            training_budget_s=15.0,
+            training_budget_s=10.0,
             warm_cache_batches=20,
             generate=generate,
             generate_cells=(8, 64),
@@ -645,22 +646,51 @@ def time_training(trainer: Any, plan: Plan) -> tuple[dict[str, Any], dict[str, f
     return entry, first
 
 
-# (key, variant, precision, feature source: "cache" / "off" / None, targets on the device (candidate), what)
+# (key, variant, precision, feature source: "cache" / "off" / None, targets on the device (candidate),
+# torch threads: None = --threads (the rule's default 1), "profile" = profiles/gpu's set-threads, what)
 TRAINING_VARIANTS = (
-    ("ccfm_fp32", "ccfm", "fp32", "cache", False, "feature cache warm"),
-    ("ccfm_bf16", "ccfm", "bf16", "cache", False, "feature cache warm"),
-    ("ccfm_bf16_cache_off", "ccfm", "bf16", "off", False, "features extracted on the fly (latent.cache off)"),
+    ("ccfm_fp32", "ccfm", "fp32", "cache", False, None, "feature cache warm"),
+    ("ccfm_bf16", "ccfm", "bf16", "cache", False, None, "feature cache warm"),
+    ("ccfm_bf16_cache_off", "ccfm", "bf16", "off", False, None, "features extracted on the fly (latent.cache off)"),
+    (
+        "ccfm_bf16_profile_threads",
+        "ccfm",
+        "bf16",
+        "cache",
+        False,
+        "profile",
+        "feature cache warm, profiles/gpu threads",
+    ),
     (
         "ccfm_bf16_targets_on_device",
         "ccfm",
         "bf16",
         "cache",
         True,
+        None,
         "candidate fix: latent targets scattered and normalised on the device",
     ),
-    ("ccfm_nolatent_fp32", "ccfm_nolatent", "fp32", None, False, "no scGPT"),
-    ("ccfm_nolatent_bf16", "ccfm_nolatent", "bf16", None, False, "no scGPT"),
+    ("ccfm_nolatent_fp32", "ccfm_nolatent", "fp32", None, False, None, "no scGPT"),
+    ("ccfm_nolatent_bf16", "ccfm_nolatent", "bf16", None, False, None, "no scGPT"),
 )
+
+
+def profile_train_threads() -> int:
+    """``set-threads: train_ccfm`` of profiles/gpu (1, the rule's own value, when absent)."""
+    import yaml
+
+    profile = yaml.safe_load((REPO / "profiles" / "gpu" / "config.v8+.yaml").read_text())
+    return int((profile.get("set-threads") or {}).get("train_ccfm", 1))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def measure_training(
@@ -688,7 +718,7 @@ def measure_training(
     out: dict[str, Any] = {"mean_model_fit_seconds": round(seconds, 2)}
     firsts: dict[str, dict[str, float]] = {}
     kept: dict[str, Any] = {}
-    for key, variant, precision, source_name, on_device, what in TRAINING_VARIANTS:
+    for key, variant, precision, source_name, on_device, threads, what in TRAINING_VARIANTS:
         targets = None
         if source_name is not None:
             source = sources[source_name]
@@ -700,8 +730,11 @@ def measure_training(
         trainer = make_trainer(
             plan, data, expression, targets, precision == "bf16", root / f"resume_{key}", seed, mean_model
         )
-        entry, first = time_training(trainer, plan)
-        entry.update({"variant": variant, "precision": precision, "what": what})
+        cpus = os.cpu_count() or 1
+        n_threads = min(profile_train_threads(), cpus) if threads == "profile" else torch.get_num_threads()
+        with torch_threads(n_threads):
+            entry, first = time_training(trainer, plan)
+        entry.update({"variant": variant, "precision": precision, "what": what, "torch_threads": n_threads})
         entry["parameters"] = sum(p.numel() for p in trainer.denoiser.parameters())
         out[key] = entry
         firsts[key] = first
@@ -1007,9 +1040,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         "`Trainer.train_step` (optimiser step included), steps timed after warm-up; latent-target share: the part "
         "of the step spent preparing the scGPT targets (`Trainer.extract_seconds`).",
         "",
-        "| variant | precision | scGPT features | steps | steps/s | cells/s | latent-target share "
+        "| variant | precision | scGPT features | torch threads | steps | steps/s | cells/s | latent-target share "
         "| peak GPU memory GiB | parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in report["training"].values():
         if not isinstance(entry, dict):
@@ -1017,7 +1050,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         precision = entry["precision"]
         shown = precision if entry["bf16_active"] or precision == "fp32" else "bf16 requested (CPU: fp32)"
         lines.append(
-            f"| {entry['variant']} | {shown} | {entry['what']} | {entry['steps']} | {_fmt(entry['steps_per_s'])} | "
+            f"| {entry['variant']} | {shown} | {entry['what']} | {entry['torch_threads']} | {entry['steps']} | "
+            f"{_fmt(entry['steps_per_s'])} | "
             f"{_fmt(entry['cells_per_s'])} | {_fmt(entry['latent_targets_share'])} | "
             f"{_fmt(entry['peak_gpu_memory_gib'])} | {entry['parameters']:,} |"
         )
@@ -1159,7 +1193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where the files go")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
-    parser.add_argument("--tests-timeout", type=float, default=300.0)
+    parser.add_argument("--tests-timeout", type=float, default=240.0)
     parser.add_argument("--commit", default=os.environ.get("CCFM_COMMIT"), help="git commit to record")
     parser.add_argument(
         "--threads",

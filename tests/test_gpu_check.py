@@ -46,7 +46,7 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
     assert tests["passed"] + tests["skipped"] >= 8
 
     training = report["training"]
-    keys = ("ccfm_fp32", "ccfm_bf16", "ccfm_bf16_cache_off", "ccfm_bf16_targets_on_device")
+    keys = ("ccfm_fp32", "ccfm_bf16", "ccfm_bf16_cache_off", "ccfm_bf16_profile_threads", "ccfm_bf16_targets_on_device")
     for key in (*keys, "ccfm_nolatent_fp32", "ccfm_nolatent_bf16"):
         entry = training[key]
         assert entry["steps_per_s"] > 0 and math.isfinite(entry["cells_per_s"]) and entry["cells_per_s"] > 0
@@ -57,6 +57,8 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
         assert 0 < training[key]["latent_targets_share"] < 1
         assert training[key]["parameters"] > training["ccfm_nolatent_fp32"]["parameters"]
     assert training["ccfm_nolatent_fp32"]["latent_targets_share"] == 0
+    assert training["ccfm_bf16_profile_threads"]["torch_threads"] == min(8, os.cpu_count())  # profiles/gpu
+    assert training["ccfm_bf16"]["torch_threads"] == 1  # --threads default: the rule's own one thread
     # extracting scGPT features on the fly costs more of the step than reading the cache
     assert training["ccfm_bf16_cache_off"]["latent_targets_share"] > training["ccfm_bf16"]["latent_targets_share"]
 
