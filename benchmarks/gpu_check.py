@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,7 +167,7 @@ def make_plan(device: str) -> Plan:
             timed_steps=60,
             min_timed_steps=5,
             training_budget_s=10.0,
-            warm_cache_batches=20,
+            warm_cache_batches=5,
             generate=generate,
             generate_cells=(8, 64),
             generation_budget_s=45.0,
@@ -236,6 +237,13 @@ def git_commit(given: str | None) -> str:
     return "unknown (no git metadata here: pass --commit or CCFM_COMMIT)"
 
 
+def nccl_version() -> str | None:
+    if not torch.distributed.is_nccl_available():
+        return None
+    version = torch.cuda.nccl.version()  # a tuple in current torch, an int in old releases
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def environment(commit: str | None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -257,9 +265,7 @@ def environment(commit: str | None) -> dict[str, Any]:
                 "gpu_memory_gib": round(props.total_memory / 2**30, 1),
                 "gpu_capability": f"{props.major}.{props.minor}",
                 "cudnn": torch.backends.cudnn.version(),
-                "nccl": (
-                    ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
-                ),
+                "nccl": nccl_version(),
             }
         )
         smi = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
@@ -732,8 +738,14 @@ def measure_training(
         )
         cpus = os.cpu_count() or 1
         n_threads = min(profile_train_threads(), cpus) if threads == "profile" else torch.get_num_threads()
-        with torch_threads(n_threads):
-            entry, first = time_training(trainer, plan)
+        try:
+            with torch_threads(n_threads):
+                entry, first = time_training(trainer, plan)
+        except Exception as error:  # e.g. out of memory in one variant: record it, measure the others
+            out[key] = {"variant": variant, "precision": precision, "what": what, "error": repr(error)}
+            del trainer
+            free_device(plan.device)
+            continue
         entry.update({"variant": variant, "precision": precision, "what": what, "torch_threads": n_threads})
         entry["parameters"] = sum(p.numel() for p in trainer.denoiser.parameters())
         out[key] = entry
@@ -743,7 +755,10 @@ def measure_training(
         else:
             del trainer
         free_device(plan.device)
-    comparison = compare_bf16(firsts, plan)
+    if "ccfm_fp32" in firsts and "ccfm_bf16" in firsts:
+        comparison = compare_bf16(firsts, plan)
+    else:
+        comparison = {"within_tolerance": False, "rel_diff": float("nan"), "error": "a ccfm training variant failed"}
     return out, comparison, (kept, mean_model)
 
 
@@ -826,8 +841,13 @@ def measure_generation(plan: Plan, data: Dataset, kept: tuple[dict[str, Any], An
                     with context():
                         return predict_label(model, controls, control_rows, label, settings, seed, torch.device(device))
 
-                with peak_memory(device, entry):
-                    cells, seconds = timed(device, run)
+                try:
+                    with peak_memory(device, entry):
+                        cells, seconds = timed(device, run)
+                except Exception as error:  # e.g. out of memory at this size: keep the smaller size's numbers
+                    entry["error_at_cells"] = {"cells": n_cells, "error": repr(error)}
+                    free_device(device)
+                    break
                 measured = {
                     "cells": n_cells,
                     "seconds": round(seconds, 3),
@@ -839,8 +859,10 @@ def measure_generation(plan: Plan, data: Dataset, kept: tuple[dict[str, Any], An
                 if n_cells != plan.generate_cells[-1] and seconds * plan.generate_cells[-1] / n_cells > budget:
                     entry["note"] = f"stopped at {n_cells} cells: the next size would not fit {budget:.0f} s"
                     break
-            assert measured is not None
-            entry.update(measured)
+            if measured is None:
+                entry["error"] = entry["error_at_cells"]["error"]
+            else:
+                entry.update(measured)
             out[f"{variant}_{precision}"] = entry
         del model
         free_device(device)
@@ -1007,33 +1029,20 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-    env = report["environment"]
-    unit = "GPU" if report["mode"] == "gpu" else "CPU"
-    lines = ["# GPU check", "", f"**{report['statement']}**", ""]
-    if report["mode"] == "gpu":
-        lines.append(
-            f"GPU: {env.get('gpu_model')} ×{env.get('gpu_count')} ({env.get('gpu_memory_gib')} GiB), driver "
-            f"{env.get('driver')}, CUDA {env.get('torch_cuda_build')}, cuDNN {env.get('cudnn')}, "
-            f"NCCL {env.get('nccl')}."
-        )
+def _md_tests(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
+    tests = report["tests"]
     lines += [
-        f"torch {env['torch']} (CUDA build {env['torch_cuda_build']}), Python {env['python']}, "
-        f"{env['cpu_count']} CPUs ({env['torch_threads']} torch threads), {env['platform']}.",
-        f"Commit: `{env['git_commit']}`. Run: {report['created_utc']}, {report['seconds_total']:.0f} s in all. "
-        f"Command: `{report['command']}`.",
+        "## gpu-marked tests",
         "",
-        f"Sizes: {report['sizes_summary']}.",
+        f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s).",
         "",
     ]
-    tests = report.get("tests")
-    if tests:
-        lines += [
-            "## gpu-marked tests",
-            "",
-            f"`{tests['command']}`: {tests['summary']} (exit {tests['returncode']}, {tests['seconds']} s).",
-            "",
-        ]
+    return lines
+
+
+def _md_training(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
     lines += [
         f"## Training ({unit} numbers)",
         "",
@@ -1047,6 +1056,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     for entry in report["training"].values():
         if not isinstance(entry, dict):
             continue
+        if "error" in entry:
+            lines.append(f"| {entry['variant']} | {entry['precision']} | {entry['what']} | FAILED: {entry['error']} |")
+            continue
         precision = entry["precision"]
         shown = precision if entry["bf16_active"] or precision == "fp32" else "bf16 requested (CPU: fp32)"
         lines.append(
@@ -1056,6 +1068,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(entry['peak_gpu_memory_gib'])} | {entry['parameters']:,} |"
         )
     cmp_ = report["bf16_vs_fp32"]
+    if "error" in cmp_:
+        return [*lines, "", f"bf16 vs fp32: not compared ({cmp_['error']}).", ""]
     lines += [
         "",
         f"bf16 vs fp32, one step on the same batch: loss {cmp_['loss_bf16']:.6g} vs {cmp_['loss_fp32']:.6g}, "
@@ -1063,6 +1077,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{'within' if cmp_['within_tolerance'] else 'OUTSIDE'}" + (f". {cmp_['note']}" if "note" in cmp_ else "."),
         "",
     ]
+    return lines
+
+
+def _md_extraction(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
     ex = report["extraction"]
     lines += [
         f"## scGPT feature extraction ({unit} numbers)",
@@ -1087,6 +1106,11 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(w['cells_per_s'])} | {w['seconds']} | – |"
         )
     lines.append("")
+    return lines
+
+
+def _md_generation(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
     gen = report["generation"]
     lines += [
         f"## Generation ({unit} numbers)",
@@ -1100,6 +1124,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     for key, e in gen.items():
         if not isinstance(e, dict):
             continue
+        if "error" in e:
+            lines.append(f"| {key} | FAILED: {e['error']} |")
+            continue
         variant, precision = (
             key.split("_fp32")[0] if key.endswith("_fp32") else key.split("_bf16")[0],
             ("fp32 (as shipped)" if key.endswith("_fp32") else "bf16 autocast (candidate)"),
@@ -1108,6 +1135,11 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"| {variant} | {precision} | {e['stages']} | {e['evaluations_per_batch']} | {e['cells']} | "
             f"{e['seconds']} | {_fmt(e['cells_per_s'])} | {_fmt(e['peak_gpu_memory_gib'])} |"
         )
+    return lines
+
+
+def _md_projection(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
     proj = report["projection"]
     lines += [
         "",
@@ -1130,6 +1162,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{_fmt(proj['train_ccfm_with_candidate_fix_h'])} |",
         "",
     ]
+    return lines
+
+
+def _md_loss(report: Mapping[str, Any], unit: str) -> list[str]:
+    lines: list[str] = []
     lc = report["loss_check"]
     lines += [
         f"## Loss on the demo data ({unit})",
@@ -1140,10 +1177,53 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{100 * lc['relative_drop']:.0f}% (required {100 * lc['required_drop']:.0f}%): "
         f"{'fell' if lc['fell'] else 'DID NOT FALL'}; {_fmt(lc['steps_per_s'])} steps/s.",
         "",
-        "## Verdict",
-        "",
-        "All checks passed." if report["ok"] else "FAILED: " + "; ".join(report["failures"]),
     ]
+    return lines
+
+
+MD_SECTIONS = (
+    ("gpu-marked tests", "tests", _md_tests),
+    ("Training", "training", _md_training),
+    ("scGPT feature extraction", "extraction", _md_extraction),
+    ("Generation", "generation", _md_generation),
+    ("Projected Norman run", "projection", _md_projection),
+    ("Loss on the demo data", "loss_check", _md_loss),
+)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    env = report["environment"]
+    unit = "GPU" if report["mode"] == "gpu" else "CPU"
+    lines = ["# GPU check", "", f"**{report['statement']}**", ""]
+    if report["mode"] == "gpu":
+        lines.append(
+            f"GPU: {env.get('gpu_model')} ×{env.get('gpu_count')} ({env.get('gpu_memory_gib')} GiB), driver "
+            f"{env.get('driver')}, CUDA {env.get('torch_cuda_build')}, cuDNN {env.get('cudnn')}, "
+            f"NCCL {env.get('nccl')}."
+        )
+    lines += [
+        f"torch {env['torch']} (CUDA build {env['torch_cuda_build']}), Python {env['python']}, "
+        f"{env['cpu_count']} CPUs ({env['torch_threads']} torch threads), {env['platform']}.",
+        f"Commit: `{env['git_commit']}`. Run: {report['created_utc']}, {report.get('seconds_total', 0):.0f} s in all. "
+        f"Command: `{report['command']}`.",
+        "",
+        f"Sizes: {report.get('sizes_summary', 'see plan in the JSON')}.",
+        "",
+    ]
+    for title, key, render in MD_SECTIONS:
+        if key == "tests" and key not in report:
+            continue
+        try:
+            lines += render(report, unit)
+        except Exception as error:  # the stage failed or did not run: say so, keep the rest
+            why = report.get("errors", {}).get(key)
+            if why is None:
+                why = repr(error) if report.get(key) is not None else "skipped: a stage it needs failed or did not run"
+            lines += [f"## {title}", "", f"Not measured: {why}", ""]
+    verdict = "All checks passed." if report.get("ok") else "FAILED: " + "; ".join(report.get("failures", []))
+    if "ok" not in report:
+        verdict = "Incomplete: the check is still running or was stopped (stages written so far are above)."
+    lines += ["## Verdict", "", verdict]
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"
@@ -1167,24 +1247,34 @@ def _json_ready(value: Any) -> Any:
 
 
 def failures_of(report: Mapping[str, Any]) -> list[str]:
-    failed = []
+    failed = [f"{key} failed: {error}" for key, error in report.get("errors", {}).items()]
     tests = report.get("tests")
     if tests and (tests["returncode"] not in (0, 5) or tests["failed"] or tests["error"]):
         failed.append(f"gpu tests: {tests['summary']}")
     if report["mode"] == "gpu" and tests and tests["passed"] == 0:
         failed.append("no gpu-marked test ran on the GPU")
-    if not report["bf16_vs_fp32"]["within_tolerance"]:
-        failed.append(f"bf16 loss differs from fp32 by {report['bf16_vs_fp32']['rel_diff']:.3g}")
-    for key, entry in report["training"].items():
-        if isinstance(entry, dict) and not (entry["losses_finite"] and entry["steps_per_s"] > 0):
-            failed.append(f"training {key}: non-finite loss or no progress")
-    for key, entry in report["generation"].items():
-        if isinstance(entry, dict) and not (entry["finite"] and entry["shape_ok"] and entry["cells_per_s"] > 0):
-            failed.append(f"generation {key}: non-finite cells or wrong shape")
-    if not report["loss_check"]["finite"]:
+    comparison = report.get("bf16_vs_fp32")
+    if comparison and not comparison["within_tolerance"]:
+        failed.append(f"bf16 loss differs from fp32 by {comparison['rel_diff']:.3g}")
+    for section, ok in (
+        ("training", lambda e: e["losses_finite"] and e["steps_per_s"] > 0),
+        ("generation", lambda e: e["finite"] and e["shape_ok"] and e["cells_per_s"] > 0),
+    ):
+        for key, entry in (report.get(section) or {}).items():
+            if not isinstance(entry, dict):
+                continue
+            if "error" in entry:
+                failed.append(f"{section} {key}: {entry['error']}")
+            elif not ok(entry):
+                failed.append(f"{section} {key}: non-finite values, wrong shape or no progress")
+    loss = report.get("loss_check")
+    if loss and not loss["finite"]:
         failed.append("demo training loss is not finite")
-    if not report["loss_check"]["fell"]:
-        failed.append(f"demo training loss fell by only {report['loss_check']['relative_drop']:.3g}")
+    if loss and not loss["fell"]:
+        failed.append(f"demo training loss fell by only {loss['relative_drop']:.3g}")
+    for key in ("training", "extraction", "generation", "loss_check"):
+        if report.get(key) is None and key not in report.get("errors", {}):
+            failed.append(f"{key} did not run")
     return failed
 
 
@@ -1203,6 +1293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary directory)")
+    parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     parser.add_argument("--norman-train-cells", type=int, default=NORMAN_TRAIN_CELLS)
     parser.add_argument("--norman-heldout", type=int, default=NORMAN_HELDOUT)
     return parser.parse_args(argv)
@@ -1240,57 +1331,103 @@ def main(argv: list[str] | None = None) -> int:
         "numbers_are": "GPU" if plan.mode == "gpu" else "CPU",
         "environment": environment(args.commit),
         "plan": {k: v for k, v in asdict(plan).items() if k != "notes"},
-        "notes": list(plan.notes),
+        "notes": [*plan.notes, *args.note],
     }
 
     def stage(name: str) -> None:
         print(f"gpu_check [{time.perf_counter() - started:6.1f} s] {name}", flush=True)
 
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        """Write what is known so far (a run stopped by a time limit still leaves its results)."""
+        (args.out / "gpu_check.json").write_text(json.dumps(_json_ready(report), indent=2) + "\n")
+        (args.out / "gpu_check.md").write_text(markdown(report))
+
+    errors: dict[str, str] = {}
+    report["errors"] = errors
+
+    def run(key: str, title: str, work: Callable[[], Any]) -> Any:
+        """One stage: its result goes to report[key]; an exception is recorded and the run goes on."""
+        stage(title)
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 - record, keep measuring what does not depend on it
+            errors[key] = f"{type(error).__name__}: {error}"
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            result = None
+        write()
+        return result
+
     if not args.skip_tests:
-        stage("gpu-marked tests")
-        report["tests"] = run_gpu_tests(args.tests_timeout)
+        report["tests"] = run("tests", "gpu-marked tests", lambda: run_gpu_tests(args.tests_timeout))
     workdir = args.workdir
     holder = None if workdir else tempfile.TemporaryDirectory(prefix="ccfm_gpu_check_")
     root = Path(workdir or holder.name)  # type: ignore[union-attr]
     try:
-        stage("timing dataset (simulate, preprocess, split, gene vocabulary)")
-        data = prepare_dataset(root / "speed", plan.speed_simulate, plan.speed_top_genes, args.seed, plan.map_all_genes)
-        report["dataset"] = {
-            "cells": data.n_cells,
-            "genes": data.n_genes,
-            "mapped_genes": data.mapped_genes,
-            "train_perturbations": len(data.train_labels),
-            "heldout_perturbations": len(data.test_labels),
-        }
-        stage(f"scGPT checkpoint {plan.scgpt_sizes}")
-        scgpt_dir = build_scgpt(root / "speed", plan.scgpt_sizes, args.seed)
-        stage("scGPT extraction, feature cache cold and warm")
-        report["extraction"], sources, stats = measure_extraction(plan, data, scgpt_dir, root / "speed", args.seed)
-        stage("training steps")
-        report["training"], report["bf16_vs_fp32"], kept = measure_training(
-            plan, data, sources, stats, root / "speed", args.seed
+        data = run(
+            "dataset",
+            "timing dataset (simulate, preprocess, split, gene vocabulary)",
+            lambda: prepare_dataset(
+                root / "speed", plan.speed_simulate, plan.speed_top_genes, args.seed, plan.map_all_genes
+            ),
         )
-        stage("generation")
-        report["generation"] = measure_generation(plan, data, kept, root / "speed", args.seed)
-        del kept
-        stage("loss on the demo data")
-        report["loss_check"] = loss_check(plan, root, args.seed)
-        report["projection"] = projection(plan, report["training"], report["extraction"], report["generation"], args)
+        if data is not None:
+            m, t = plan.model, plan.train
+            report["dataset"] = {
+                "cells": data.n_cells,
+                "genes": data.n_genes,
+                "mapped_genes": data.mapped_genes,
+                "train_perturbations": len(data.train_labels),
+                "heldout_perturbations": len(data.test_labels),
+            }
+            report["sizes_summary"] = (
+                f"{data.n_genes} genes ({data.mapped_genes} in the scGPT vocabulary), {data.n_cells} simulated "
+                f"cells; model d_model {m['d_model']}, {m['nlayers']} layers, {m['nhead']} heads; batch "
+                f"{t['batch_size']}, window {t['infer_top_gene']} genes; scGPT {plan.scgpt_sizes} "
+                f"({plan.scgpt_sizes_source})"
+            )
+            scgpt_dir = run(
+                "scgpt",
+                f"scGPT checkpoint {plan.scgpt_sizes}",
+                lambda: build_scgpt(root / "speed", plan.scgpt_sizes, args.seed),
+            )
+            measured = None
+            if scgpt_dir is not None:
+                measured = run(
+                    "extraction",
+                    "scGPT extraction, feature cache cold and warm",
+                    lambda: measure_extraction(plan, data, scgpt_dir, root / "speed", args.seed),
+                )
+            if measured is not None:
+                report["extraction"], sources, stats = measured
+                trained = run(
+                    "training",
+                    "training steps",
+                    lambda: measure_training(plan, data, sources, stats, root / "speed", args.seed),
+                )
+                if trained is not None:
+                    report["training"], report["bf16_vs_fp32"], kept = trained
+                    report["generation"] = run(
+                        "generation",
+                        "generation",
+                        lambda: measure_generation(plan, data, kept, root / "speed", args.seed),
+                    )
+                    del kept, trained
+        report["loss_check"] = run("loss_check", "loss on the demo data", lambda: loss_check(plan, root, args.seed))
+        if all(report.get(k) is not None for k in ("training", "extraction", "generation")):
+            report["projection"] = run(
+                "projection",
+                "projection",
+                lambda: projection(plan, report["training"], report["extraction"], report["generation"], args),
+            )
     finally:
         if holder is not None:
             holder.cleanup()
-    m, t = plan.model, plan.train
-    report["sizes_summary"] = (
-        f"{data.n_genes} genes ({data.mapped_genes} in the scGPT vocabulary), {data.n_cells} simulated cells; "
-        f"model d_model {m['d_model']}, {m['nlayers']} layers, {m['nhead']} heads; batch {t['batch_size']}, "
-        f"window {t['infer_top_gene']} genes; scGPT {plan.scgpt_sizes} ({plan.scgpt_sizes_source})"
-    )
     report["failures"] = failures_of(report)
     report["ok"] = not report["failures"]
     report["seconds_total"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(_json_ready(report), indent=2) + "\n")
-    (args.out / "gpu_check.md").write_text(markdown(report))
+    write()
     stage(f"wrote {args.out / 'gpu_check.json'} and gpu_check.md")
     print(markdown(report))
     return 0 if report["ok"] else 1

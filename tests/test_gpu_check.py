@@ -90,3 +90,54 @@ def test_gpu_check_cpu_mode_writes_a_complete_report(repo_root, tmp_path) -> Non
     assert projection["feature_cache_gb"] == pytest.approx(100_000 * 100 * (32 * 2 + 4) / 1e9)
     assert projection["feature_cache_used"] and projection["ccfm_training_variant"] == "ccfm_bf16"
     assert projection["train_ccfm_h"] == pytest.approx(200000 / training["ccfm_bf16"]["steps_per_s"] / 3600)
+
+
+def _gpu_check_module(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", repo_root / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failed_stage_is_reported_and_fails_the_check(repo_root) -> None:
+    gpu_check = _gpu_check_module(repo_root)
+    report = {
+        "mode": "gpu",
+        "statement": "GPU found: X",
+        "created_utc": "now",
+        "command": "benchmarks/gpu_check.py",
+        "environment": {
+            "torch": "2",
+            "torch_cuda_build": "13.0",
+            "python": "3.12",
+            "cpu_count": 16,
+            "torch_threads": 1,
+            "platform": "linux",
+            "git_commit": "abc",
+        },
+        "errors": {"generation": "RuntimeError: CUDA out of memory"},
+        "tests": {"command": "pytest", "summary": "5 passed", "returncode": 0, "seconds": 1.0, "passed": 5},
+        "training": {
+            "ccfm_fp32": {"variant": "ccfm", "precision": "fp32", "what": "cache", "error": "RuntimeError('x')"}
+        },
+        "bf16_vs_fp32": {
+            "within_tolerance": False,
+            "rel_diff": float("nan"),
+            "error": "a ccfm training variant failed",
+        },
+        "loss_check": {"finite": True, "fell": False, "relative_drop": 0.01},
+    }
+    report["tests"].update(failed=0, error=0)
+    failures = gpu_check.failures_of(report)
+    assert "generation failed: RuntimeError: CUDA out of memory" in failures
+    assert "training ccfm_fp32: RuntimeError('x')" in failures
+    assert any("bf16 loss differs" in f for f in failures) and any("fell by only 0.01" in f for f in failures)
+    assert "extraction did not run" in failures
+    report.update(failures=failures, ok=False)
+    text = gpu_check.markdown(report)
+    assert "## Generation\n\nNot measured: RuntimeError: CUDA out of memory" in text
+    assert "FAILED: RuntimeError('x')" in text and "bf16 vs fp32: not compared" in text
+    assert "\n## Verdict\n\nFAILED: generation failed" in text
