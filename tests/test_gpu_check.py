@@ -141,3 +141,33 @@ def test_a_failed_stage_is_reported_and_fails_the_check(repo_root) -> None:
     assert "## Generation\n\nNot measured: RuntimeError: CUDA out of memory" in text
     assert "FAILED: RuntimeError('x')" in text and "bf16 vs fp32: not compared" in text
     assert "\n## Verdict\n\nFAILED: generation failed" in text
+
+
+def test_norman_projection_follows_the_feature_cache_limit(repo_root) -> None:
+    gpu_check = _gpu_check_module(repo_root)
+    plan = gpu_check.make_plan("cuda")  # the GPU plan's sizes (no GPU needed to build it)
+    assert plan.scgpt_sizes["embsize"] == 512 and plan.model["d_model"] == 128 and plan.train["batch_size"] == 48
+    assert plan.speed_top_genes == 5000 and plan.generate["method"] == "rk4"
+    rate = {"steps_per_s": 10.0}
+    training = {
+        "ccfm_bf16": {"steps_per_s": 20.0},
+        "ccfm_bf16_cache_off": {"steps_per_s": 5.0},
+        "ccfm_bf16_targets_on_device": rate,
+        "ccfm_nolatent_bf16": rate,
+    }
+    extraction = {"tokens_per_cell_mean": 1200.0, "cold_fp32": {"cells_per_s": 100.0}}
+    generation = {"ccfm_fp32": {"cells_per_s": 2.0}, "ccfm_nolatent_fp32": {"cells_per_s": 4.0}}
+    args = gpu_check.parse_args([])
+    out = gpu_check.projection(plan, training, extraction, generation, args)
+    # 100k cells x 1,200 tokens x (512 fp16 values + an int32 position) = 123 GB > latent.cache_max_gb 20
+    assert out["feature_cache_gb"] == pytest.approx(100_000 * 1200 * 1028 / 1e9)
+    assert not out["feature_cache_used"] and out["ccfm_training_variant"] == "ccfm_bf16_cache_off"
+    assert out["train_ccfm_h"] == pytest.approx(200_000 / 5.0 / 3600)
+    assert out["feature_cache_build_h"] == 0.0
+    assert out["generation_both_variants_h"] == pytest.approx(40 * 128 * (1 / 2.0 + 1 / 4.0) / 3600)
+    assert out["total_gpu_h"] == pytest.approx(
+        out["train_ccfm_h"] + out["train_ccfm_nolatent_h"] + out["generation_both_variants_h"]
+    )
+    small = gpu_check.projection(plan, training, {**extraction, "tokens_per_cell_mean": 100.0}, generation, args)
+    assert small["feature_cache_used"] and small["train_ccfm_h"] == pytest.approx(200_000 / 20.0 / 3600)
+    assert small["feature_cache_build_h"] == pytest.approx(100_000 / 100.0 / 3600)
