@@ -9,10 +9,12 @@ randomly initialised scGPT of the whole-human architecture:
    and DDP with one process per visible GPU);
 2. times the package's own code paths (``ccfm.model.training.Trainer.train_step``,
    ``ccfm.scgpt.feature_cache`` / ``ccfm.scgpt.extractor``, ``ccfm.model.generation.predict_label``):
-   training steps/s and cells/s with and without bf16 autocast and peak GPU memory, scGPT
-   extraction cells/s with the feature cache cold (building it) and warm (reading it), two-stage
-   generation cells/s with rk4 x 20 steps per stage, and from these the projected time of a
-   200k-step Norman run;
+   training steps/s and cells/s with and without bf16 autocast, with the feature cache warm and
+   off, with the GPU profile's threads, and peak GPU memory; scGPT extraction cells/s with the
+   feature cache cold (building it) and warm (reading it); two-stage generation cells/s with rk4 x
+   20 steps per stage; and from these the projected time of a 200k-step Norman run. Beside what the
+   pipeline runs, a few candidates are timed and labelled as such (bf16 autocast for extraction and
+   generation, latent targets prepared on the device);
 3. compares one bf16 training step with an fp32 step on the same batch (same seed, same weights)
    and checks that the training loss falls over a few hundred steps on the demo data
    (``ccfm.data.simulate``, trained through ``train_from_files``, the ``train_ccfm`` rule's path);
@@ -23,8 +25,11 @@ Without CUDA (or with ``--device cpu``) the same code paths run on the CPU at ti
 model and the ``tiny`` scGPT) in well under two minutes; the files then say that no GPU was found
 and every number is labelled as a CPU number. The exit status is non-zero when a check fails.
 
-Every timing runs a fixed number of steps after warm-up, with ``torch.cuda.synchronize()``
-around the timed region on a GPU.
+Every timing runs a fixed number of steps after warm-up (chosen from the warm-up's pace to fit a
+time box of seconds), with ``torch.cuda.synchronize()`` around the timed region on a GPU. Torch
+runs on one CPU thread (``--threads``), as the train_ccfm and predict rules do. A stage or variant
+that fails is recorded and the rest still measured; both files are rewritten after every stage, so
+a run stopped by a time limit keeps what it measured.
 
 Usage: ``python benchmarks/gpu_check.py [--out DIR] [--device auto|cuda|cpu] [--skip-tests]``
 (``benchmarks/gpu_check.sh`` prepares the environment and calls this).
