@@ -35,7 +35,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # The wheels a PyTorch CUDA image lacks (versions of the development environment that the
-# check passes with). Python 3.12, manylinux x86_64, as on the device machine.
+# check passes with). Python 3.12, manylinux x86_64, as on the device machine. Checked by running
+# the CPU mode (--skip-tests) with only the packages KINDS.md lists for that image plus these.
 WHEELS=(
   anndata==0.12.19 array-api-compat==1.16.0 legacy-api-wrap==1.5 natsort==8.4.0 scverse-misc==0.0.3
   session-info2==0.4.1 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
