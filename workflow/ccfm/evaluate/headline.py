@@ -22,6 +22,8 @@ HEADLINE_METRICS = {
     "pearson_delta_pseudobulk": ("Pearson delta", ".3f", True),
     "celleval_overlap_at_N": ("DE overlap", ".3f", True),
     "energy_distance": ("energy distance", ".3f", False),
+    # DES, PDS and MAE scaled against the mean-perturbation baseline, averaged (0 = that baseline)
+    "vcc_score": ("challenge score", ".3f", True),
 }
 
 
@@ -36,9 +38,11 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _method_line(method: str, row: pd.Series) -> str:
-    parts = [f"{name} {row[metric]:{fmt}}" for metric, (name, fmt, _) in HEADLINE_METRICS.items() if metric in row]
-    if "energy_distance_floor" in row:
-        parts[-1] += f" (real-vs-real floor {row['energy_distance_floor']:.3f})"
+    parts = []
+    for metric, (name, fmt, _) in HEADLINE_METRICS.items():
+        if metric in row:
+            floor = row.get(f"{metric}_floor")
+            parts.append(f"{name} {row[metric]:{fmt}}" + ("" if floor is None else f" (real-vs-real {floor:{fmt}})"))
     if "std_ratio" in row:
         parts.append(f"std ratio {row['std_ratio']:.2f}")
     return f"  {method:<9} " + "   ".join(parts)

@@ -257,14 +257,47 @@ def celleval_means(aggregate: pd.DataFrame) -> dict[str, float]:
     return {f"celleval_{name}": float(value) for name, value in row.items()}
 
 
+# The challenge score's baseline on held-out source perturbations: the training perturbations'
+# mean effect (what the challenge's cell-mean baseline is, computed from training cells only).
+CHALLENGE_BASELINE = "meanpert"
+
+
+def challenge_columns(
+    entries: Sequence[tuple[str, int | str, pd.DataFrame, pd.DataFrame]],
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Virtual-Cell-Challenge-style scores (:func:`ccfm.evaluate.vcc.challenge_score`) per (method, fold).
+
+    DES (``overlap_at_N``), PDS (``discrimination_score_l1``) and MAE of each method, each scaled
+    against the fold's :data:`CHALLENGE_BASELINE` (which scores 0), and their mean
+    (``vcc_score``). Folds without that baseline or without those cell-eval metrics (a profile
+    that skips them) get no columns.
+    """
+    from ccfm.evaluate.vcc import VCC_METRICS, challenge_score
+
+    baselines = {str(fold): agg for method, fold, _, agg in entries if method == CHALLENGE_BASELINE}
+    columns: dict[tuple[str, str], dict[str, float]] = {}
+    for method, fold, _, aggregate in entries:
+        baseline = baselines.get(str(fold))
+        if baseline is None or any(m not in aggregate or m not in baseline for m in VCC_METRICS.values()):
+            continue
+        score = challenge_score(aggregate, baseline)
+        columns[(method, str(fold))] = {
+            **{f"vcc_{name}_scaled": score[f"{name}_scaled"] for name in VCC_METRICS},
+            "vcc_score": score["score"],
+        }
+    return columns
+
+
 def summarize_scores(
     entries: Sequence[tuple[str, int | str, pd.DataFrame, pd.DataFrame]], dataset: str
 ) -> pd.DataFrame:
     """One row per (method, fold) plus a ``fold == "all"`` row per method (mean over folds).
 
     Each entry is (method, fold, compact metric table, cell-eval aggregate table). Values are means
-    over the held-out perturbations of the fold; cell-eval columns are prefixed ``celleval_``.
+    over the held-out perturbations of the fold; cell-eval columns are prefixed ``celleval_``;
+    the challenge-style scores (:func:`challenge_columns`) are ``vcc_*``.
     """
+    challenge = challenge_columns(entries)
     rows = []
     for method, fold, compact, aggregate in entries:
         row: dict[str, object] = {
@@ -276,6 +309,7 @@ def summarize_scores(
         # tables written before a metric existed summarise without it
         row.update({m: float(compact[m].mean()) for m in SUMMARY_COMPACT_METRICS if m in compact})
         row.update(celleval_means(aggregate))
+        row.update(challenge.get((method, str(fold)), {}))
         rows.append(row)
     table = pd.DataFrame(rows)
     numeric = [c for c in table.columns if c not in ("dataset", "method", "fold")]

@@ -611,14 +611,16 @@ def fit_mean_model(
 # --------------------------------------------------------------------------------------------
 
 
-def scgpt_latent_targets(source: Any, stats: Any) -> LatentTargets:
+def scgpt_latent_targets(source: Any, stats: Any, device: str | torch.device | None = None) -> LatentTargets:
     """Latent targets from a ``ccfm.scgpt.feature_cache`` source and fold ``LatentStats``.
 
     Raw features of the whole target cell -> ``stats.normalize`` at covered genes (others stay 0).
+    The expression goes to ``device`` first, so the (B, G, D) scatter and normalisation run
+    there: on the host, one rule thread spent seconds a step on them at Norman's sizes.
     """
 
     def targets(cell_rows: np.ndarray, expression: np.ndarray) -> Tensor:
-        expr = torch.from_numpy(expression)
+        expr = torch.from_numpy(expression).to(device or "cpu")
         raw = source.features(cell_rows, expr)
         return stats.normalize(raw, source.covered_mask(cell_rows, expr))
 
@@ -872,4 +874,4 @@ def _scgpt_targets(
         dist=dist,
     )
     meta = {key: stats.metadata.get(key) for key in ("model_id", "genes_hash", "n_cells")}
-    return scgpt_latent_targets(source, stats), extractor.dim, meta
+    return scgpt_latent_targets(source, stats, device), extractor.dim, meta
