@@ -57,12 +57,25 @@ def test_environment_covers_the_package_dependencies(env_file: Path) -> None:
     assert needed <= provided, f"missing from {env_file.name}: {sorted(needed - provided)}"
 
 
+def _post_deploy_commands(script: Path) -> str:
+    """The script's text with every script it runs from its own directory (`bash "$(dirname "$0")/x.sh"`) inlined."""
+    text = script.read_text()
+    for name in re.findall(r'bash "\$\(dirname "\$0"\)/([\w.-]+\.sh)"', text):
+        called = script.parent / name
+        assert called.exists(), f"{script.name} runs {name}, which does not exist"
+        text += "\n" + _post_deploy_commands(called)
+    return text
+
+
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
 def test_post_deploy_script_sits_beside_the_environment_file(env_file: Path) -> None:
-    # Snakemake runs <env>.post-deploy.sh after creating <env>.yaml's environment
-    assert env_file.with_suffix(".post-deploy.sh").exists()
-    text = POST_DEPLOY.read_text()
+    # Snakemake runs <env>.post-deploy.sh after creating <env>.yaml's environment: that script
+    # (and what it runs) must install scGPT without its pinned dependencies and this package.
+    script = env_file.with_suffix(".post-deploy.sh")
+    assert script.exists()
+    text = _post_deploy_commands(script)
     assert "--no-deps" in text and "scgpt==0.2.4" in text
+    assert re.search(r"pip install --no-deps --no-build-isolation -e \"\$repository\"", text), text
 
 
 @pytest.mark.slow

@@ -136,6 +136,36 @@ def test_defaults_come_from_the_schema_only():
     )
 
 
+def test_scgpt_and_target_defaults_come_from_the_schema(config):
+    """The `scgpt` block and `target.min_shared_genes` take the schema's defaults, not values written in scripts."""
+    import inspect
+
+    from ccfm.config import load_schema, scgpt_settings
+    from ccfm.scgpt.checkpoint import build_tiny_checkpoint
+
+    scgpt_schema = load_schema()["properties"]["scgpt"]["properties"]
+    defaults = scgpt_settings({})
+    assert defaults["whole_human_gdrive_folder"] == scgpt_schema["whole_human_gdrive_folder"]["default"]
+    assert defaults["whole_human_url"] is None and defaults["whole_human_sha256"] is None
+    # The tiny model's schema defaults are those of the builder's signature.
+    signature = inspect.signature(build_tiny_checkpoint).parameters
+    assert defaults["tiny"] == {key: signature[key].default for key in ("embsize", "nlayers", "nheads", "d_hid")}
+    # A user's block overrides key by key, `tiny` included.
+    merged = scgpt_settings({"scgpt": {"whole_human_url": "https://mirror", "tiny": {"nlayers": 3}}})
+    assert merged["whole_human_url"] == "https://mirror" and merged["tiny"] == {**defaults["tiny"], "nlayers": 3}
+    # No script carries its own copy of a default.
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    for name in ("scgpt_download.py", "scgpt_build_tiny.py", "preprocess_target.py"):
+        text = (scripts / name).read_text()
+        assert "1oWh_" not in text and '.get("min_shared_genes"' not in text, name
+
+    target_schema = load_schema()["$defs"]["dataset"]["properties"]["target"]["properties"]
+    config["datasets"]["demo"]["target"] = {"source": "simulate"}
+    assert dataset_config(config, "demo")["target"]["min_shared_genes"] == target_schema["min_shared_genes"]["default"]
+    config["datasets"]["demo"]["target"]["min_shared_genes"] = 0.8
+    assert dataset_config(config, "demo")["target"]["min_shared_genes"] == 0.8
+
+
 @pytest.mark.parametrize(
     ("loader", "section"),
     [

@@ -129,11 +129,13 @@ def test_rerun_of_a_finished_pipeline_does_nothing(demo_run):
 
 def test_adaptation_outputs(demo_run):
     mmd = pd.read_csv(demo_run / "results/demo/fold1/adapt/mmd.tsv", sep="\t").set_index("heldout_part")
-    # Early stopping keeps the best shift on the validation controls (step 0, no shift, included).
-    # That the MMD really falls is asserted in tests/test_adapt.py and measured on the full demo;
-    # this fast config's 60-step model is too untrained for a reliable drop.
-    assert mmd.loc["validation", "mmd2_after"] <= mmd.loc["validation", "mmd2_before"], mmd.to_string()
     assert np.isfinite(mmd[["mmd2_before", "mmd2_after"]].to_numpy()).all()
+    # Early stopping keeps the best shift on the validation controls (step 0, no shift, included),
+    # so "after <= before" holds there by construction. The test controls take no part in the
+    # selection: there the MMD² must fall on its own (one seed: the same numbers every run).
+    assert mmd.loc["validation", "mmd2_after"] <= mmd.loc["validation", "mmd2_before"], mmd.to_string()
+    assert mmd.loc["test", "best_step"] > 0, mmd.to_string()
+    assert mmd.loc["test", "mmd2_after"] < mmd.loc["test", "mmd2_before"], mmd.to_string()
     summary = pd.read_csv(demo_run / "results/demo/fold1/adapt/target_summary.tsv", sep="\t")
     assert {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"} <= set(summary["method"])
     assert np.isfinite(summary["pearson_delta_pseudobulk"]).all()
@@ -151,3 +153,6 @@ def test_report_builds_with_figures(demo_run, tmp_path):
         expect_files=["results/demo/metrics_summary.tsv", "results/demo/figures/metric_comparison.png"],
     )
     assert check.ok, check.summary()
+    if check.browser.startswith("skipped"):
+        # The static check passed; without chromium the browser half did not run: say so.
+        pytest.skip(f"static report check passed; browser check {check.browser}")

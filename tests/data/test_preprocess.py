@@ -208,7 +208,12 @@ def test_preprocess_papalexi_keeps_perturbed_genes(papalexi_h5ad: Path, tmp_path
     # perturbed genes outside the HVGs were added, not dropped
     assert (processed.var["perturbed"] & ~processed.var["highly_variable"]).sum() > 0
     assert sorted(summary["perturbed_absent"]) == sorted(targets - raw_var)
-    assert processed.n_obs == 20729 and (processed.obs["target_gene"] == CONTROL).sum() == 2386
+    # Every cell is kept and every control stays a control: counted in the raw file's obs["target"]
+    # (20,729 cells, as its name says; 2,386 of them 'non-targeting').
+    raw = ad.read_h5ad(papalexi_h5ad, backed="r")
+    raw_controls = int((raw.obs["target"].astype(str) == "non-targeting").sum())
+    assert (raw.n_obs, raw_controls) == (20729, 2386)
+    assert processed.n_obs == raw.n_obs and (processed.obs["target_gene"] == CONTROL).sum() == raw_controls
 
 
 def test_missing_perturbation_column_names_the_fix(tmp_path: Path) -> None:

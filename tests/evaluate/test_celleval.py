@@ -85,7 +85,7 @@ def test_unknown_profile_is_rejected(synthetic_pair):
 
 
 def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
-    """Baselines built from a real CRISPR screen, scored by cell-eval: additive beats no-change."""
+    """Baselines built from a real CRISPR screen, scored by cell-eval: meanpert beats no change on held-out singles."""
     raw = ad.read_h5ad(papalexi_h5ad)
     rng = np.random.default_rng(0)
     keep_targets = ["non-targeting", "IFNGR1", "IFNGR2", "JAK2", "IRF1"]
@@ -122,10 +122,16 @@ def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
     for tables in scores.values():
         assert sorted(tables.results["perturbation"]) == test
         assert tables.results["mae"].notna().all()
-    # No-change predicts (almost) no shift: its MSE of means equals the observed shift's size.
-    # The mean JAK/STAT-pathway response of the trained perturbations moves predictions toward
-    # the held-out JAK2/IRF1 responses, so meanpert's compact MSE must not be worse than no-change's.
+    # No-change predicts (almost) no shift: its MSE of means equals the observed shift's size and
+    # its delta is uncorrelated with the real one. The mean JAK/STAT-pathway response of the
+    # trained perturbations (IFNGR1/2) points the way the held-out JAK2/IRF1 responses go, so
+    # meanpert's delta correlates with theirs and its MSE is clearly lower. Measured here: Pearson
+    # delta 0.52 (IRF1) and 0.91 (JAK2) against -0.00 and -0.05; MSE 0.052 against 0.116. A
+    # meanpert without the training perturbations' delta (centred on the control mean) scores
+    # Pearson 0.09 / -0.06 and MSE 0.094.
     mse_nochange = scores["nochange"].compact["mse"].mean()
     mse_meanpert = scores["meanpert"].compact["mse"].mean()
     assert np.isfinite(mse_nochange) and np.isfinite(mse_meanpert)
-    assert mse_meanpert < mse_nochange
+    assert mse_meanpert < 0.6 * mse_nochange
+    assert scores["meanpert"].compact["pearson_delta_pseudobulk"].mean() > 0.5
+    assert abs(scores["nochange"].compact["pearson_delta_pseudobulk"].mean()) < 0.2

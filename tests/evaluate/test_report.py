@@ -56,7 +56,22 @@ def test_choose_perturbations_prefers_best_measured(toy_real):
     assert choose_perturbations(toy_real, 2) == ["A+B", "C+D"]
 
 
-def test_figures_are_drawn(tmp_path, toy_real):
+def _offsets(collection) -> np.ndarray:
+    return np.asarray(collection.get_offsets(), dtype=np.float64)
+
+
+def test_figures_are_drawn(tmp_path, toy_real, monkeypatch):
+    """Each figure plots the data it is given: bar heights, points, line data, titles and labels."""
+    from ccfm.evaluate import plots
+
+    drawn: dict[str, object] = {}
+    real_save = plots.save_figure
+
+    def recording_save(fig, path, dpi=110):
+        drawn[Path(path).name] = fig
+        real_save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", recording_save)
     summary = pd.DataFrame(
         {
             "dataset": "demo",
@@ -70,6 +85,21 @@ def test_figures_are_drawn(tmp_path, toy_real):
     )
     plot_metric_comparison(summary, tmp_path / "metrics.png", "demo")
     _assert_png_has_content(tmp_path / "metrics.png")
+    metric_axes = [ax for ax in drawn["metrics.png"].axes if ax.patches]
+    assert [ax.get_title().split("\n")[0] for ax in metric_axes] == [
+        "pearson_delta_pseudobulk",
+        "pearson_delta_top_de",
+        "mse",
+        "edistance",
+    ]
+    per_fold = summary[summary["fold"] != "all"]
+    for ax in metric_axes:
+        metric = ax.get_title().split("\n")[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["nochange", "additive"]
+        for i, method in enumerate(["nochange", "additive"]):
+            folds = per_fold.loc[per_fold["method"] == method, metric].to_numpy()
+            assert ax.patches[i].get_height() == pytest.approx(folds.mean())  # bar: mean over folds
+            np.testing.assert_allclose(_offsets(ax.collections[i]), np.c_[np.full(2, i), folds])  # dots: folds
 
     genes = list(toy_real.var_names)
     real_means = {
@@ -81,14 +111,51 @@ def test_figures_are_drawn(tmp_path, toy_real):
     }
     plot_delta_scatter(toy_real, pred_means, tmp_path / "delta.png", n_perturbations=2)
     _assert_png_has_content(tmp_path / "delta.png")
+    control_mean = np.asarray(toy_real[toy_real.obs["target_gene"] == "non-targeting"].X.mean(axis=0)).ravel()
+    panels = drawn["delta.png"].axes
+    assert len(panels) == 4  # the two best-measured perturbations x two methods
+    for ax, (pert, method) in zip(
+        panels, [("A+B", "additive"), ("A+B", "nochange"), ("C+D", "additive"), ("C+D", "nochange")]
+    ):
+        observed = real_means[pert] - control_mean
+        predicted = pred_means[method].loc[pert].to_numpy() - control_mean
+        np.testing.assert_allclose(_offsets(ax.collections[0]), np.c_[observed, predicted], rtol=1e-5, atol=1e-6)
+        r = np.corrcoef(observed, predicted)[0, 1]
+        assert ax.get_title() == f"{pert} · {method}\nr = {r:.2f}"
+    assert panels[0].get_title().endswith("r = 1.00")
 
     pred = toy_real[toy_real.obs["target_gene"].isin(["non-targeting", "A+B", "C+D", "E+F"])].copy()
+    pred.X = sp.csr_matrix(pred.X.toarray() + 0.5 * (pred.obs["target_gene"] != "non-targeting").to_numpy()[:, None])
     plot_prediction_pca(pred, toy_real, tmp_path / "pca.png", "additive", n_perturbations=3)
     _assert_png_has_content(tmp_path / "pca.png")
+    pca_axes = [ax for ax in drawn["pca.png"].axes if ax.collections]
+    assert [ax.get_title() for ax in pca_axes] == ["A+B", "C+D", "E+F"]
+    from sklearn.decomposition import PCA
+
+    def cells(adata: ad.AnnData, label: str) -> np.ndarray:
+        return adata[adata.obs["target_gene"] == label].X.toarray().astype(np.float64)
+
+    for ax, pert in zip(pca_axes, ["A+B", "C+D", "E+F"]):
+        # Fewer cells than max_cells: every real control, real perturbed and predicted cell, projected
+        # into the PCA of that perturbation's real cells and the real controls.
+        groups = [cells(toy_real, "non-targeting"), cells(toy_real, pert), cells(pred, pert)]
+        pca = PCA(n_components=2, random_state=0).fit(np.vstack(groups[:2]))
+        assert len(ax.collections) == 3
+        for collection, group in zip(ax.collections, groups):
+            np.testing.assert_allclose(_offsets(collection), pca.transform(group), rtol=1e-6, atol=1e-9)
+    assert [t.get_text() for t in pca_axes[0].get_legend().get_texts()] == [
+        "real control",
+        "real perturbed",
+        "additive (predicted)",
+    ]
 
     vocab = pd.DataFrame({"gene": genes, "vocab_id": range(25), "match": ["exact"] * 20 + ["none"] * 5})
     plot_gene_vocab_coverage(vocab, tmp_path / "vocab.png", "demo")
     _assert_png_has_content(tmp_path / "vocab.png")
+    (vocab_ax,) = drawn["vocab.png"].axes
+    assert [p.get_height() for p in vocab_ax.patches] == [20, 5]
+    assert [t.get_text() for t in vocab_ax.get_xticklabels()] == ["exact", "none"]
+    assert vocab_ax.get_title() == "demo: 20/25 genes in the scGPT vocabulary (80.0%)"
 
     steps = np.arange(0, 100, 10)
     loss = pd.DataFrame(
@@ -104,6 +171,14 @@ def test_figures_are_drawn(tmp_path, toy_real):
     nolatent = loss.assign(latent=np.nan)
     plot_loss_curves({"ccfm": loss, "ccfm_nolatent": nolatent}, tmp_path / "loss.png", "demo fold 1")
     _assert_png_has_content(tmp_path / "loss.png")
+    loss_axes = drawn["loss.png"].axes
+    assert [ax.get_title() for ax in loss_axes] == ["total", "expr", "latent", "mmd", "lr"]
+    for ax in loss_axes:
+        variants = ["ccfm"] if ax.get_title() == "latent" else ["ccfm", "ccfm_nolatent"]  # no latent loss without it
+        assert [line.get_label() for line in ax.lines] == variants
+        for line in ax.lines:
+            np.testing.assert_allclose(line.get_xdata(), steps)
+            np.testing.assert_allclose(line.get_ydata(), loss[ax.get_title()])
     # Atomic writes leave only the figures.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "delta.png",

@@ -179,12 +179,36 @@ def test_plain_settings_stay_available(tmp_path: Path) -> None:
 
 
 def test_fit_mean_model_uses_only_training_cells(tmp_path: Path) -> None:
+    """Given the whole file, the held-out double's cells do not move the fitted mean model."""
     processed, split = write_dataset(tmp_path)
     train = json.loads(split.read_text())["train"]
-    data = load_expression(processed, keep_labels=[*train, CONTROL_LABEL])
-    model = fit_mean_model(data, train, MeanModelSettings(), seed=0)
+    data = load_expression(processed)  # every cell, the held-out double G2+G3 included
+    altered = load_expression(processed)
+    held_out_rows = altered.rows_of("G2+G3")
+    assert held_out_rows.size == 40
+    matrix = altered.matrix.tolil()
+    matrix[held_out_rows, :] = 5.0  # a profile no training label has
+    altered.matrix = matrix.tocsr()
+    assert not np.allclose(altered.dense_rows(held_out_rows), data.dense_rows(held_out_rows))
+
+    # The unfitted MLP residual is initialised from torch's global generator, not from the seed:
+    # give both fits the same global state so that only the data can differ.
+    # The interaction network is fitted from two doubles on: the one training double (G0+G1) leaves
+    # it off, a leaked G2+G3 would switch it on and train it.
+    settings = MeanModelSettings(interaction="network", interaction_min_doubles=2, interaction_epochs=20)
+    torch.manual_seed(0)
+    model = fit_mean_model(data, train, settings, seed=0)
+    torch.manual_seed(0)
+    model_altered = fit_mean_model(altered, train, settings, seed=0)
+    state, state_altered = model.state_dict(), model_altered.state_dict()
+    assert state.keys() == state_altered.keys()
+    for key in state:
+        assert torch.equal(state[key], state_altered[key]), key
+    assert model.singles == model_altered.singles
     assert set(model.singles) == {"G0", "G1", "G2", "G3"}  # the held-out double G2+G3 is no single
     assert model.anchored("G2+G3")
+    assert torch.equal(model.delta("G2+G3"), model_altered.delta("G2+G3"))
+    assert model.fitted_epochs == 0
 
 
 def test_anchored_prediction_centres_on_the_controls_it_starts_from(tmp_path: Path) -> None:

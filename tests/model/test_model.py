@@ -95,11 +95,25 @@ def test_gene_perturbation_shares_gene_embedding() -> None:
 
 
 def test_drug_model_uses_own_table() -> None:
-    model = _model(perturbation_type="drug", n_drugs=3)
+    model = _model(perturbation_type="drug", n_drugs=3).eval()
     gene_ids, cell_1, x_t, z_t, t, t2, _ = _inputs()
     v_expr, _ = model(gene_ids, cell_1, x_t, z_t, t, t2, torch.tensor([[0, 3], [1, 2], [2, 1]]))
     assert v_expr.shape == (B, G)
-    assert model.perturbation_encoder.drug_table.num_embeddings == 4
+    encoder = model.perturbation_encoder
+    assert encoder.drug_table.num_embeddings == 4
+    # The embedding is the drug table's (normalised) rows, averaged over the two slots (3 = padding).
+    ids = torch.tensor([[0, 3], [1, 2], [2, 1]])
+    expected = encoder.drug_norm(encoder.drug_table(ids)).mean(dim=1)
+    torch.testing.assert_close(encoder(ids), expected)
+    assert not torch.allclose(encoder(ids), model.gene_encoder(ids).mean(dim=1))  # not the gene embedding
+    # Different drugs give different predictions; the order of a combination does not matter.
+    outputs = {
+        name: model(gene_ids, cell_1, x_t, z_t, t, t2, torch.tensor([pair] * B))[0]
+        for name, pair in {"a": [0, 3], "b": [1, 3], "ab": [0, 1], "ba": [1, 0]}.items()
+    }
+    assert not torch.allclose(outputs["a"], outputs["b"])
+    assert not torch.allclose(outputs["a"], outputs["ab"]) and not torch.allclose(outputs["b"], outputs["ab"])
+    torch.testing.assert_close(outputs["ab"], outputs["ba"])
 
 
 def test_vocab_ids_pad_and_errors() -> None:

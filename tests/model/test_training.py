@@ -246,6 +246,59 @@ def test_train_from_files_with_tiny_scgpt(tmp_path, tiny_scgpt_checkpoint) -> No
     assert frame["step"].tolist() == [4, 8, 12] and (frame["latent"] > 0).any()
 
 
+def test_train_from_files_samples_only_training_and_control_cells(dataset, tmp_path, monkeypatch) -> None:
+    """Through the rule's entry point: every row the trainer samples or reads is a training or control cell."""
+    from ccfm.model import expression, training
+
+    processed, split = dataset
+    split_data = json.loads(split.read_text())
+    labels = ad.read_h5ad(processed).obs["target_gene"].astype(str).to_numpy()  # the file, read independently
+    allowed = set(np.flatnonzero(np.isin(labels, [*split_data["train"], split_data["controls"]])).tolist())
+    held_out = set(np.flatnonzero(np.isin(labels, split_data["test"])).tolist())
+    assert len(allowed) == 320 and len(held_out) == 40
+
+    sampled: list[training.Batch] = []
+    read: list[np.ndarray] = []
+    real_sample, real_dense_rows = training.PerturbationBatchSampler.sample, expression.ExpressionData.dense_rows
+
+    def spy_sample(self):
+        batch = real_sample(self)
+        sampled.append(batch)
+        return batch
+
+    def spy_dense_rows(self, rows):
+        read.append(np.asarray(rows).copy())
+        return real_dense_rows(self, rows)
+
+    monkeypatch.setattr(training.PerturbationBatchSampler, "sample", spy_sample)
+    monkeypatch.setattr(expression.ExpressionData, "dense_rows", spy_dense_rows)
+    train = {"steps": 30, "batch_size": 8, "warmup_steps": 2, "log_every": 10, "checkpoint_every": 100}
+    out = tmp_path / "run"
+    result = train_from_files(
+        processed,
+        split,
+        out / "model.pt",
+        out / "loss.tsv",
+        out / "resume",
+        model_section=MODEL,
+        train_section=train,
+        latent_section={},
+        seed=3,
+        use_latent=False,
+        device="cpu",
+        progress=False,
+    )
+    assert result.steps_run == 30 and len(sampled) == 30
+    assert {batch.label for batch in sampled} <= set(split_data["train"])
+    assert len({batch.label for batch in sampled}) >= 3  # the spy saw real sampling
+    target_rows = set(np.concatenate([batch.target_rows for batch in sampled]).tolist())
+    control_rows = set(np.concatenate([batch.control_rows for batch in sampled]).tolist())
+    assert target_rows <= allowed and not target_rows & held_out
+    assert {labels[row] for row in control_rows} == {split_data["controls"]}
+    every_read = set(np.concatenate(read).tolist())
+    assert every_read <= allowed and not every_read & held_out, sorted(every_read & held_out)[:5]
+
+
 def test_training_reads_only_training_and_control_cells(dataset) -> None:
     processed, split = dataset
     full = load_expression(processed)

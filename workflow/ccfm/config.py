@@ -52,6 +52,17 @@ def dataset_defaults() -> dict[str, Any]:
     return copy.deepcopy(_defaults(load_schema()["$defs"]["dataset"]))
 
 
+def scgpt_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level ``scgpt`` block over the schema's defaults (``tiny`` merged key by key)."""
+    schema = load_schema()["properties"]["scgpt"]
+    merged = copy.deepcopy(_defaults(schema))
+    merged["tiny"] = copy.deepcopy(_defaults(schema["properties"]["tiny"]))
+    given = copy.deepcopy(dict(config.get("scgpt") or {}))
+    merged["tiny"].update(given.pop("tiny", None) or {})
+    merged.update(given)
+    return merged
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
@@ -122,6 +133,9 @@ def dataset_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
         raise ConfigError(f"dataset '{dataset}' is not declared under 'datasets' in the config")
     merged = dataset_defaults()
     merged.update(copy.deepcopy(config["datasets"][dataset]))
+    if "target" in merged:
+        target_schema = load_schema()["$defs"]["dataset"]["properties"]["target"]
+        merged["target"] = {**_defaults(target_schema), **merged["target"]}
     merged["name"] = dataset
     return merged
 

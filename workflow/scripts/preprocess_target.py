@@ -16,5 +16,5 @@ preprocess_target(
     snakemake.output.target_processed,
     **dict(snakemake.params.settings),
     perturbation_type=dataset["perturbation_type"],
-    min_shared_genes=float(dataset["target"].get("min_shared_genes", 0.5)),
+    min_shared_genes=float(dataset["target"]["min_shared_genes"]),
 )
