@@ -168,7 +168,11 @@ def adapt_to_files(
     device = torch.device(device) if device is not None else pick_device()
     loaded = load_model(model_pt, device)
     source = read_source_controls(
-        processed_h5ad, source_files, control_label=control_label, chunk_size=chunk_size, **dict(source_options or {})
+        processed_h5ad,
+        source_files,
+        processed_control_label=control_label,
+        chunk_size=chunk_size,
+        **dict(source_options or {}),
     )
     target = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
     check_same_genes(loaded.genes, source.genes, str(processed_h5ad), model_pt)

@@ -106,12 +106,16 @@ def read_source_controls(
     processed_h5ad: str | Path,
     source_files: Sequence[str | Path] = (),
     *,
-    control_label: str = CONTROL_LABEL,
+    processed_control_label: str = CONTROL_LABEL,
     chunk_size: int = 10000,
     **file_options,
 ) -> LabelledRows:
-    """Controls of ``processed.h5ad`` followed by those of every ``source_files`` entry, on its genes."""
-    base = read_control_cells(processed_h5ad, control_label=control_label, chunk_size=chunk_size)
+    """Controls of ``processed.h5ad`` followed by those of every ``source_files`` entry, on its genes.
+
+    ``file_options`` (``perturbation_column``, ``control_label``, ``input_scale``, ``target_sum``,
+    ``min_shared_genes``) say how the extra files are read (:func:`read_source_file_controls`).
+    """
+    base = read_control_cells(processed_h5ad, control_label=processed_control_label, chunk_size=chunk_size)
     if not source_files:
         return base
     parts = [base] + [
