@@ -249,7 +249,7 @@ def dataset_results(ds):
 
 def print_headlines():
     """After a successful run: where each dataset's summary is, CCFM beside the baselines."""
-    from ccfm.evaluate.headline import headline
+    from ccfm.evaluate.headline import headline, target_headline
 
     for ds in DATASETS:
         summary = Path(f"results/{ds}/metrics_summary.tsv")
@@ -258,4 +258,8 @@ def print_headlines():
                 print(headline(summary), file=sys.stderr)
             except ValueError as error:  # e.g. a run whose methods leave out ccfm or a baseline
                 print(f"{summary}: {error}", file=sys.stderr)
+        for path in sorted(Path(f"results/{ds}").glob("fold*/adapt*/target_summary.tsv")):
+            print(target_headline(path), file=sys.stderr)
+        for path in sorted(Path(f"results/{ds}").glob("fold*/adapt/*.vcc")):
+            print(f"challenge submission: {path}", file=sys.stderr)
     print("HTML report of this run: snakemake --report report.html", file=sys.stderr)
