@@ -57,6 +57,15 @@ def test_bad_predict_csv_is_refused_with_the_reason(tmp_path, text, message) -> 
         read_predict_csv(tmp_path / "missing.csv")
 
 
+def test_requested_labels_come_first_then_every_observed_one() -> None:
+    from ccfm.adapt.target import target_labels_to_predict
+    from ccfm.data.perturbations import PerturbationVocab
+
+    vocab = PerturbationVocab.for_genes(PANEL)
+    observed = ["non-targeting", "G3", "G1", "NOPE"]
+    assert target_labels_to_predict(observed, ["G2+G5", "G1"], vocab) == ["G2+G5", "G1", "G3"]
+
+
 def test_per_label_control_draws_match_the_single_count_draw() -> None:
     from ccfm.evaluate.baselines import sample_control_rows
 

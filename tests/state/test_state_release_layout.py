@@ -4,8 +4,6 @@ predictions from a challenge CSV and a .vcc submission. The arc-state parts skip
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pickle
 from pathlib import Path
 
@@ -15,19 +13,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-import yaml
 
 from ccfm.state.safe_load import UnsafeFileError, load_onehot_map
-
-
-class _WritesFile:
-    """Unpickling this calls exec(), which creates ``path``: the side effect a refusal must prevent."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+from state_test_data import WritesFile
 
 
 class _StorageFromBytes:
@@ -55,11 +43,11 @@ def test_onehot_maps_pickled_as_arc_state_writes_them_load(tmp_path: Path) -> No
 
 def test_malicious_onehot_maps_are_refused_and_nothing_runs(tmp_path: Path) -> None:
     marker = tmp_path / "side_effect"
-    (tmp_path / "a.pkl").write_bytes(pickle.dumps({"x": _WritesFile(marker)}))
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps({"x": WritesFile(marker)}))
     with pytest.raises(UnsafeFileError, match="builtins.exec"):
         load_onehot_map(tmp_path / "a.pkl", "map")
     # The storage bytes of a pickled tensor are read with torch.load(weights_only=True), never unrestricted.
-    (tmp_path / "b.pkl").write_bytes(pickle.dumps({"x": _StorageFromBytes(pickle.dumps(_WritesFile(marker)))}))
+    (tmp_path / "b.pkl").write_bytes(pickle.dumps({"x": _StorageFromBytes(pickle.dumps(WritesFile(marker)))}))
     with pytest.raises(UnsafeFileError, match="b.pkl"):
         load_onehot_map(tmp_path / "b.pkl", "map")
     (tmp_path / "c.pkl").write_bytes(pickle.dumps(["not", "a", "map"]))
@@ -78,45 +66,12 @@ PERTS = ["non-targeting", "A", "B", "C"]
 @pytest.fixture(scope="module")
 def released_run(tmp_path_factory):
     pytest.importorskip("state.tx.models.state_transition", reason="needs the [state] extra (arc-state)")
-    import lightning.pytorch as pl
-    from state.tx.models.state_transition import StateTransitionPerturbationModel
-    from test_state_model import GENES, _hparams
+    from state_test_data import write_released_state_run
 
     root = tmp_path_factory.mktemp("released")
-    run = root / "ST-release"
-    run.mkdir()
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = StateTransitionPerturbationModel(**_hparams())
-    model.eval()
-    # The checkpoint as Lightning writes it (hyper-parameters, loops, optimizer states), at the top level.
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(run / "final.ckpt")
-    config = {
-        "model": {"name": "state", "kwargs": {"cell_set_len": 8}},
-        "data": {"kwargs": {"embed_key": None, "output_space": "gene", "control_pert": "non-targeting"}},
-    }
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    var_dims = {
-        "input_dim": np.int64(len(GENES)), "gene_dim": np.int64(len(GENES)), "hvg_dim": 0,
-        "output_dim": np.int64(len(GENES)), "pert_dim": len(PERTS), "gene_names": list(GENES), "batch_dim": 1,
-        "pert_names": list(PERTS),
-    }  # fmt: skip
-    # File names and writers as in arc-state's training: torch.save for perturbations, pickle for the rest.
-    torch.save({name: torch.eye(len(PERTS))[i] for i, name in enumerate(PERTS)}, run / "pert_onehot_map.pt")
-    with open(run / "var_dims.pkl", "wb") as handle:
-        pickle.dump(var_dims, handle)
-    with open(run / "batch_onehot_map.pkl", "wb") as handle:
-        pickle.dump({"batch0": torch.ones(1)}, handle)
-    with open(run / "cell_type_onehot_map.pkl", "wb") as handle:
-        pickle.dump({"K562": torch.tensor([1.0, 0.0]), "HepG2": torch.tensor([0.0, 1.0])}, handle)
-    # data_module.torch is a whole pickled object: it must never be read (this one would write a file).
-    (run / "data_module.torch").write_bytes(pickle.dumps(_WritesFile(root / "data_module_was_read")))
-    return root, run, model, list(GENES)
+    genes = [f"G{i}" for i in range(12)]
+    model = write_released_state_run(root / "ST-release", genes, PERTS, root / "data_module_was_read")
+    return root, root / "ST-release", model, genes
 
 
 def test_released_layout_loads_with_its_optional_maps(released_run) -> None:
@@ -162,12 +117,12 @@ def test_released_run_predicts_the_csvs_counts_and_writes_a_vcc(released_run, tm
         run, tmp_path / "target.h5ad", tmp_path / "shift.safetensors", *paths,
         requested=str(tmp_path / "perts.csv"), cells_per_perturbation=5, seed=0,
     )  # fmt: skip
-    assert done == ["A", "A+B"]
+    assert done == ["A", "A+B", "B"]  # the CSV's, then the observed rest (scored, not submitted)
     expected = {"A": 3, "A+B": 7, "non-targeting": 40}
-    assert ad.read_h5ad(paths[0]).obs["target_gene"].astype(str).value_counts().to_dict() == expected
+    assert ad.read_h5ad(paths[0]).obs["target_gene"].astype(str).value_counts().to_dict() == {**expected, "B": 5}
     summary = write_vcc_submission(
         paths[0], tmp_path / "target_raw.h5ad", tmp_path / "target.h5ad", tmp_path / "state.vcc",
-        tmp_path / "state_vcc.tsv", method="state", seed=0,
+        tmp_path / "state_vcc.tsv", method="state", seed=0, perturbations=["A", "A+B"],
     )  # fmt: skip
     assert (summary.n_predicted_genes, summary.n_filled_genes) == (len(genes), 2)
     vcc = read_vcc(tmp_path / "state.vcc")

@@ -147,6 +147,8 @@ rule vcc_submission:
         runtime=60,
     params:
         settings=lambda wc: preprocess_target_settings(wc.ds),
+        # target.predict's perturbations (the challenge's); empty: every predicted one
+        perturbations=lambda wc: target_predict_labels(wc.ds),
         seed=config["seed"],
     script:
         "../scripts/vcc_submission.py"

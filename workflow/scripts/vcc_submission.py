@@ -13,6 +13,7 @@ write_vcc_submission(
     snakemake.output.summary,
     method=snakemake.wildcards.method,
     seed=snakemake.params.seed,
+    perturbations=snakemake.params.perturbations,
     input_scale=settings["input_scale"],
     target_sum=settings["target_sum"],
     chunk_size=settings["chunk_size"],

@@ -153,15 +153,22 @@ def submission_anndata(
     target_genes: Sequence[str],
     *,
     seed: int,
+    perturbations: Sequence[str] = (),
 ) -> tuple[ad.AnnData, int]:
     """Predicted cells of ``pred`` on every target gene (:func:`fill_outside_panel`) plus all ``controls``.
 
-    Returns the AnnData (CSR, ``obs["target_gene"]``) and the number of target genes predicted
-    by the model (the rest are filled).
+    ``perturbations`` (e.g. the challenge CSV's) restricts the submission to those; empty: every
+    predicted one. Returns the AnnData (CSR, ``obs["target_gene"]``) and the number of target
+    genes predicted by the model (the rest are filled).
     """
     panel = [str(g) for g in pred.var_names]
     labels = pred.obs[PERT_COLUMN].astype(str).to_numpy()
     perts = [p for p in dict.fromkeys(labels) if p != CONTROL_LABEL]
+    if perturbations:
+        missing = [p for p in perturbations if p not in perts]
+        if missing:
+            raise ValueError(f"the prediction has no cells for {missing[:10]}; rerun predict_target")
+        perts = list(perturbations)
     counts = {p: int((labels == p).sum()) for p in perts}
     draws = control_rows_per_label(controls.shape[0], perts, counts, seed)
     matrix = pred.X if sp.issparse(pred.X) else np.asarray(pred.X)
@@ -218,16 +225,20 @@ def write_vcc_submission(
     *,
     method: str,
     seed: int,
+    perturbations: Sequence[str] = (),
     input_scale: str = "auto",
     target_sum: float = 10000.0,
     chunk_size: int = 10000,
 ) -> SubmissionSummary:
-    """Write ``{method}.vcc`` from an adapted target prediction and its one-row summary (module docstring)."""
+    """Write ``{method}.vcc`` from an adapted target prediction and its one-row summary (module docstring).
+
+    ``perturbations``: those the submission holds (``target.predict``); empty: every predicted one.
+    """
     pred = read_expression_h5ad(pred_h5ad)
     controls, genes = target_controls_all_genes(
         target_raw, target_processed, input_scale=input_scale, target_sum=target_sum, chunk_size=chunk_size
     )
-    adata, n_predicted = submission_anndata(pred, controls, genes, seed=seed)
+    adata, n_predicted = submission_anndata(pred, controls, genes, seed=seed, perturbations=perturbations)
     labels = adata.obs[PERT_COLUMN].astype(str)
     summary = SubmissionSummary(
         method=method,

@@ -49,22 +49,20 @@ class ShiftedExpression(ExpressionData):
 def target_labels_to_predict(
     observed: Sequence[str], requested: Sequence[str], vocab: PerturbationVocab, control_label: str = CONTROL_LABEL
 ) -> list[str]:
-    """The target perturbations to predict.
+    """The target perturbations to predict: the requested ones, then every observed one.
 
-    ``requested`` (the dataset's ``target.predict`` list) wins and every entry must be
-    embeddable by the model (a clear error otherwise). Without it, every observed target
-    perturbation is predicted, except those naming a gene outside the model's gene list: those are
-    skipped with a warning, since the model cannot embed them.
+    ``requested`` (the dataset's ``target.predict``, e.g. the challenge's perturbations) come
+    first and every entry must be embeddable by the model (a clear error otherwise). Every observed
+    target perturbation is predicted too (after them, sorted): those are what the target scores
+    are computed on; observed ones naming a gene the model cannot embed are skipped with a warning.
     """
-    if requested:
-        labels = list(dict.fromkeys(parse_condition(str(r), control_label=control_label).canonical for r in requested))
-        if CONTROL_LABEL in labels:
-            raise ValueError("target.predict lists the control label; list perturbations only")
-        for label in labels:
-            vocab.ids(label)
-        return labels
-    labels, skipped = [], []
-    for label in sorted(set(map(str, observed)) - {control_label, CONTROL_LABEL}):
+    labels = list(dict.fromkeys(parse_condition(str(r), control_label=control_label).canonical for r in requested))
+    if CONTROL_LABEL in labels:
+        raise ValueError("target.predict lists the control label; list perturbations only")
+    for label in labels:
+        vocab.ids(label)
+    skipped = []
+    for label in sorted(set(map(str, observed)) - {control_label, CONTROL_LABEL} - set(labels)):
         try:
             vocab.ids(label)
         except KeyError:

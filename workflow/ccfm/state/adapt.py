@@ -90,27 +90,24 @@ def adapt_state_to_files(
 
 
 def state_target_labels(run: StateRun, observed: Sequence[str], requested: Sequence[str]) -> list[str]:
-    """Target perturbations to predict: ``requested`` if given (each must be known to State, alone
-    or as a combination of known singles), else every observed one State can represent."""
+    """Target perturbations to predict: ``requested`` first (each must be known to State, alone or as
+    a combination of known singles), then every observed one State can represent (what is scored)."""
 
     def representable(label: str) -> bool:
         return label in run.pert_map or all(part in run.pert_map for part in label.split("+"))
 
-    if requested:
-        labels = list(dict.fromkeys(str(r) for r in requested))
-        unknown = [label for label in labels if label == CONTROL_LABEL or not representable(label)]
-        if unknown:
-            raise ValueError(
-                f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for"
-            )
-        return labels
-    candidates = sorted(set(map(str, observed)) - {CONTROL_LABEL})
-    labels = [label for label in candidates if representable(label)]
-    skipped = sorted(set(candidates) - set(labels))
+    labels = list(dict.fromkeys(str(r) for r in requested))
+    unknown = [label for label in labels if label == CONTROL_LABEL or not representable(label)]
+    if unknown:
+        raise ValueError(f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for")
+    candidates = sorted(set(map(str, observed)) - {CONTROL_LABEL} - set(labels))
+    extra = [label for label in candidates if representable(label)]
+    skipped = sorted(set(candidates) - set(extra))
     if skipped:
         log.warning(
             "%d target perturbation(s) unknown to the State model are not predicted: %s", len(skipped), skipped[:20]
         )
+    labels += extra
     if not labels:
         raise ValueError(f"no target perturbation is known to the State model in {run.directory}; nothing to predict")
     return labels
