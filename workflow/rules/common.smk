@@ -95,7 +95,7 @@ def target_predict(ds):
 
 
 def target_predict_csv(ds):
-    """The `target.predict` CSV as a rule input (a list: empty for a YAML list)."""
+    """The `target.predict` CSV as an input file list (empty for a YAML list)."""
     value = target_predict(ds)
     return [value] if isinstance(value, str) else []
 
