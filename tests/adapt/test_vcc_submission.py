@@ -271,3 +271,17 @@ def test_extra_source_files_add_their_control_cells(vcc_run, tmp_path) -> None:
         vcc_run / "processed.h5ad", [tmp_path / "nt.h5ad"], perturbation_column="guide", control_label="NEG"
     )
     assert found.matrix.shape[0] == 90
+
+
+def test_dataset_names_ending_in_vcc_are_refused() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from ccfm.config import ConfigError, validate_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config/config.yaml").read_text())
+    config["datasets"]["demo_vcc"] = config["datasets"].pop("demo")
+    config["run"] = ["demo_vcc"]
+    with pytest.raises(ConfigError, match="'demo_vcc' .* ends in '_vcc'.*target rule"):
+        validate_config(config)
