@@ -136,7 +136,7 @@ rule vcc_submission:
     log:
         "logs/{ds}/fold{fold}/adapt/vcc_submission_{method}.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/adapt/vcc_submission_{method}.tsv"
+        "results/{ds}/benchmarks/fold{fold}/adapt/{method}/vcc_submission.tsv"
     wildcard_constraints:
         method="|".join(VCC_METHODS),
     conda:
