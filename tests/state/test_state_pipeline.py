@@ -59,7 +59,7 @@ def test_state_trains_predicts_is_scored_and_adapts(tmp_path, monkeypatch):
     mmd = pd.read_csv(fold / "adapt_state/mmd.tsv", sep="\t").set_index("heldout_part")
     assert mmd.loc["test", "mmd2_after"] < mmd.loc["test", "mmd2_before"]
     summary = pd.read_csv(fold / "adapt_state/target_summary.tsv", sep="\t")
-    assert {"state_adapted", "state_unadapted", "nochange", "additive"} == set(summary["method"])
+    assert {"state_adapted", "state_unadapted", "nochange", "additive", "cellmean"} == set(summary["method"])
     target_pred = ad.read_h5ad(fold / "adapt_state/target_pred.h5ad")
     assert "non-targeting" in set(target_pred.obs["target_gene"].astype(str))
     means = pd.read_csv(fold / "adapt_state/target_pred_means.csv", index_col=0)

@@ -89,6 +89,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"Rename the dataset, e.g. '{error.instance}_data', in 'datasets' and 'run'. Reserved "
             f"names: {', '.join(error.validator_value['enum'])}"
         )
+    if error.validator == "pattern" and isinstance(error.instance, str) and error.instance.endswith("_vcc"):
+        # propertyNames of `datasets`: `<dataset>_vcc` is the submission target rule of a dataset
+        return (
+            f"dataset name {error.instance!r} under '{where}' ends in '_vcc', the suffix of each dataset's "
+            f"Virtual Cell Challenge target rule ('<dataset>_vcc'); rename the dataset in 'datasets' and 'run'"
+        )
     return f"config key '{where}': {error.message}"
 
 

@@ -3,7 +3,8 @@
 # target perturbations from the shifted (and, for comparison, the unshifted) target controls,
 # and score both beside baselines built from the target controls. Final targets per dataset and
 # fold: adapt/{shift.safetensors, mmd.tsv, history.png, target_pred.h5ad,
-# target_pred_unadapted.h5ad, target_summary.tsv} (see `adapt_targets` in common.smk).
+# target_pred_unadapted.h5ad, target_summary.tsv} and the Virtual Cell Challenge submissions
+# adapt/{ccfm,state}.vcc (`vcc_submission`; see `adapt_targets` and `vcc_targets` in common.smk).
 
 
 rule adapt_mmd:
@@ -11,6 +12,7 @@ rule adapt_mmd:
         model="results/{ds}/fold{fold}/ccfm/model.pt",
         processed="results/{ds}/processed.h5ad",
         target="results/{ds}/target_processed.h5ad",
+        source_files=lambda wc: adapt_source_files(wc.ds),
     output:
         shift="results/{ds}/fold{fold}/adapt/shift.safetensors",
         mmd=report(
@@ -42,6 +44,7 @@ rule adapt_mmd:
         gpu=1,
     params:
         settings=lambda wc: section(wc.ds, "adapt"),
+        source_options=lambda wc: adapt_source_options(wc.ds),
         seed=config["seed"],
     script:
         "../scripts/adapt_mmd.py"
@@ -52,6 +55,7 @@ rule predict_target:
         model="results/{ds}/fold{fold}/ccfm/model.pt",
         target="results/{ds}/target_processed.h5ad",
         shift="results/{ds}/fold{fold}/adapt/shift.safetensors",
+        requests=lambda wc: target_predict_csv(wc.ds),
     output:
         pred="results/{ds}/fold{fold}/adapt/target_pred.h5ad",
         means="results/{ds}/fold{fold}/adapt/target_pred_means.csv",
@@ -70,8 +74,9 @@ rule predict_target:
         gpu=1,
     params:
         generate=lambda wc: section(wc.ds, "generate"),
-        # Empty: every observed target perturbation the model can embed.
-        requested=lambda wc: list(config["datasets"][wc.ds]["target"].get("predict", [])),
+        # Empty: every observed target perturbation the model can embed. A CSV path: its
+        # target_gene column, with its n_cells cells each.
+        requested=lambda wc: target_predict(wc.ds),
         seed=config["seed"],
     script:
         "../scripts/predict_target.py"
@@ -108,3 +113,43 @@ rule score_target:
         seed=config["seed"],
     script:
         "../scripts/score_target.py"
+
+
+# The Virtual Cell Challenge submission of an adapted target prediction (CCFM's, or State's where
+# it runs): every gene of the target file in its order (genes outside the model's panel filled
+# with the target controls' expression), `non-targeting` controls included, written by
+# cell-eval's own `prep`. `snakemake <dataset>_vcc` builds only these.
+rule vcc_submission:
+    input:
+        pred=vcc_prediction,
+        target_raw=lambda wc: target_raw_input(wc.ds),
+        target="results/{ds}/target_processed.h5ad",
+    output:
+        vcc="results/{ds}/fold{fold}/adapt/{method}.vcc",
+        summary=report(
+            "results/{ds}/fold{fold}/adapt/{method}_vcc.tsv",
+            caption="../report/vcc_submission.rst",
+            category="Target context",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "fold": "{fold}", "table": "{method} challenge submission"},
+        ),
+    log:
+        "logs/{ds}/fold{fold}/adapt/vcc_submission_{method}.log",
+    benchmark:
+        "results/{ds}/benchmarks/fold{fold}/adapt/{method}/vcc_submission.tsv"
+    wildcard_constraints:
+        method="|".join(VCC_METHODS),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        # Only the target's control cells are read (sparse); H1's ~40k controls x 18,080 genes fit.
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=60,
+    params:
+        settings=lambda wc: preprocess_target_settings(wc.ds),
+        # target.predict's perturbations (the challenge's); empty: every predicted one
+        perturbations=lambda wc: target_predict_labels(wc.ds),
+        seed=config["seed"],
+    script:
+        "../scripts/vcc_submission.py"

@@ -85,8 +85,66 @@ def preprocess_target_settings(ds):
         "input_scale": target.get("input_scale", "auto"),
         "guide_token_pattern": GUIDE_TOKEN[ds_cfg(ds)["perturbation_type"]],
         **{key: section(ds, "preprocess")[key] for key in ("target_sum", "chunk_size")},
-        "predict": list(target.get("predict", [])),
+        "predict": target_predict_labels(ds),
     }
+
+
+def target_predict(ds):
+    """`target.predict`: a list of perturbations, or the path of a challenge-style CSV."""
+    return config["datasets"][ds]["target"].get("predict", [])
+
+
+def target_predict_csv(ds):
+    """The `target.predict` CSV as an input file list (empty for a YAML list)."""
+    value = target_predict(ds)
+    return [value] if isinstance(value, str) else []
+
+
+def target_predict_labels(ds):
+    """The perturbations `target.predict` names (read from its CSV when it is one)."""
+    from ccfm.adapt.requests import target_requests
+
+    return target_requests(target_predict(ds)).labels
+
+
+def adapt_source_files(ds):
+    """`adapt.source_files`: extra h5ad files whose control cells join the source controls."""
+    return list(section(ds, "adapt")["source_files"])
+
+
+def adapt_source_options(ds):
+    """How the extra source files are read: the dataset's labels and normalisation."""
+    return {
+        "perturbation_column": ds_cfg(ds)["perturbation_column"],
+        "control_label": ds_cfg(ds)["control_label"],
+        "target_sum": section(ds, "preprocess")["target_sum"],
+    }
+
+
+VCC_METHODS = ["ccfm", "state"]
+
+
+def vcc_methods(ds):
+    """Methods a dataset writes a challenge submission for: CCFM, and State where it runs."""
+    return ["ccfm"] + (["state"] if STATE_STATUS[ds][0] else [])
+
+
+def vcc_prediction(wc):
+    """The adapted target prediction a submission is assembled from."""
+    folder = "adapt" if wc.method == "ccfm" else "adapt_state"
+    return f"results/{wc.ds}/fold{wc.fold}/{folder}/target_pred.h5ad"
+
+
+def vcc_targets(ds):
+    """The challenge submissions (`.vcc`) of a dataset with a target, and their summaries."""
+    if not has_target(ds):
+        return []
+    return [
+        f"results/{ds}/fold{fold}/adapt/{method}{suffix}"
+        for fold in folds(ds)
+        for method in vcc_methods(ds)
+        for suffix in (".vcc", "_vcc.tsv")
+    ]
 
 
 def methods(ds):
@@ -158,7 +216,7 @@ def adapt_targets(ds):
     targets = [f"results/{ds}/fold{fold}/adapt/{name}" for fold in folds(ds) for name in names]
     if STATE_STATUS[ds][0]:
         targets += [f"results/{ds}/fold{fold}/adapt_state/{name}" for fold in folds(ds) for name in names]
-    return targets
+    return targets + vcc_targets(ds)
 
 
 def dataset_targets(ds):
@@ -191,7 +249,7 @@ def dataset_results(ds):
 
 def print_headlines():
     """After a successful run: where each dataset's summary is, CCFM beside the baselines."""
-    from ccfm.evaluate.headline import headline
+    from ccfm.evaluate.headline import headline, target_headline
 
     for ds in DATASETS:
         summary = Path(f"results/{ds}/metrics_summary.tsv")
@@ -200,4 +258,8 @@ def print_headlines():
                 print(headline(summary), file=sys.stderr)
             except ValueError as error:  # e.g. a run whose methods leave out ccfm or a baseline
                 print(f"{summary}: {error}", file=sys.stderr)
+        for path in sorted(Path(f"results/{ds}").glob("fold*/adapt*/target_summary.tsv")):
+            print(target_headline(path), file=sys.stderr)
+        for path in sorted(Path(f"results/{ds}").glob("fold*/adapt/*.vcc")):
+            print(f"challenge submission: {path}", file=sys.stderr)
     print("HTML report of this run: snakemake --report report.html", file=sys.stderr)

@@ -76,6 +76,7 @@ rule adapt_state:
         unpack(lambda wc: state_run_files(wc.ds, wc.fold)),
         processed="results/{ds}/processed.h5ad",
         target="results/{ds}/target_processed.h5ad",
+        source_files=lambda wc: adapt_source_files(wc.ds),
     output:
         shift="results/{ds}/fold{fold}/adapt_state/shift.safetensors",
         mmd=report(
@@ -107,6 +108,7 @@ rule adapt_state:
     params:
         run_dir=lambda wc: state_run_dir(wc.ds, wc.fold),
         settings=lambda wc: section(wc.ds, "adapt"),
+        source_options=lambda wc: adapt_source_options(wc.ds),
         seed=config["seed"],
     script:
         "../scripts/adapt_state.py"
@@ -117,6 +119,7 @@ rule predict_target_state:
         unpack(lambda wc: state_run_files(wc.ds, wc.fold)),
         target="results/{ds}/target_processed.h5ad",
         shift="results/{ds}/fold{fold}/adapt_state/shift.safetensors",
+        requests=lambda wc: target_predict_csv(wc.ds),
     output:
         pred="results/{ds}/fold{fold}/adapt_state/target_pred.h5ad",
         means="results/{ds}/fold{fold}/adapt_state/target_pred_means.csv",
@@ -134,7 +137,7 @@ rule predict_target_state:
         runtime=60,
     params:
         run_dir=lambda wc: state_run_dir(wc.ds, wc.fold),
-        requested=lambda wc: list(config["datasets"][wc.ds]["target"].get("predict", [])),
+        requested=lambda wc: target_predict(wc.ds),
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
         seed=config["seed"],
     script:

@@ -18,6 +18,8 @@ adapt_state_to_files(
     snakemake.output.history,
     AdaptSettings.from_mapping(dict(snakemake.params.settings)),
     seed=snakemake.params.seed,
+    source_files=list(snakemake.input.source_files),
+    source_options=dict(snakemake.params.source_options),
 )
 plot_adapt_history(
     snakemake.output.history,

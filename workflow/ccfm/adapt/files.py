@@ -22,6 +22,7 @@ from ccfm.adapt.shift import (
     learn_shift,
     model_control_encoder,
 )
+from ccfm.adapt.sources import read_source_controls
 from ccfm.distributed import pick_device
 from ccfm.io.h5ad import LabelledRows, atomic_output, read_control_cells
 from ccfm.model.checkpoint import load_model
@@ -154,15 +155,25 @@ def adapt_to_files(
     device: str | torch.device | None = None,
     control_label: str = CONTROL_LABEL,
     chunk_size: int = 10000,
+    source_files: Sequence[str | Path] = (),
+    source_options: Mapping[str, Any] | None = None,
 ) -> ShiftResult:
     """Learn the shift of the target controls towards the source controls and write it.
 
-    Source controls are the ``non-targeting`` cells of ``processed.h5ad``, target controls those
-    of ``target_processed.h5ad``; both are read as CSR in row chunks.
+    Source controls are the ``non-targeting`` cells of ``processed.h5ad`` plus those of the
+    ``source_files`` (``adapt.source_files``; :func:`ccfm.adapt.sources.read_source_controls` with
+    ``source_options``), target controls those of ``target_processed.h5ad``; all are read as CSR
+    in row chunks.
     """
     device = torch.device(device) if device is not None else pick_device()
     loaded = load_model(model_pt, device)
-    source = read_control_cells(processed_h5ad, control_label=control_label, chunk_size=chunk_size)
+    source = read_source_controls(
+        processed_h5ad,
+        source_files,
+        processed_control_label=control_label,
+        chunk_size=chunk_size,
+        **dict(source_options or {}),
+    )
     target = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
     check_same_genes(loaded.genes, source.genes, str(processed_h5ad), model_pt)
     check_same_genes(loaded.genes, target.genes, str(target_h5ad), model_pt)
@@ -191,6 +202,7 @@ def adapt_to_files(
             "model": str(model_pt),
             "target": str(target_h5ad),
             "source": str(processed_h5ad),
+            "source_files": [str(f) for f in source_files],
         },
     )
 

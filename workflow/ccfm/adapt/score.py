@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -12,10 +12,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+from ccfm.adapt.requests import count_groups
 from ccfm.data.validation import check_enough_perturbations
 from ccfm.evaluate.baselines import condition_means, predict_baseline
 from ccfm.evaluate.celleval import run_cell_eval
 from ccfm.evaluate.metrics import compact_metrics
+from ccfm.evaluate.vcc import cell_mean_baseline, challenge_score
 from ccfm.io.h5ad import read_obs, read_rows_with_labels
 from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_table_atomic
 
@@ -26,7 +28,11 @@ log = logging.getLogger(__name__)
 # Rule entry point 3: score target predictions beside target-control baselines
 # --------------------------------------------------------------------------------------------
 
-TARGET_METHODS = ("ccfm_adapted", "ccfm_unadapted", "nochange", "additive")
+TARGET_METHODS = ("ccfm_adapted", "ccfm_unadapted", "nochange", "additive", "cellmean")
+# The challenge's scaled scores are relative to this method's cell-eval metrics.
+CHALLENGE_BASELINE = "cellmean"
+# Profiles whose aggregate already holds the challenge's three metrics.
+PROFILES_WITH_VCC_METRICS = ("full", "vcc")
 
 
 def target_baselines(
@@ -35,7 +41,7 @@ def target_baselines(
     genes: Sequence[str],
     labels: Sequence[str],
     *,
-    n_cells: int,
+    n_cells: int | Mapping[str, int],
     seed: int,
     chunk_size: int = 10000,
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -43,6 +49,7 @@ def target_baselines(
 
     ``additive`` moves the target controls by the sum of the source single-perturbation deltas
     (means from ``processed.h5ad``): the context-transfer baseline that needs no model at all.
+    ``n_cells``: one count for every label, or a count per label (the predictions' own).
     """
     singles = sorted({part for label in labels for part in label.split(COMBO_SEPARATOR)})
     source_labels = set(read_obs(processed_h5ad)[PERT_COLUMN].astype(str))
@@ -50,10 +57,11 @@ def target_baselines(
     means = condition_means(processed_h5ad, [CONTROL_LABEL, *available], chunk_size=chunk_size)
     if means.genes != list(genes):
         raise ValueError(f"{processed_h5ad} genes differ from the target's; rerun preprocess_target")
-    return {
-        method: predict_baseline(method, list(labels), means, available, controls, n_cells, seed).predicted
-        for method in ("nochange", "additive")
-    }
+    predicted: dict[str, dict[str, np.ndarray]] = {"nochange": {}, "additive": {}}
+    for count, group in count_groups(list(labels), n_cells).items():
+        for method in predicted:
+            predicted[method].update(predict_baseline(method, group, means, available, controls, count, seed).predicted)
+    return {method: {label: cells[label] for label in labels} for method, cells in predicted.items()}
 
 
 def _real_target_anndata(target_h5ad: str | Path, labels: Sequence[str], chunk_size: int) -> ad.AnnData:
@@ -93,11 +101,16 @@ def score_target_to_files(
     """Score adapted and unadapted predictions beside the target-control baselines.
 
     Methods (:data:`TARGET_METHODS`): CCFM from shifted controls, CCFM from unshifted controls,
-    and the ``nochange``/``additive`` baselines built from the target controls. Scored on the
-    target perturbations that were both predicted and observed, against the real target cells
-    (controls + those perturbations, read in row chunks). Writes the compact metrics per
-    perturbation (``method`` column) and a per-method summary: the compact means plus, with
-    ``cell_eval_profile``, cell-eval's aggregate means (columns prefixed ``celleval_``).
+    the ``nochange``/``additive`` baselines built from the target controls, and the challenge's
+    ``cellmean`` baseline (:func:`ccfm.evaluate.vcc.cell_mean_baseline` of the scored target
+    perturbations). Every baseline predicts as many cells per perturbation as the adapted
+    prediction holds (e.g. a challenge CSV's ``n_cells``); ``n_cells`` is the fallback for a
+    perturbation it lacks. Scored on the target perturbations that were both predicted and
+    observed, against the real target cells (controls + those perturbations, read in row
+    chunks). Writes the compact metrics per perturbation (``method`` column) and a per-method
+    summary: the compact means plus, with ``cell_eval_profile``, cell-eval's aggregate means
+    (columns prefixed ``celleval_``) and the challenge score (``vcc_*`` columns:
+    :func:`ccfm.evaluate.vcc.challenge_score` against ``cellmean``).
     """
     predicted = read_expression_h5ad(pred_adapted)
     labels = sorted(set(predicted.obs[PERT_COLUMN].astype(str)) - {CONTROL_LABEL})
@@ -117,12 +130,15 @@ def score_target_to_files(
         check_enough_perturbations(len(scored), cell_eval_profile, str(target_h5ad), target=True)
     genes = [str(g) for g in real.var_names]
     controls = real.X[np.flatnonzero(real.obs[PERT_COLUMN].astype(str).to_numpy() == CONTROL_LABEL)]
+    counts = predicted.obs[PERT_COLUMN].astype(str).value_counts()
+    per_label = {label: int(counts.get(label, n_cells)) for label in scored}
     predictions = {"ccfm_adapted": predicted, "ccfm_unadapted": read_expression_h5ad(pred_unadapted)}
     for method, cells in target_baselines(
-        processed_h5ad, controls, genes, scored, n_cells=n_cells, seed=seed, chunk_size=chunk_size
+        processed_h5ad, controls, genes, scored, n_cells=per_label, seed=seed, chunk_size=chunk_size
     ).items():
         predictions[method] = build_prediction_anndata(genes, cells, controls)
-    frames, summaries = [], []
+    predictions["cellmean"] = cell_mean_baseline(real, per_label)
+    frames, summaries, challenge_aggs = [], [], {}
     for method, pred in predictions.items():
         pred = _restrict(pred, scored)
         frame = compact_metrics(pred, real, CONTROL_LABEL, top_de, seed=seed)
@@ -132,15 +148,27 @@ def score_target_to_files(
         if cell_eval_profile:
             _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, cell_eval_profile, num_threads)
             summary = pd.concat([summary, _celleval_means(aggregate)], axis=1)
+            if cell_eval_profile not in PROFILES_WITH_VCC_METRICS:
+                _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, "vcc", num_threads)
+            challenge_aggs[method] = aggregate
         summary.insert(0, "method", method)
         summaries.append(summary)
     metrics = pd.concat(frames, ignore_index=True)
     summary = pd.concat(summaries, ignore_index=True)
     summary.insert(1, "n_perturbations", len(scored))
+    if challenge_aggs:
+        summary = pd.concat([summary, challenge_table(challenge_aggs, list(predictions))], axis=1)
     write_table_atomic(metrics, out_metrics_tsv, sep="\t", index=False)
     write_table_atomic(summary, out_summary_tsv, sep="\t", index=False)
     log.info("target scores (mean over %d perturbations):\n%s", len(scored), summary.to_string(index=False))
     return summary
+
+
+def challenge_table(aggregates: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> pd.DataFrame:
+    """``vcc_*`` columns, one row per method: the challenge score against :data:`CHALLENGE_BASELINE`."""
+    base = aggregates[CHALLENGE_BASELINE]
+    rows = [{f"vcc_{k}": v for k, v in challenge_score(aggregates[m], base).items()} for m in methods]
+    return pd.DataFrame(rows)
 
 
 def _celleval_means(aggregate: pd.DataFrame) -> pd.DataFrame:

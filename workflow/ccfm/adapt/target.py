@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.adapt.files import align_shift, check_same_genes, load_shift
+from ccfm.adapt.requests import target_requests
 from ccfm.adapt.shift import apply_shift
 from ccfm.data.conditions import parse_condition
 from ccfm.data.perturbations import PerturbationVocab
@@ -48,22 +49,20 @@ class ShiftedExpression(ExpressionData):
 def target_labels_to_predict(
     observed: Sequence[str], requested: Sequence[str], vocab: PerturbationVocab, control_label: str = CONTROL_LABEL
 ) -> list[str]:
-    """The target perturbations to predict.
+    """The target perturbations to predict: the requested ones, then every observed one.
 
-    ``requested`` (the dataset's ``target.predict`` list) wins and every entry must be
-    embeddable by the model (a clear error otherwise). Without it, every observed target
-    perturbation is predicted, except those naming a gene outside the model's gene list: those are
-    skipped with a warning, since the model cannot embed them.
+    ``requested`` (the dataset's ``target.predict``, e.g. the challenge's perturbations) come
+    first and every entry must be embeddable by the model (a clear error otherwise). Every observed
+    target perturbation is predicted too (after them, sorted): those are what the target scores
+    are computed on; observed ones naming a gene the model cannot embed are skipped with a warning.
     """
-    if requested:
-        labels = list(dict.fromkeys(parse_condition(str(r), control_label=control_label).canonical for r in requested))
-        if CONTROL_LABEL in labels:
-            raise ValueError("target.predict lists the control label; list perturbations only")
-        for label in labels:
-            vocab.ids(label)
-        return labels
-    labels, skipped = [], []
-    for label in sorted(set(map(str, observed)) - {control_label, CONTROL_LABEL}):
+    labels = list(dict.fromkeys(parse_condition(str(r), control_label=control_label).canonical for r in requested))
+    if CONTROL_LABEL in labels:
+        raise ValueError("target.predict lists the control label; list perturbations only")
+    for label in labels:
+        vocab.ids(label)
+    skipped = []
+    for label in sorted(set(map(str, observed)) - {control_label, CONTROL_LABEL} - set(labels)):
         try:
             vocab.ids(label)
         except KeyError:
@@ -93,12 +92,14 @@ def predict_target_cells(
     seed: int,
     device: torch.device,
     shift: np.ndarray | None,
+    n_cells: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate cells for every label from the (shifted) target controls with the cascaded sampler.
 
     Source cells and noise are seeded per label (:func:`ccfm.model.generation.label_seed`), so the
     adapted and unadapted predictions start from the same cells and the same noise: they differ
-    only by the shift.
+    only by the shift. ``n_cells`` (e.g. the challenge CSV's counts) overrides
+    ``settings.cells_per_perturbation`` per label.
     """
     data = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=shift)
     control_rows = np.arange(controls.shape[0])
@@ -109,8 +110,18 @@ def predict_target_cells(
     # the source context).
     raw = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=None)
     reference = controls_mean(raw, control_rows)
+    counts = dict(n_cells or {})
     return {
-        label: predict_label(model, data, control_rows, label, settings, seed, device, reference)
+        label: predict_label(
+            model,
+            data,
+            control_rows,
+            label,
+            replace(settings, cells_per_perturbation=counts[label]) if label in counts else settings,
+            seed,
+            device,
+            reference,
+        )
         for label in tqdm(labels, desc=f"predict target ({what})", mininterval=5)
     }
 
@@ -124,13 +135,15 @@ def predict_target_to_files(
     out_pred_unadapted: str | Path,
     out_means_unadapted: str | Path,
     *,
-    requested: Sequence[str] = (),
+    requested: str | Path | Sequence[str] = (),
     seed: int,
     control_label: str = CONTROL_LABEL,
     chunk_size: int = 10000,
 ) -> list[str]:
     """Predict the target perturbations with and without the learned shift; write both files.
 
+    ``requested`` is ``target.predict``: a list of labels or a challenge-style CSV path
+    (:mod:`ccfm.adapt.requests`; its ``n_cells`` are the cells predicted per perturbation).
     Both prediction files carry the real (unshifted) target controls under ``non-targeting``:
     cell-eval's deltas must be relative to the real target context. Returns the labels.
     """
@@ -140,8 +153,14 @@ def predict_target_to_files(
     shift, shift_genes, _ = load_shift(shift_path)
     shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
     observed = read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique()
-    labels = target_labels_to_predict(observed, requested, model.vocab, control_label)
-    log.info("predicting %d target perturbation(s) from %d target controls", len(labels), controls.matrix.shape[0])
+    requests = target_requests(requested, control_label)
+    labels = target_labels_to_predict(observed, requests.labels, model.vocab, control_label)
+    log.info(
+        "predicting %d target perturbation(s) from %d target controls (cells per perturbation: %s)",
+        len(labels),
+        controls.matrix.shape[0],
+        f"from {requests.source}" if requests.n_cells else generation.settings.cells_per_perturbation,
+    )
     for shift_or_none, pred_path, means_path in (
         (shift_np, out_pred, out_means),
         (None, out_pred_unadapted, out_means_unadapted),
@@ -154,6 +173,7 @@ def predict_target_to_files(
             seed=seed,
             device=generation.device,
             shift=shift_or_none,
+            n_cells=requests.n_cells,
         )
         write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
     return labels

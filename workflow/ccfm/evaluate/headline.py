@@ -79,6 +79,27 @@ def headline(summary_tsv: str | Path) -> str:
     return "\n".join(lines)
 
 
+TARGET_HEADLINE_METHODS = ("ccfm_adapted", "ccfm_unadapted", "state_adapted", "state_unadapted", "additive", "cellmean")
+
+
+def target_headline(target_summary_tsv: str | Path) -> str:
+    """The challenge score lines of one ``target_summary.tsv`` (adapted vs unadapted vs baselines)."""
+    summary = pd.read_csv(target_summary_tsv, sep="\t").set_index("method")
+    if "vcc_score" not in summary.columns:
+        return f"{target_summary_tsv}: no challenge score (score.profile without cell-eval)"
+    lines = [
+        f"target context: {int(summary['n_perturbations'].iloc[0])} perturbations, challenge score against the "
+        f"cell-mean baseline ({target_summary_tsv})"
+    ]
+    for method in [m for m in TARGET_HEADLINE_METHODS if m in summary.index]:
+        row = summary.loc[method]
+        lines.append(
+            f"  {method:<15} score {row['vcc_score']:.3f}   DES {row['vcc_des']:.3f}   PDS {row['vcc_pds']:.3f}"
+            f"   MAE {row['vcc_mae']:.4f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ccfm.evaluate.headline", description=__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="+", help="results/{dataset}/metrics_summary.tsv files")

@@ -17,15 +17,18 @@ holds (config ``state.run_dir``), loaded with :func:`ccfm.state.model.load_state
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.adapt.files import align_shift, learn_shift_to_files, load_shift
+from ccfm.adapt.requests import counts_by_label, target_requests
 from ccfm.adapt.score import score_target_to_files
 from ccfm.adapt.shift import AdaptSettings
+from ccfm.adapt.sources import read_source_controls
 from ccfm.io.h5ad import read_control_cells, read_obs
 from ccfm.io.predictions import write_predictions, write_table_atomic
 from ccfm.state.model import StateRun, check_genes, encode_basal, load_state_run
@@ -47,10 +50,15 @@ def adapt_state_to_files(
     *,
     seed: int,
     device: str = "cpu",
+    source_files: Sequence[str | Path] = (),
+    source_options: Mapping[str, Any] | None = None,
 ):
-    """Learn the per-gene shift of the target controls against State's basal encoder and write its files."""
+    """Learn the per-gene shift of the target controls against State's basal encoder and write its files.
+
+    Source controls: ``processed.h5ad``'s plus those of ``source_files`` (``adapt.source_files``).
+    """
     run = load_state_run(run_dir, device=device)
-    source = read_control_cells(processed_h5ad)
+    source = read_source_controls(processed_h5ad, source_files, **dict(source_options or {}))
     target = read_control_cells(target_h5ad)
     check_genes(run, source.genes, str(processed_h5ad))
     check_genes(run, target.genes, str(target_h5ad))
@@ -76,32 +84,30 @@ def adapt_state_to_files(
             "checkpoint": str(run.checkpoint),
             "target": str(target_h5ad),
             "source": str(processed_h5ad),
+            "source_files": [str(f) for f in source_files],
         },
     )
 
 
 def state_target_labels(run: StateRun, observed: Sequence[str], requested: Sequence[str]) -> list[str]:
-    """Target perturbations to predict: ``requested`` if given (each must be known to State, alone
-    or as a combination of known singles), else every observed one State can represent."""
+    """Target perturbations to predict: ``requested`` first (each must be known to State, alone or as
+    a combination of known singles), then every observed one State can represent (what is scored)."""
 
     def representable(label: str) -> bool:
         return label in run.pert_map or all(part in run.pert_map for part in label.split("+"))
 
-    if requested:
-        labels = list(dict.fromkeys(str(r) for r in requested))
-        unknown = [label for label in labels if label == CONTROL_LABEL or not representable(label)]
-        if unknown:
-            raise ValueError(
-                f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for"
-            )
-        return labels
-    candidates = sorted(set(map(str, observed)) - {CONTROL_LABEL})
-    labels = [label for label in candidates if representable(label)]
-    skipped = sorted(set(candidates) - set(labels))
+    labels = list(dict.fromkeys(str(r) for r in requested))
+    unknown = [label for label in labels if label == CONTROL_LABEL or not representable(label)]
+    if unknown:
+        raise ValueError(f"target.predict lists {unknown}, which the State model in {run.directory} has no one-hot for")
+    candidates = sorted(set(map(str, observed)) - {CONTROL_LABEL} - set(labels))
+    extra = [label for label in candidates if representable(label)]
+    skipped = sorted(set(candidates) - set(extra))
     if skipped:
         log.warning(
             "%d target perturbation(s) unknown to the State model are not predicted: %s", len(skipped), skipped[:20]
         )
+    labels += extra
     if not labels:
         raise ValueError(f"no target perturbation is known to the State model in {run.directory}; nothing to predict")
     return labels
@@ -116,17 +122,22 @@ def predict_target_state_to_files(
     out_pred_unadapted: str | Path,
     out_means_unadapted: str | Path,
     *,
-    requested: Sequence[str] = (),
+    requested: str | Path | Sequence[str] = (),
     cells_per_perturbation: int = 128,
     seed: int = 0,
 ) -> list[str]:
-    """Target predictions from shifted and from unshifted target controls (VCC layout, both)."""
+    """Target predictions from shifted and from unshifted target controls (VCC layout, both).
+
+    ``requested`` is ``target.predict`` (a list, or a challenge CSV whose ``n_cells`` are honoured).
+    """
     run = load_state_run(run_dir)
     controls = read_control_cells(target_h5ad)
     check_genes(run, controls.genes, str(target_h5ad))
     shift, shift_genes, _ = load_shift(shift_path)
     shift_np = align_shift(shift, shift_genes, controls.genes).numpy()
-    labels = state_target_labels(run, read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique(), requested)
+    requests = target_requests(requested)
+    labels = state_target_labels(run, read_obs(target_h5ad)[PERT_COLUMN].astype(str).unique(), requests.labels)
+    n_cells = counts_by_label(labels, requests.n_cells, cells_per_perturbation)
     log.info(
         "predicting %d target perturbation(s) with State from %d target controls", len(labels), controls.matrix.shape[0]
     )
@@ -134,9 +145,7 @@ def predict_target_state_to_files(
         (shift_np, out_pred, out_means),
         (None, out_pred_unadapted, out_means_unadapted),
     ):
-        predicted = predict_from_controls(
-            run, controls.matrix, labels, cells_per_perturbation, seed, shift=shift_or_none
-        )
+        predicted = predict_from_controls(run, controls.matrix, labels, n_cells, seed, shift=shift_or_none)
         write_predictions(pred_path, means_path, controls.genes, predicted, controls.matrix, CONTROL_LABEL)
     return labels
 

@@ -1,8 +1,10 @@
 """A State run directory, loaded safely, and the calls the pipeline makes on its model.
 
-``load_state_run(run_dir)`` reads ``config.yaml``, ``var_dims.pkl``, ``pert_onehot_map.pt`` and
-the checkpoint (``checkpoints/final.ckpt``, else ``last.ckpt`` / ``best.ckpt``, or one named
-explicitly) with :mod:`ccfm.state.safe_load`, and rebuilds arc-state's
+``load_state_run(run_dir)`` reads ``config.yaml``, ``var_dims.pkl``, ``pert_onehot_map.pt``, the
+optional ``batch_onehot_map.pkl`` / ``cell_type_onehot_map.pkl`` and the checkpoint
+(``checkpoints/final.ckpt``, else ``last.ckpt`` / ``best.ckpt``, else the same names at the top of
+the directory as some published checkpoints carry them, or one named explicitly) with
+:mod:`ccfm.state.safe_load` (``data_module.torch``, a pickled Python object, is never read), and rebuilds arc-state's
 ``StateTransitionPerturbationModel`` itself: the class is fixed here, never taken by name from
 the user's files, and its constructor arguments are the plain values the checkpoint recorded
 (``hyper_parameters``). Options that would make arc-state load further files while building the
@@ -33,7 +35,14 @@ import torch
 from torch import Tensor
 
 from ccfm import COMBO_SEPARATOR
-from ccfm.state.safe_load import RunDirError, UnsafeFileError, load_tensor_file, load_var_dims, load_yaml
+from ccfm.state.safe_load import (
+    RunDirError,
+    UnsafeFileError,
+    load_onehot_map,
+    load_tensor_file,
+    load_var_dims,
+    load_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,11 @@ REQUIRED_FILES = {
     "pert_onehot_map.pt": "State's perturbation one-hot map",
 }
 CHECKPOINT_NAMES = ("final.ckpt", "last.ckpt", "best.ckpt")
+# Written by `state tx train` beside the required files; loaded when present.
+OPTIONAL_MAPS = {
+    "batch_onehot_map.pkl": "State's batch one-hot map",
+    "cell_type_onehot_map.pkl": "State's cell-type one-hot map",
+}
 SUPPORTED_MODELS = ("state", "pertsets", "neuralot")  # arc-state's names of its transition model
 SUPPORTED_BACKBONES = ("llama", "GPT2")
 
@@ -70,6 +84,8 @@ class StateRun:
     control_label: str
     cell_set_len: int
     gene_space: bool  # True: the model reads and writes expression (embed_key null / X_hvg)
+    batch_map: dict[str, Any] | None = None  # batch_onehot_map.pkl, when the directory has one
+    cell_type_map: dict[str, Any] | None = None  # cell_type_onehot_map.pkl, when the directory has one
 
     @property
     def device(self) -> torch.device:
@@ -86,13 +102,14 @@ def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path
             shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
             raise RunDirError(f"{run_dir}: missing {shown} (the checkpoint asked for)")
         return path
-    for name in CHECKPOINT_NAMES:
-        path = run_dir / "checkpoints" / name
+    candidates = [f"checkpoints/{name}" for name in CHECKPOINT_NAMES] + list(CHECKPOINT_NAMES)
+    for name in candidates:
+        path = run_dir / name
         if path.is_file():
             return path
     raise RunDirError(
         f"{run_dir}: missing checkpoints/{CHECKPOINT_NAMES[0]} (no State checkpoint: looked for "
-        f"{', '.join('checkpoints/' + n for n in CHECKPOINT_NAMES)})"
+        f"{', '.join(candidates)})"
     )
 
 
@@ -170,6 +187,10 @@ def load_state_run(
     if not isinstance(raw_map, Mapping) or not all(isinstance(v, Tensor) for v in raw_map.values()):
         raise RunDirError(f"{run_dir / 'pert_onehot_map.pt'}: expected a mapping of perturbation name -> tensor")
     pert_map = {str(k): v.float() for k, v in raw_map.items()}
+    optional = {
+        name: load_onehot_map(run_dir / name, what) if (run_dir / name).is_file() else None
+        for name, what in OPTIONAL_MAPS.items()
+    }
     ckpt = load_tensor_file(ckpt_path, "State checkpoint")
     state_dict = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state_dict, Mapping):
@@ -206,14 +227,17 @@ def load_state_run(
         control_label=str(hparams.get("control_pert") or data_kwargs.get("control_pert", "non-targeting")),
         cell_set_len=int(hparams.get("cell_set_len", getattr(model, "cell_sentence_len", 256))),
         gene_space=embed_key in (None, "X_hvg"),
+        batch_map=optional["batch_onehot_map.pkl"],
+        cell_type_map=optional["cell_type_onehot_map.pkl"],
     )
     log.info(
-        "loaded State model from %s (%s; %d genes, %d perturbations, cell sets of %d)",
+        "loaded State model from %s (%s; %d genes, %d perturbations, cell sets of %d; optional maps: %s)",
         run_dir,
-        ckpt_path.name,
+        ckpt_path.relative_to(run_dir) if ckpt_path.is_relative_to(run_dir) else ckpt_path,
         len(run.genes),
         len(pert_map),
         run.cell_set_len,
+        ", ".join(f"{name} ({len(m)})" for name, m in optional.items() if m is not None) or "none",
     )
     return run
 

@@ -10,11 +10,11 @@ perturbation, and State maps each draw through ``predict_step``. Written with
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ccfm.adapt.requests import control_rows_per_label
 from ccfm.data.conditions import conditions_to_predict
-from ccfm.evaluate.baselines import sample_control_rows
 from ccfm.io.h5ad import read_control_cells
 from ccfm.io.predictions import write_predictions
 from ccfm.io.splits import read_split
@@ -23,11 +23,16 @@ from ccfm.state.model import StateRun, check_genes, load_state_run, perturbation
 log = logging.getLogger(__name__)
 
 
-def predict_from_controls(run: StateRun, controls, labels: Sequence[str], n_cells: int, seed: int, shift=None) -> dict:
-    """``{label: (n_cells, G)}`` from per-label draws of ``controls`` (CSR), optionally shifted first."""
+def predict_from_controls(
+    run: StateRun, controls, labels: Sequence[str], n_cells: int | Mapping[str, int], seed: int, shift=None
+) -> dict:
+    """``{label: (n_cells, G)}`` from per-label draws of ``controls`` (CSR), optionally shifted first.
+
+    ``n_cells`` is one count for every label or a count per label.
+    """
     from ccfm.adapt.shift import apply_shift
 
-    rows = sample_control_rows(controls.shape[0], list(labels), n_cells, seed)
+    rows = control_rows_per_label(controls.shape[0], list(labels), n_cells, seed)
     predicted = {}
     for label in labels:
         block = controls[rows[label]].toarray()

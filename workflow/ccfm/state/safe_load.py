@@ -13,6 +13,13 @@ whatever callables the file names. Here:
   restricted unpickler (tensors, containers, primitive types). A Lightning checkpoint written
   by ``state tx train`` needs nothing beyond :data:`CHECKPOINT_SAFE_GLOBALS`, which lists by
   name the few plain types it stores; anything else is refused.
+* the optional one-hot maps arc-state writes with plain ``pickle.dump`` (``batch_onehot_map.pkl``,
+  ``cell_type_onehot_map.pkl``: dicts of one-hot tensors) go through :class:`TensorMapUnpickler`:
+  the restricted unpickler plus the two globals a pickled CPU tensor names,
+  ``torch._utils._rebuild_tensor_v2`` (also on torch's own weights-only list) and
+  ``torch.storage._load_from_bytes``, which is *replaced* by a ``torch.load(weights_only=True)`` of
+  the storage bytes; the result must be a mapping of names to tensors or plain values.
+  ``data_module.torch`` (a whole pickled Python object) is never read.
 * ``config.yaml`` is read with ``yaml.safe_load`` (no tags, no interpolation resolvers), and
   nothing in it is instantiated by name (no hydra ``_target_``): :mod:`ccfm.state.model` maps
   the model name to arc-state's transition class itself.
@@ -36,6 +43,8 @@ __all__ = [
     "load_var_dims",
     "load_tensor_file",
     "load_yaml",
+    "load_onehot_map",
+    "TensorMapUnpickler",
     "CHECKPOINT_SAFE_GLOBALS",
 ]
 
@@ -248,3 +257,55 @@ def load_yaml(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RunDirError(f"{path}: expected a YAML mapping, got {type(value).__name__}")
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# One-hot maps written with plain pickle (batch_onehot_map.pkl, cell_type_onehot_map.pkl)
+# --------------------------------------------------------------------------------------------
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """What ``torch.storage._load_from_bytes`` does, but with ``weights_only=True``."""
+    import torch
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafeFileError(f"a pickled tensor storage must be bytes, got {type(data).__name__}")
+    return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+
+
+class TensorMapUnpickler(RestrictedUnpickler):
+    """:class:`RestrictedUnpickler` that also rebuilds CPU tensors pickled with plain ``pickle``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            import torch._utils
+
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        return super().find_class(module, name)
+
+
+def load_onehot_map(path: str | Path, what: str) -> dict[str, Any]:
+    """A one-hot map of a State run directory: name -> tensor (``.pt`` via :func:`load_tensor_file`,
+    ``.pkl`` via :class:`TensorMapUnpickler`); anything but such a mapping is refused."""
+    import torch
+
+    path = _require(Path(path), what)
+    if path.suffix == ".pt":
+        value = load_tensor_file(path, what)
+    else:
+        try:
+            value = TensorMapUnpickler(io.BytesIO(path.read_bytes()), source=str(path)).load()
+        except UnsafeFileError:
+            raise
+        except Exception as error:
+            raise UnsafeFileError(
+                f"{path}: not a readable pickle of a one-hot map ({type(error).__name__}: {error})"
+            ) from error
+    if not isinstance(value, dict):
+        raise UnsafeFileError(f"{path}: expected a mapping of names to one-hot vectors, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, torch.Tensor):
+            _check_plain(item, str(path), f"[{key!r}]")
+    return {str(key): item for key, item in value.items()}

@@ -1,0 +1,20 @@
+"""Rule vcc_submission: a Virtual Cell Challenge submission (.vcc) from an adapted target prediction."""
+
+from ccfm.adapt.submission import write_vcc_submission
+from ccfm.logs import setup_rule_logging
+
+log = setup_rule_logging(snakemake.log[0])
+settings = snakemake.params.settings
+write_vcc_submission(
+    snakemake.input.pred,
+    snakemake.input.target_raw,
+    snakemake.input.target,
+    snakemake.output.vcc,
+    snakemake.output.summary,
+    method=snakemake.wildcards.method,
+    seed=snakemake.params.seed,
+    perturbations=snakemake.params.perturbations,
+    input_scale=settings["input_scale"],
+    target_sum=settings["target_sum"],
+    chunk_size=settings["chunk_size"],
+)
