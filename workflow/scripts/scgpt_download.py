@@ -15,4 +15,5 @@ download_whole_human(
     folder_id=settings.get("whole_human_gdrive_folder", "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y"),
     mirror_url=settings.get("whole_human_url"),
     sha256=settings.get("whole_human_sha256"),
+    allow_http=bool(settings.get("allow_http", False)),
 )
