@@ -443,17 +443,34 @@ def read_control_cells(
     *,
     pert_column: str = PERT_COLUMN,
     chunk_size: int = 10000,
+    all_genes: bool = False,
 ) -> LabelledRows:
     """The control cells of an h5ad file (CSR float32, file order); raises if there are none.
 
-    The other cells are never loaded, so memory follows the number of control cells.
+    The other cells are never loaded, so memory follows the number of control cells. A file
+    holding every gene of the input (``real.h5ad``, ``pred.h5ad``: ``var["modelled"]``, see
+    :mod:`ccfm.data.gene_fill`) gives its modelled genes only, unless ``all_genes``.
     """
     rows = read_rows_with_labels(
         h5ad_path, lambda labels: labels == control_label, pert_column=pert_column, chunk_size=chunk_size
     )
     if rows.matrix.shape[0] == 0:
         raise ValueError(f"{h5ad_path}: no control cells ({pert_column} == {control_label!r})")
+    modelled = modelled_mask(read_var(h5ad_path))
+    if modelled is not None and not all_genes:
+        genes = [g for g, keep in zip(rows.genes, modelled) if keep]
+        return LabelledRows(rows.matrix[:, np.flatnonzero(modelled)].tocsr(), genes, rows.labels, rows.cell_names)
     return rows
+
+
+MODELLED_COLUMN = "modelled"
+
+
+def modelled_mask(var: pd.DataFrame) -> np.ndarray | None:
+    """``var["modelled"]`` as booleans for a file carrying every input gene, else None (all modelled)."""
+    if MODELLED_COLUMN not in var.columns:
+        return None
+    return var[MODELLED_COLUMN].astype(bool).to_numpy()
 
 
 class CSRH5adWriter:

@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
+from ccfm.io.h5ad import atomic_output, modelled_mask, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,13 @@ def read_prediction_means(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN) -> ad.AnnData:
-    """Read a prediction or real h5ad, checking the perturbation column is there."""
+def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN, *, all_genes: bool = False) -> ad.AnnData:
+    """Read a prediction or real h5ad, checking the perturbation column is there.
+
+    Files that carry every gene of the input (``var["modelled"]``, :mod:`ccfm.data.gene_fill`) are
+    read on their modelled genes unless ``all_genes``: scores compare what the methods predicted,
+    not the values written back for genes no method modelled.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the rule that writes it first")
@@ -160,6 +165,9 @@ def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN) -> ad.An
             "prediction and real files must label cells with the canonical perturbation"
         )
     adata.obs[pert_col] = adata.obs[pert_col].astype(str).astype("category")
+    modelled = modelled_mask(adata.var)
+    if modelled is not None and not all_genes and not modelled.all():
+        adata = adata[:, modelled].copy()
     return adata
 
 
