@@ -113,7 +113,9 @@ def write_public_files(root: Path, seed: int = 5, n_measured: int = 2, n_predict
     scperturb_labels = ["control" if lab == "non-targeting" else lab.replace("+", "_") for lab in kept]
     scperturb = ad.AnnData(
         X=panel(counts),
-        obs=pd.DataFrame({"perturbation": scperturb_labels, "nperts": [lab.count("_") + 1 for lab in kept]}, index=cells),
+        obs=pd.DataFrame(
+            {"perturbation": scperturb_labels, "nperts": [lab.count("_") + 1 for lab in kept]}, index=cells
+        ),
         var=var.copy(),
     )
     gears_path, scperturb_path = root / "norman_gears.h5ad", root / "norman_scperturb.h5ad"

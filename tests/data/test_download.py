@@ -68,7 +68,9 @@ def server():
 def test_full_download_verifies_and_renames(server, tmp_path: Path) -> None:
     base, handler = server
     dest = tmp_path / "sub" / "raw.h5ad"
-    out = download_file(f"{base}/data.bin", dest, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256, progress=False, allow_http=True)
+    out = download_file(
+        f"{base}/data.bin", dest, md5=PAYLOAD_MD5, sha256=PAYLOAD_SHA256, progress=False, allow_http=True
+    )
     assert out == dest
     assert dest.read_bytes() == PAYLOAD
     assert not (tmp_path / "sub" / "raw.h5ad.part").exists()

@@ -134,7 +134,9 @@ def test_predicted_cells_take_left_out_genes_from_their_source_control_cell(file
     controls_raw = raw[fill.control_rows]
     np.testing.assert_allclose(cells[labels != CONTROL][:, status == "modelled"], predicted["CDKN1A+CEBPA"], rtol=1e-6)
     np.testing.assert_allclose(
-        cells[labels != CONTROL][:, status == "not_selected"], controls_raw[sources][:, status == "not_selected"], rtol=1e-6
+        cells[labels != CONTROL][:, status == "not_selected"],
+        controls_raw[sources][:, status == "not_selected"],
+        rtol=1e-6,
     )
     assert not cells[:, status == "never_expressed"].any()
     np.testing.assert_allclose(cells[labels == CONTROL], controls_raw, rtol=1e-6, atol=1e-6)

@@ -40,7 +40,7 @@ def test_doubles_joined_by_another_character_stop_naming_combo_separator(files, 
         )
     message = str(info.value)
     assert isinstance(info.value, LabelParseError)
-    assert "combo_separator: \"_\"" in message and "combo_separator is '+'" in message
+    assert 'combo_separator: "_"' in message and "combo_separator is '+'" in message
     assert "10 of the 16 perturbed names" in message and "CEBPA_JUN" in message
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     # written with the right separator the same file preprocesses

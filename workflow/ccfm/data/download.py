@@ -335,6 +335,4 @@ def download_dataset(
             ) from None
         log.info("%s already present and verified; not downloading", dest)
         return dest
-    return download_file(
-        url, dest, md5=md5, sha256=sha256, timeout=timeout, progress=progress, allow_http=allow_http
-    )
+    return download_file(url, dest, md5=md5, sha256=sha256, timeout=timeout, progress=progress, allow_http=allow_http)

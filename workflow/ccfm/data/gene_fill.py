@@ -71,9 +71,7 @@ class GeneFillError(ValueError):
     """The files a gene fill is built from do not match each other; the message names the fix."""
 
 
-def gene_status_table(
-    genes: Sequence[str], modelled: np.ndarray, never_expressed: np.ndarray
-) -> pd.DataFrame:
+def gene_status_table(genes: Sequence[str], modelled: np.ndarray, never_expressed: np.ndarray) -> pd.DataFrame:
     """One row per input gene, in input order: ``gene``, ``gene_status``, ``meaning``."""
     modelled = np.asarray(modelled, dtype=bool)
     never = np.asarray(never_expressed, dtype=bool) & ~modelled

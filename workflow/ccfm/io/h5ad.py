@@ -71,9 +71,7 @@ def device_of(path: str | Path) -> str:
             if len(fields) < 2:
                 continue
             device, mount = fields[0], fields[1].replace("\\040", " ")
-            if (folder == Path(mount) or Path(mount) in folder.parents) and (
-                best is None or len(mount) > len(best[1])
-            ):
+            if (folder == Path(mount) or Path(mount) in folder.parents) and (best is None or len(mount) > len(best[1])):
                 best = (device, mount)
     if best is None:
         return f"the device holding {folder}"
