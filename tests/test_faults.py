@@ -89,11 +89,11 @@ def test_dropped_download_resumes_with_range_and_verifies(server, tmp_path: Path
     dest = tmp_path / "raw.h5ad"
     part = tmp_path / "raw.h5ad.part"
     with pytest.raises(DownloadError, match=r"connection closed after \d+ of 3158073 bytes.*partial file is kept"):
-        download_file(url, dest, sha256=SHA256, progress=False)
+        download_file(url, dest, sha256=SHA256, progress=False, allow_http=True)
     assert not dest.exists()
     kept = part.stat().st_size
     assert 0 < kept < len(PAYLOAD)
-    download_file(url, dest, sha256=SHA256, progress=False)
+    download_file(url, dest, sha256=SHA256, progress=False, allow_http=True)
     assert handler.requests == [None, f"bytes={kept}-"]
     assert dest.read_bytes() == PAYLOAD and not part.exists()
 
@@ -106,7 +106,7 @@ def test_killed_download_process_resumes(server, tmp_path: Path) -> None:
     part = tmp_path / "raw.h5ad.part"
     code = (
         "import sys; from pathlib import Path; from ccfm.data.download import download_file; "
-        "download_file(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3], progress=False)"
+        "download_file(sys.argv[1], Path(sys.argv[2]), sha256=sys.argv[3], progress=False, allow_http=True)"
     )
     child = subprocess.Popen([sys.executable, "-c", code, url, str(dest), SHA256])
     deadline = time.monotonic() + 30
@@ -118,7 +118,7 @@ def test_killed_download_process_resumes(server, tmp_path: Path) -> None:
     assert not dest.exists()
     kept = part.stat().st_size
     assert 0 < kept < len(PAYLOAD)
-    download_file(url, dest, sha256=SHA256, progress=False)
+    download_file(url, dest, sha256=SHA256, progress=False, allow_http=True)
     assert handler.requests[-1] == f"bytes={kept}-"
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == SHA256
 
@@ -130,9 +130,9 @@ def test_resumed_bytes_that_do_not_match_are_rejected(server, tmp_path: Path) ->
     part = tmp_path / "raw.h5ad.part"
     part.write_bytes(b"\xff" * 1000)  # a stale/foreign partial file
     with pytest.raises(ChecksumError, match="sha256 mismatch"):
-        download_file(url, dest, sha256=SHA256, progress=False)
+        download_file(url, dest, sha256=SHA256, progress=False, allow_http=True)
     assert not dest.exists() and not part.exists()
-    download_file(url, dest, sha256=SHA256, progress=False)  # the rerun starts over and succeeds
+    download_file(url, dest, sha256=SHA256, progress=False, allow_http=True)  # the rerun starts over and succeeds
     assert dest.read_bytes() == PAYLOAD
 
 
@@ -259,9 +259,9 @@ def test_dropped_download_without_checksum_is_not_accepted(server, tmp_path: Pat
     url, _ = server
     dest = tmp_path / "raw.h5ad"
     with pytest.raises(DownloadError, match="connection closed"):
-        download_file(url, dest, progress=False)
+        download_file(url, dest, progress=False, allow_http=True)
     assert not dest.exists()
-    download_file(url, dest, progress=False)
+    download_file(url, dest, progress=False, allow_http=True)
     assert dest.read_bytes() == PAYLOAD
 
 

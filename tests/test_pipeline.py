@@ -110,9 +110,12 @@ def test_predictions_follow_the_contract(demo_run):
     real = ad.read_h5ad(demo_run / "results/demo/fold1/real.h5ad")
     held_out = set(real.obs["target_gene"]) - {"non-targeting"}
     assert held_out and all("+" in label for label in held_out)
+    raw_genes = ad.read_h5ad(demo_run / "resources/data/demo/raw.h5ad", backed="r").var_names
     for method in METHODS:
         pred = ad.read_h5ad(demo_run / f"results/demo/fold1/{method}/pred.h5ad")
-        assert list(pred.var_names) == list(processed.var_names), method
+        # every gene of the input, in its order; the modelled ones are processed.h5ad's
+        assert list(pred.var_names) == list(real.var_names) == list(raw_genes), method
+        assert list(pred.var_names[pred.var["modelled"].to_numpy()]) == list(processed.var_names), method
         assert held_out <= set(pred.obs["target_gene"]), method
         assert "non-targeting" in set(pred.obs["target_gene"]), method
         values = pred.X.data if hasattr(pred.X, "data") and not isinstance(pred.X, np.ndarray) else pred.X

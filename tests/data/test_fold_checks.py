@@ -35,32 +35,50 @@ def _processed(path: Path, sizes: dict[str, int], n_genes: int = 8) -> Path:
 SIZES = {"non-targeting": 60, "A": 30, "B": 30, "C": 30, "A+B": 20, "B+C": 20}
 
 
-def test_fold_with_too_few_held_out_perturbations_for_the_full_profile(tmp_path: Path) -> None:
+def test_fold_with_too_few_held_out_perturbations_falls_back_to_a_profile_that_scores_them(
+    tmp_path: Path, caplog
+) -> None:
     processed = _processed(tmp_path / "processed.h5ad", SIZES)
     split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.3)
     assert len(split["test"]) == 1
-    with pytest.raises(TooFewPerturbationsError) as caught:
-        check_fold_usable(processed, split, score_profile="full", batch_size=16)
-    message = str(caught.value)
+    with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
+        entry = check_fold_usable(processed, split, score_profile="full", batch_size=16)
+    assert entry["configured"] == "full" and entry["used"] == "minimal"
     for fragment in (
         str(processed),
         "fold 1",
-        "holds out 1 perturbation",
+        "1 held-out perturbation",
         "'full' profile needs at least 3",
+        "'minimal' profile instead",
         "split.heldout_fraction",
-        "score.profile",
-        "vcc",
     ):
-        assert fragment in message, f"{fragment!r} not in: {message}"
-    check_fold_usable(processed, split, score_profile="vcc", batch_size=16)  # vcc scores a single one
+        assert fragment in entry["note"], f"{fragment!r} not in: {entry['note']}"
+    assert entry["note"] in caplog.text  # said in the log, and in the split file the report shows
+    kept = check_fold_usable(processed, split, score_profile="vcc", batch_size=16)  # vcc scores a single one
+    assert kept == {"configured": "vcc", "used": "vcc", "note": ""}
 
 
-def test_score_refuses_a_fold_the_profile_cannot_score_before_running_cell_eval(tmp_path: Path) -> None:
+def test_score_falls_back_when_the_profile_cannot_score_the_fold(tmp_path: Path, monkeypatch, caplog) -> None:
+    import ccfm.evaluate.celleval as celleval
+
     real = _processed(tmp_path / "real.h5ad", {"non-targeting": 20, "A+B": 10, "B+C": 10})
-    with pytest.raises(TooFewPerturbationsError, match="real.h5ad: the fold holds out 2 perturbation"):
+    used: list[str] = []
+
+    def fake_cell_eval(pred, real, control_label, profile, num_threads, pert_col):
+        used.append(profile)
+        table = pd.DataFrame({"statistic": ["mean"], "mse": [0.0]})
+        return pd.DataFrame({"perturbation": ["A+B", "B+C"]}), table
+
+    monkeypatch.setattr(celleval, "run_cell_eval", fake_cell_eval)
+    with caplog.at_level(logging.WARNING, logger="ccfm.evaluate.celleval"):
         score_prediction(real, real, profile="full")  # the real cells as their own prediction
+    assert used == ["minimal"] and "real.h5ad: 2 held-out perturbation(s)" in caplog.text
+    score_prediction(real, real, profile="vcc")
+    assert used == ["minimal", "vcc"]
     check_enough_perturbations(3, "full", "x")
     check_enough_perturbations(1, "de", "x")
+    with pytest.raises(TooFewPerturbationsError):  # still the rule for a target context
+        check_enough_perturbations(2, "full", "x", target=True)
 
 
 def test_batch_size_beyond_every_training_perturbation_fails_at_the_split(tmp_path: Path) -> None:

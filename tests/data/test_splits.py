@@ -101,3 +101,37 @@ def test_split_and_real_on_simulated_demo(tmp_path: Path) -> None:
     expected = full[full.obs["target_gene"].isin(set(split["test"]) | {CONTROL})]
     assert list(real.obs_names) == list(expected.obs_names)
     np.testing.assert_array_equal(real.X.toarray(), expected.X.toarray())
+
+
+def test_heldout_fraction_zero_trains_on_everything_and_holds_out_nothing() -> None:
+    labels = [CONTROL] * 3 + SINGLES + DOUBLES
+    split = make_split(labels, fold=1, seed=42, heldout_fraction=0.0)
+    assert split["strategy"] == "predict_only" and split["test"] == []
+    assert split["train"] == sorted(SINGLES + DOUBLES)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_split(labels, fold=1, seed=42, heldout_fraction=-0.1)
+
+
+def test_only_eligible_doubles_are_held_out_and_none_eligible_names_predict_only() -> None:
+    # U1..U3 have no column; U3 has no single, so a double with U3 must train
+    labels = [CONTROL, "A", "B", "U1", "U2", "A+U1", "B+U2", "A+U3", "B+U3", "U1+U2"]
+    for fold in range(1, 6):
+        split = make_split(labels, fold=fold, seed=0, heldout_fraction=0.9, measured_genes=["A", "B"])
+        assert set(split["test"]) <= {"A+U1", "B+U2", "U1+U2"}
+        assert split["kept_in_train_unmeasured"] == ["A+U3", "B+U3"]
+    with pytest.raises(ValueError, match="heldout_fraction: 0"):
+        make_split([CONTROL, "A", "A+U3", "B+U4"], fold=1, seed=0, heldout_fraction=0.3, measured_genes=["A"])
+
+
+def test_predict_only_needs_a_predict_list() -> None:
+    from ccfm.config import ConfigError, validate_config
+
+    config = {
+        "seed": 1,
+        "run": ["x"],
+        "datasets": {"x": {"source": "path", "path": "x.h5ad", "split": {"heldout_fraction": 0}}},
+    }
+    with pytest.raises(ConfigError, match="predict:"):
+        validate_config(config)
+    config["datasets"]["x"]["predict"] = ["A+B"]
+    validate_config(config)

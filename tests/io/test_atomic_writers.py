@@ -109,3 +109,73 @@ def test_temporaries_of_a_killed_writer_are_removed_before_the_output_is_written
         tmp.write_bytes(b"complete")
     assert out.read_bytes() == b"complete"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in kept)])
+
+
+# --- a full disk: named device and file, nothing left behind --------------------------------------
+
+FULL = Path("/dev/full")  # every write to it fails with ENOSPC
+
+
+@pytest.fixture()
+def full_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The next atomic_output in ``tmp_path`` writes its temporary file onto /dev/full."""
+    if not FULL.exists():
+        pytest.skip("/dev/full is not available")
+    import ccfm.io.h5ad as h5io
+
+    class _FixedUUID:
+        hex = "0123456789abcdef"
+
+    monkeypatch.setattr(h5io.uuid, "uuid4", lambda: _FixedUUID())
+    original = h5io.stale_temporaries
+
+    def plant_full_disk(path):  # after the stale clean-up, so the link stays
+        result = original(path)
+        target = Path(path).parent / f".{Path(path).name}.0123456789ab.tmp{Path(path).suffix}"
+        target.unlink(missing_ok=True)
+        target.symlink_to(FULL)
+        return [p for p in result if p != target]
+
+    monkeypatch.setattr(h5io, "stale_temporaries", plant_full_disk)
+    return tmp_path
+
+
+def _assert_disk_full_message(error: BaseException, path: Path) -> None:
+    message = str(error)
+    assert message.startswith("no space left on "), message
+    assert f"while writing {path}" in message
+    assert "mounted at" in message  # the device is named with its mount point
+
+
+def test_checkpoint_on_a_full_disk_names_device_and_file(full_disk: Path) -> None:
+    import torch
+
+    from ccfm.io.h5ad import OutputWriteError
+    from ccfm.model.checkpoint import atomic_torch_save
+
+    out = full_disk / "resume" / "checkpoint.pt"
+    with pytest.raises(OutputWriteError) as info:
+        atomic_torch_save({"weights": torch.zeros(50_000)}, out)
+    _assert_disk_full_message(info.value, out)
+    assert info.value.errno == 28
+    assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written, link removed
+
+
+def test_h5ad_and_table_on_a_full_disk_name_device_and_file(full_disk: Path) -> None:
+    from ccfm.io.h5ad import OutputWriteError
+
+    out = full_disk / "pred.h5ad"
+    predicted = {"A": np.ones((2, 3), dtype=np.float32)}
+    with pytest.raises(OutputWriteError) as info:
+        write_predictions(out, full_disk / "pred_means.csv", GENES, predicted, np.ones((2, 3)))
+    _assert_disk_full_message(info.value, out)
+    assert sorted(p.name for p in full_disk.iterdir()) == []
+
+
+def test_other_errors_are_not_taken_for_a_full_disk(tmp_path: Path) -> None:
+    from ccfm.io.h5ad import atomic_output
+
+    with pytest.raises(FileNotFoundError):
+        with atomic_output(tmp_path / "x.tsv"):
+            open(tmp_path / "missing-input.tsv").close()
+    assert list(tmp_path.iterdir()) == []

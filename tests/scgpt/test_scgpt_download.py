@@ -54,13 +54,15 @@ def test_mirror_download_verifies_and_loads(tmp_path, served):
     url, root, requests = served
     requests.clear()
     digests = {name: _sha(root / name) for name in CHECKPOINT_FILES}
-    out = download_whole_human(tmp_path / "whole-human", "unused", mirror_url=url, sha256=digests, min_sizes={})
+    out = download_whole_human(
+        tmp_path / "whole-human", "unused", mirror_url=url, sha256=digests, min_sizes={}, allow_http=True
+    )
     assert all((out / name).read_bytes() == (root / name).read_bytes() for name in CHECKPOINT_FILES)
     assert sorted(requests) == sorted(f"/{name}" for name in CHECKPOINT_FILES)
     model, vocab, args = load_scgpt(out)
     assert args["embsize"] == 32
     requests.clear()
-    download_whole_human(out, "unused", mirror_url=url, sha256=digests, min_sizes={})
+    download_whole_human(out, "unused", mirror_url=url, sha256=digests, min_sizes={}, allow_http=True)
     assert requests == []  # present and verified: nothing fetched again
 
 
@@ -68,7 +70,9 @@ def test_checksum_failure_is_reported_and_nothing_is_left(tmp_path, served):
     url, root, _ = served
     out = tmp_path / "whole-human"
     with pytest.raises(ChecksumError, match="sha256 mismatch"):
-        download_whole_human(out, "unused", mirror_url=url, sha256={"args.json": "0" * 64}, min_sizes={})
+        download_whole_human(
+            out, "unused", mirror_url=url, sha256={"args.json": "0" * 64}, min_sizes={}, allow_http=True
+        )
     assert not (out / "args.json").exists() and not (out / "args.json.part").exists()
 
 

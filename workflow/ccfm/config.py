@@ -116,6 +116,17 @@ def validate_config(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) 
         _check_source(f"datasets.{name}", ds)
         if "target" in ds:
             _check_source(f"datasets.{name}.target", ds["target"])
+        if predict_only(config, name) and not ds.get("predict"):
+            raise ConfigError(
+                f"dataset {name!r} has split.heldout_fraction: 0 (predict only: nothing is held out) but no "
+                f"'predict:' list, so the run would predict nothing. Fix: list the perturbations to predict "
+                f"under datasets.{name}.predict, or set split.heldout_fraction above 0 to hold out and score some."
+            )
+
+
+def predict_only(config: Mapping[str, Any], dataset: str) -> bool:
+    """Whether a dataset holds nothing out (``split.heldout_fraction: 0``): train on all, predict ``predict:``."""
+    return float(dataset_section(config, dataset, "split")["heldout_fraction"]) == 0
 
 
 def _check_source(where: str, spec: Mapping[str, Any]) -> None:

@@ -67,6 +67,9 @@ rule predict:
         model="results/{ds}/fold{fold}/{variant}/model.pt",
         processed="results/{ds}/processed.h5ad",
         split="results/{ds}/splits/fold{fold}.json",
+        # every gene of the input is written back into the prediction (ccfm.data.gene_fill)
+        genes="results/{ds}/genes.tsv",
+        raw=lambda wc: raw_input(wc.ds),
     output:
         pred="results/{ds}/fold{fold}/{variant}/pred.h5ad",
         means="results/{ds}/fold{fold}/{variant}/pred_means.csv",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir)))
 
-from ccfm.config import dataset_config, dataset_section, validate_config
+from ccfm.config import dataset_config, dataset_section, predict_only, validate_config
 from ccfm.state.train import state_status
 
 validate_config(config)
@@ -230,14 +230,20 @@ def benchmark_dirs(ds):
 
 
 def dataset_results(ds):
-    """Every result of one dataset (the runtime table waits for all of them)."""
+    """Every result of one dataset (the runtime table waits for all of them).
+
+    Predict only (split.heldout_fraction: 0): nothing is held out, so no scores and no figures that
+    compare with held-out cells; the predictions and their table are the results.
+    """
     targets = [
         f"results/{ds}/processed.h5ad",
         f"results/{ds}/gene_vocab.tsv",
-        f"results/{ds}/metrics_summary.tsv",
-        f"results/{ds}/figures/metric_comparison.png",
         f"results/{ds}/figures/gene_vocab_coverage.png",
+        f"results/{ds}/predictions.tsv",
     ]
+    if predict_only(config, ds):
+        return targets + [f"results/{ds}/fold{fold}/figures/loss_curves.png" for fold in folds(ds)] + adapt_targets(ds)
+    targets += [f"results/{ds}/metrics_summary.tsv", f"results/{ds}/figures/metric_comparison.png"]
     for fold in folds(ds):
         targets += [
             f"results/{ds}/fold{fold}/figures/delta_scatter.png",
@@ -250,10 +256,13 @@ def dataset_results(ds):
 def print_headlines():
     """After a successful run: where each dataset's summary is, CCFM beside the baselines."""
     from ccfm.evaluate.headline import headline, target_headline
+    from ccfm.io.predictions import predictions_headline
 
     for ds in DATASETS:
         summary = Path(f"results/{ds}/metrics_summary.tsv")
-        if summary.exists():
+        if predict_only(config, ds) and Path(f"results/{ds}/predictions.tsv").exists():
+            print(predictions_headline(ds, f"results/{ds}/predictions.tsv"), file=sys.stderr)
+        elif summary.exists():
             try:
                 print(headline(summary), file=sys.stderr)
             except ValueError as error:  # e.g. a run whose methods leave out ccfm or a baseline

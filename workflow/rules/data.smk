@@ -82,6 +82,14 @@ rule preprocess:
             subcategory="{ds}",
             labels={"dataset": "{ds}", "fold": "all", "file": "perturbed genes"},
         ),
+        # every input gene: modelled, never expressed or not selected (what prediction files write back)
+        genes=report(
+            "results/{ds}/genes.tsv",
+            caption="../report/genes.rst",
+            category="Data",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "fold": "all", "file": "genes"},
+        ),
     log:
         "logs/preprocess/{ds}.log",
     benchmark:
@@ -126,6 +134,8 @@ rule preprocess_target:
 rule split:
     input:
         processed="results/{ds}/processed.h5ad",
+        genes="results/{ds}/genes.tsv",
+        raw=lambda wc: raw_input(wc.ds),
     output:
         split=report(
             "results/{ds}/splits/fold{fold}.json",

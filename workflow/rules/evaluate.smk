@@ -10,6 +10,9 @@ rule baseline:
         processed="results/{ds}/processed.h5ad",
         split="results/{ds}/splits/fold{fold}.json",
         real="results/{ds}/fold{fold}/real.h5ad",
+        # every gene of the input is written back into the prediction (ccfm.data.gene_fill)
+        genes="results/{ds}/genes.tsv",
+        raw=lambda wc: raw_input(wc.ds),
     output:
         pred="results/{ds}/fold{fold}/{method}/pred.h5ad",
         means="results/{ds}/fold{fold}/{method}/pred_means.csv",
@@ -326,6 +329,37 @@ rule figure_loss:
         runtime=10,
     script:
         "../scripts/figure_loss.py"
+
+
+rule prediction_table:
+    input:
+        preds=lambda wc: [path for _, _, path in summary_tables(wc.ds, "pred.h5ad")],
+        splits=lambda wc: [f"results/{wc.ds}/splits/fold{fold}.json" for fold in folds(wc.ds)],
+    output:
+        table=report(
+            "results/{ds}/predictions.tsv",
+            caption="../report/predictions.rst",
+            category="Predictions",
+            subcategory="{ds}",
+            labels={"dataset": "{ds}", "fold": "all", "method": "all", "table": "predicted perturbations"},
+        ),
+    log:
+        "logs/{ds}/prediction_table.log",
+    benchmark:
+        "results/{ds}/benchmarks/prediction_table.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=10,
+    params:
+        # method and fold of each prediction file, in input order
+        methods=lambda wc: [method for method, _, _ in summary_tables(wc.ds, "pred.h5ad")],
+        folds=lambda wc: [fold for _, fold, _ in summary_tables(wc.ds, "pred.h5ad")],
+        split_folds=lambda wc: folds(wc.ds),
+    script:
+        "../scripts/prediction_table.py"
 
 
 rule runtime:

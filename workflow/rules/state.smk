@@ -49,6 +49,10 @@ rule predict_state:
         checkpoint="results/{ds}/fold{fold}/state/run/checkpoints/final.ckpt",
         split="results/{ds}/splits/fold{fold}.json",
         real="results/{ds}/fold{fold}/real.h5ad",
+        # every gene of the input is written back into the prediction (ccfm.data.gene_fill)
+        processed="results/{ds}/processed.h5ad",
+        genes="results/{ds}/genes.tsv",
+        raw=lambda wc: raw_input(wc.ds),
     output:
         pred="results/{ds}/fold{fold}/state/pred.h5ad",
         means="results/{ds}/fold{fold}/state/pred_means.csv",

@@ -20,4 +20,5 @@ download_dataset(
     md5=spec.get("md5"),
     sha256=spec.get("sha256"),
     allow_unverified=bool(spec.get("allow_unverified", False)),
+    allow_http=bool(spec.get("allow_http", False)),
 )

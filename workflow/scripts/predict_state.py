@@ -1,21 +1,33 @@
-"""Rule predict_state: State's predictions of the fold's held-out and `predict:` perturbations."""
+"""Rule predict_state: State's predictions of the fold's held-out and `predict:` perturbations.
+
+State predicts the modelled genes; the outputs carry every gene of the input (ccfm.data.gene_fill).
+"""
 
 from pathlib import Path
 
 import torch
 
+from ccfm.data.gene_fill import predictions_on_all_genes
 from ccfm.logs import setup_rule_logging
 from ccfm.state.predict import predict_state_to_files
 
 log = setup_rule_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-predict_state_to_files(
-    Path(snakemake.input.config).parent,
-    snakemake.input.split,
-    snakemake.input.real,
+with predictions_on_all_genes(
     snakemake.output.pred,
     snakemake.output.means,
-    extra_predict=snakemake.params.extra,
-    cells_per_perturbation=snakemake.params.cells_per_perturbation,
+    genes_tsv=snakemake.input.genes,
+    processed_h5ad=snakemake.input.processed,
+    raw_h5ad=snakemake.input.raw,
     seed=snakemake.params.seed,
-)
+) as (pred, means):
+    predict_state_to_files(
+        Path(snakemake.input.config).parent,
+        snakemake.input.split,
+        snakemake.input.real,
+        pred,
+        means,
+        extra_predict=snakemake.params.extra,
+        cells_per_perturbation=snakemake.params.cells_per_perturbation,
+        seed=snakemake.params.seed,
+    )

@@ -1,4 +1,4 @@
-"""Rule preprocess: raw h5ad -> results/{ds}/processed.h5ad and the perturbed-gene status table.
+"""Rule preprocess: raw h5ad -> results/{ds}/processed.h5ad, the perturbed-gene and the gene status tables.
 
 Everything that changes the outputs is in params (``perturbation_type`` too: it decides how the
 perturbed genes are counted in ``perturbed_genes.tsv`` and how ``predict:`` is validated).
@@ -12,5 +12,6 @@ preprocess_dataset(
     snakemake.input.raw,
     snakemake.output.processed,
     perturbed_genes_tsv=snakemake.output.perturbed_genes,
+    genes_tsv=snakemake.output.genes,
     **dict(snakemake.params.settings),
 )

@@ -16,4 +16,5 @@ download_whole_human(
     folder_id=settings["whole_human_gdrive_folder"],
     mirror_url=settings["whole_human_url"],
     sha256=settings["whole_human_sha256"],
+    allow_http=settings["allow_http"],
 )

@@ -1,5 +1,9 @@
 """Rule split: fold JSON (train/test conditions) and the fold's real.h5ad (held-out + controls).
 
+real.h5ad carries every gene of the input (genes.tsv; the raw input supplies the genes left out of
+modelling), as the prediction files do. With too few held-out perturbations for score.profile the
+split file records the profile the fold is scored with instead.
+
 Before anything is written the fold is checked against what later rules need (enough held-out
 perturbations for the cell-eval profile, a batch size the training cells can fill). Those two
 settings are read from the config, not declared as params: changing them must not redo the
@@ -25,4 +29,6 @@ split_to_files(
     score_profile=dataset_section(snakemake.config, dataset, "score")["profile"],
     batch_size=int(dataset_section(snakemake.config, dataset, "train")["batch_size"]),
     chunk_size=int(snakemake.params.chunk_size),
+    genes_tsv=snakemake.input.genes,
+    raw=snakemake.input.raw,
 )

@@ -172,3 +172,53 @@ def conditions_to_predict(test: Iterable[str], extra: Iterable[str], control_lab
         if canonical != CONTROL and canonical not in ordered:
             ordered.append(canonical)
     return ordered
+
+
+def match_label_case(canonical_labels: pd.Series, genes: Iterable[str]) -> tuple[pd.Series, dict[str, str]]:
+    """Spell each perturbed name as its gene column does, matching letter case as the scGPT vocabulary does.
+
+    A name absent from ``genes`` but equal to exactly one of them ignoring case (``gata1`` and
+    ``GATA1``) takes the gene's spelling, so the perturbation keeps its link to that expression
+    column. Names matching no gene but spelled in several cases among the labels take the most
+    frequent spelling (ties: the first in sorted order). Returns the relabelled series (doubles
+    re-sorted into canonical ``A+B``) and ``{label spelling: chosen spelling}`` of every change.
+    """
+    gene_list = [str(g) for g in genes]
+    exact = set(gene_list)
+    by_lower: dict[str, list[str]] = {}
+    for gene in gene_list:
+        by_lower.setdefault(gene.lower(), []).append(gene)
+    labels = canonical_labels.astype(str)
+    counts = labels.value_counts()
+    name_counts: dict[str, int] = {}
+    for label, n in counts.items():
+        if label != CONTROL:
+            for name in label.split(COMBO_SEPARATOR):
+                name_counts[name] = name_counts.get(name, 0) + int(n)
+    mapping: dict[str, str] = {}
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(name_counts):
+        if name in exact:
+            continue
+        column = by_lower.get(name.lower(), [])
+        if len(column) == 1:
+            mapping[name] = column[0]
+        elif not column:
+            spellings.setdefault(name.lower(), []).append(name)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            chosen = sorted(variants, key=lambda v: (-name_counts[v], v))[0]
+            mapping.update({v: chosen for v in variants if v != chosen})
+    if not mapping:
+        return canonical_labels, {}
+
+    def relabel(label: str) -> str:
+        if label == CONTROL:
+            return label
+        return COMBO_SEPARATOR.join(sorted({mapping.get(name, name) for name in label.split(COMBO_SEPARATOR)}))
+
+    renamed = {label: relabel(label) for label in counts.index}
+    result = labels.map(renamed)
+    if isinstance(canonical_labels.dtype, pd.CategoricalDtype):
+        result = result.astype("category")
+    return result, mapping

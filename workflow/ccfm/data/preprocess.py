@@ -31,8 +31,17 @@ from ccfm.data.conditions import (
     DEFAULT_GUIDE_TOKEN,
     ConditionError,
     canonicalize_labels,
+    condition_type,
+    match_label_case,
     perturbed_names,
     summarize_conditions,
+)
+from ccfm.data.gene_fill import (
+    LIBRARY_SIZE_COLUMN,
+    describe_gene_counts,
+    gene_counts,
+    gene_status_table,
+    write_gene_table,
 )
 from ccfm.data.moments import RunningMoments
 from ccfm.data.validation import (
@@ -41,6 +50,7 @@ from ccfm.data.validation import (
     LabelParseError,
     check_cell_names,
     check_chunk_values,
+    check_combo_separator,
     check_controls,
     check_gene_labels,
     check_gene_names,
@@ -255,12 +265,28 @@ def seurat_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> tu
     return log_mean, normalized
 
 
-def top_genes(dispersion_norm: np.ndarray, n_top: int) -> np.ndarray:
-    """Boolean mask of the ``n_top`` genes with the largest normalised dispersion (NaN last)."""
+def top_genes(dispersion_norm: np.ndarray, n_top: int, never_expressed: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the ``n_top`` genes with the largest normalised dispersion (NaN last).
+
+    Genes without a dispersion are never selected: those never expressed (zero in every cell) and
+    those with one value in every cell. ``never_expressed`` only words the log line.
+    """
     score = np.where(np.isnan(dispersion_norm), -np.inf, dispersion_norm)
-    finite = np.isfinite(score).sum()
+    finite = int(np.isfinite(score).sum())
     if n_top > finite:
-        log.warning("only %d genes have a finite dispersion; selecting those instead of %d", finite, n_top)
+        n_never = int(np.sum(never_expressed)) if never_expressed is not None else 0
+        constant = score.size - finite - n_never
+        log.warning(
+            "%d of the input's %d genes are never expressed (zero in every cell)%s, so %d genes vary across "
+            "cells; selecting those %d instead of n_top_genes=%d (the others are written back into every "
+            "prediction file, see genes.tsv)",
+            n_never,
+            score.size,
+            f" and {constant} have one value in every cell" if constant > 0 else "",
+            finite,
+            finite,
+            n_top,
+        )
     # Stable sort on the negated score: ties resolved by input order, reproducibly.
     order = np.argsort(-score, kind="stable")[: min(n_top, finite)]
     mask = np.zeros(score.size, dtype=bool)
@@ -336,6 +362,8 @@ PERTURBED_STATUS = {
         "not in var and perturbed in no cell (named only in 'predict:'): rejected, nothing to learn it from"
     ),
     "drug": "drug perturbation: a learned embedding table, the gene panel is not involved",
+    "case_matched": "label spelled in another letter case than a gene column (or than other labels): "
+    "matched ignoring case, as the scGPT vocabulary map does (label -> name used)",
 }
 _TABLE_GENES = 50  # genes listed per status in the table (the counts are always complete)
 
@@ -382,9 +410,36 @@ def log_perturbed_status(status: dict[str, list[str]], path: Path) -> None:
         log.info("unmeasured perturbed genes: %s%s", ", ".join(genes[:20]), " ..." if len(genes) > 20 else "")
 
 
-def write_perturbed_status(status: dict[str, list[str]], path: str | Path) -> None:
+def write_perturbed_status(
+    status: dict[str, list[str]], path: str | Path, case_matched: dict[str, str] | None = None
+) -> None:
+    rows = dict(status)
+    if case_matched:
+        rows["case_matched"] = [f"{label} -> {name}" for label, name in sorted(case_matched.items())]
     with atomic_output(Path(path)) as tmp:
-        perturbed_status_table(status).to_csv(tmp, sep="\t", index=False)
+        perturbed_status_table(rows).to_csv(tmp, sep="\t", index=False)
+
+
+def relabel_case(obs: pd.DataFrame, genes: pd.Index, path: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Canonical labels spelled like their gene columns (:func:`ccfm.data.conditions.match_label_case`), logged."""
+    labels, matched = match_label_case(obs[PERT_COLUMN], genes)
+    if not matched:
+        return obs, {}
+    obs = obs.copy()
+    obs[PERT_COLUMN] = labels
+    obs["condition_type"] = pd.Categorical(
+        labels.astype(str).map(condition_type), categories=list(obs["condition_type"].cat.categories)
+    )
+    shown = ", ".join(f"{label} -> {name}" for label, name in list(sorted(matched.items()))[:20])
+    log.warning(
+        "%s: %d perturbation name(s) matched to a gene (or label) spelled in another letter case, as the scGPT "
+        "vocabulary map does: %s%s",
+        path,
+        len(matched),
+        shown,
+        " ..." if len(matched) > 20 else "",
+    )
+    return obs, matched
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +519,7 @@ def preprocess_dataset(
     predict: list[str] | tuple[str, ...] = (),
     perturbation_type: str = "gene",
     perturbed_genes_tsv: str | Path | None = None,
+    genes_tsv: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``processed.h5ad`` from a raw h5ad (see docs/architecture.md); return a summary.
 
@@ -471,7 +527,9 @@ def preprocess_dataset(
     ``var_names`` plus the genes of the ``predict`` entries, kept in input order. Perturbed
     genes absent from the input stay labels: the model embeds them with rows of their own
     (:mod:`ccfm.data.perturbations`). How many perturbed genes are measured, unmeasured but perturbed
-    in the cells, and unmeasured and unseen is logged and written to ``perturbed_genes_tsv``.
+    in the cells, and unmeasured and unseen is logged and written to ``perturbed_genes_tsv``; every
+    input gene with its status (modelled, never expressed, not selected) to ``genes_tsv``
+    (:mod:`ccfm.data.gene_fill`), and each cell's library size to ``obs["library_size"]``.
     The input is validated first (metadata, ``predict:`` entries, then every chunk's values
     during pass 1): a :class:`ccfm.data.validation.InputValidationError` names the file, the problem
     and the fix, and no output is written.
@@ -490,7 +548,12 @@ def preprocess_dataset(
     var = read_var(raw)
     var.index = var.index.astype(str)
     check_gene_names(var, raw)
+    case_matched: dict[str, str] = {}
+    if perturbation_type == "gene":
+        obs, case_matched = relabel_case(obs, var.index, raw)
     names = perturbed_names(obs[PERT_COLUMN].astype(str).unique())
+    if perturbation_type == "gene":
+        check_combo_separator([n for n in names if n not in set(var.index)], names, var.index, combo_separator, raw)
     # Counted before the predict check so the log shows the counts even when it fails.
     status = perturbed_status(
         names, var.index, [g for entry in predict for g in predict_entry_genes(entry)], perturbation_type
@@ -508,7 +571,8 @@ def preprocess_dataset(
     if scale == "counts" and np.any(totals == 0):
         log.warning("%d cells have zero counts; they stay all-zero after normalisation", int((totals == 0).sum()))
     log_mean, dispersion_norm = seurat_dispersion(moments.mean, moments.variance())
-    highly_variable = top_genes(dispersion_norm, n_top_genes)
+    never_expressed = moments.mean == 0
+    highly_variable = top_genes(dispersion_norm, n_top_genes, never_expressed)
     perturbed = var.index.isin(names)
     absent = sorted(set(names) - set(var.index))
     if absent and perturbation_type == "gene":
@@ -526,6 +590,13 @@ def preprocess_dataset(
     out_var["perturbed"] = perturbed[keep]
     out_var["mean_log"] = log_mean[keep]
     out_var["dispersion_norm"] = dispersion_norm[keep]
+    modelled = np.zeros(var.shape[0], dtype=bool)
+    modelled[keep] = True
+    gene_table = gene_status_table(var.index, modelled, never_expressed)
+    genes_in = gene_counts(gene_table)
+    log.info("%s: %s", raw, describe_gene_counts(genes_in))
+    obs = obs.copy()
+    obs[LIBRARY_SIZE_COLUMN] = totals if scale == "counts" else np.nan
     summary: dict[str, Any] = {
         "dataset": dataset,
         "input_scale": scale,
@@ -538,13 +609,18 @@ def preprocess_dataset(
         "n_perturbed_in_var": int(perturbed.sum()),
         "perturbed_absent": absent,
         "perturbed_status": {name: len(genes) for name, genes in status.items()},
+        "case_matched": case_matched,
         "counts_available": scale == "counts",
         "conditions": counts_by_type,
+        "input_layer": layer or "X",
+        "genes": genes_in,
     }
     selector = column_selector(keep, var.shape[0])
     _write_selected(raw, out, layer, scale, selector, totals, target_sum, chunk_size, obs, out_var, {"ccfm": summary})
     if perturbed_genes_tsv is not None:
-        write_perturbed_status(status, perturbed_genes_tsv)
+        write_perturbed_status(status, perturbed_genes_tsv, case_matched)
+    if genes_tsv is not None:
+        write_gene_table(gene_table, genes_tsv)
     log.info("wrote %s: %d cells x %d genes", out, obs.shape[0], keep.size)
     return summary
 

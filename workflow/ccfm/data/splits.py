@@ -15,6 +15,9 @@ still trains: in the additive split a double is eligible when each unmeasured pa
 single; in the singles split an unmeasured single is never held out. Ineligible conditions train
 and are listed as ``kept_in_train_unmeasured``; with every gene measured the split is unchanged.
 
+Predict only (``heldout_fraction: 0``): nothing is held out, every condition trains (strategy
+``predict_only``); the run predicts the dataset's ``predict:`` list and scores nothing.
+
 Controls (``non-targeting``) are never a condition of either side; every split file names the
 control label and ``real.h5ad`` contains all control cells. A held-out condition never appears
 in ``train`` (checked in :func:`make_split`, which raises if it ever did).
@@ -22,6 +25,7 @@ in ``train`` (checked in :func:`make_split`, which raises if it ever did).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,11 +37,12 @@ from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, PERT_COLUMN
 from ccfm.data.conditions import CONTROL, condition_type
+from ccfm.data.gene_fill import GeneFill
 from ccfm.data.validation import (
     FEW_CELLS,
     check_batch_size,
-    check_enough_perturbations,
     few_cell_perturbations,
+    scoring_profile,
     warn_doubles_missing_singles,
 )
 from ccfm.io.h5ad import (
@@ -89,12 +94,34 @@ def make_split(
     """
     if fold < 1 or (n_folds is not None and fold > n_folds):
         raise ValueError(f"fold must be in 1..{n_folds}, got {fold}; check config 'split.folds' and 'split.n_folds'")
-    if not 0 < heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     distinct = sorted({c for c in conditions if c != CONTROL})
     singles = [c for c in distinct if condition_type(c) == "single"]
     doubles = [c for c in distinct if condition_type(c) == "double"]
     rng = np.random.default_rng(seed + fold)
+    if heldout_fraction == 0:
+        if not distinct:
+            raise ValueError("cannot train: the data have no perturbed cells, only controls")
+        log.info(
+            "split fold %d: split.heldout_fraction is 0: nothing is held out; all %d conditions (%d singles, "
+            "%d doubles) train, the run predicts the dataset's 'predict:' list and scores nothing",
+            fold,
+            len(distinct),
+            len(singles),
+            len(doubles),
+        )
+        return {
+            "fold": int(fold),
+            "seed": int(seed + fold),
+            "strategy": "predict_only",
+            "heldout_fraction": 0.0,
+            "train": distinct,
+            "test": [],
+            "controls": CONTROL,
+            "doubles_missing_singles": warn_doubles_missing_singles(distinct, f"split fold {fold}", log),
+            "kept_in_train_unmeasured": [],
+        }
     if doubles:
         strategy, candidates = "additive", doubles
     elif len(singles) >= 2:
@@ -121,7 +148,9 @@ def make_split(
                 f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
                 f"perturbed gene that is not measured (absent from var) and has no other training condition, so "
                 f"holding it out would leave nothing to learn that gene from ({len(kept)} such conditions). "
-                f"Fix: keep these genes among the expression columns of the input file."
+                f"Fix: set 'split: {{heldout_fraction: 0}}' for this dataset in config/config.yaml to train on "
+                f"every condition and only predict its 'predict:' list (nothing is scored), or keep these genes "
+                f"among the expression columns of the input file."
             )
     test = _held_out(candidates, heldout_fraction, rng)
     train = [c for c in distinct if c not in test]
@@ -197,36 +226,54 @@ def split_for_processed(
     return split
 
 
-def check_fold_usable(processed: str | Path, split: dict[str, Any], *, score_profile: str, batch_size: int) -> None:
-    """Fail before training if the fold cannot be scored with ``score_profile`` or batched.
+def check_fold_usable(
+    processed: str | Path, split: dict[str, Any], *, score_profile: str, batch_size: int
+) -> dict[str, Any]:
+    """Fail before training if the fold cannot be batched; choose the cell-eval profile that scores it.
 
-    Checks that enough perturbations are held out for the cell-eval profile
-    (:func:`ccfm.data.validation.check_enough_perturbations`) and that ``train.batch_size`` fits the
-    training cells (:func:`ccfm.data.validation.check_batch_size`).
+    ``train.batch_size`` must fit the training cells (:func:`ccfm.data.validation.check_batch_size`).
+    With fewer held-out perturbations than ``score_profile`` needs, the fold is scored with a profile
+    that scores any number (:func:`ccfm.data.validation.scoring_profile`, logged). Returns the
+    split file's ``score_profile`` entry: ``configured``, ``used`` and a ``note`` (empty when unchanged).
     """
     where = f"{processed} (fold {split['fold']})"
-    check_enough_perturbations(len(split["test"]), score_profile, where)
     counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts().to_dict()
     check_batch_size(counts, split["train"], int(batch_size), where, log)
+    if not split["test"]:
+        return {"configured": score_profile, "used": None, "note": "nothing held out: nothing is scored"}
+    used, note = scoring_profile(len(split["test"]), score_profile, where)
+    if note:
+        log.warning("%s", note)
+    return {"configured": score_profile, "used": used, "note": note}
 
 
-def write_real(processed: str | Path, split: dict[str, Any], out: str | Path, chunk_size: int = 10000) -> int:
+def write_real(
+    processed: str | Path,
+    split: dict[str, Any],
+    out: str | Path,
+    chunk_size: int = 10000,
+    fill: GeneFill | None = None,
+) -> int:
     """Write ``real.h5ad``: the held-out cells of the fold plus all control cells; return n cells.
 
-    Streams the rows of ``processed.h5ad`` (X only, log1p scale) in file order; ``var`` and the
-    label columns of ``obs`` are kept, so the file matches the predictions' layout.
+    Streams the rows of ``processed.h5ad`` (X only, log1p scale) in file order; the label columns
+    of ``obs`` are kept, so the file matches the predictions' layout. With ``fill`` the cells are
+    written on every gene of the input, as the predictions are (:mod:`ccfm.data.gene_fill`: the
+    genes left out of modelling take the cells' own normalised values); else on the modelled genes.
     """
     processed, out = Path(processed), Path(out)
     labels = read_obs_labels(processed, PERT_COLUMN)
     rows = np.flatnonzero(pd.Series(labels).isin(set(split["test"]) | {CONTROL}).to_numpy())
-    var = read_var(processed)
+    var = read_var(processed) if fill is None else fill.var()
     out_obs = read_obs_subset(processed, rows, [PERT_COLUMN, "condition_type", "original_condition"])
     n_chunks = -(-matrix_shape(processed)[0] // chunk_size)
+    chunks = iter_row_chunks(processed, chunk_size, rows=rows)
+    if fill is not None:
+        full_rows = dataclasses.replace(fill, chunk_size=chunk_size).iter_rows(rows)  # the same row blocks
+        chunks = ((start, fill.combine(chunk, next(full_rows)[1])) for start, chunk in chunks)
     with atomic_output(out) as tmp:
         with CSRH5adWriter(tmp, var) as writer:
-            for _, chunk in tqdm(
-                iter_row_chunks(processed, chunk_size, rows=rows), total=n_chunks, desc="real cells", unit="chunk"
-            ):
+            for _, chunk in tqdm(chunks, total=n_chunks, desc="real cells", unit="chunk"):
                 writer.append(chunk)
             writer.finish(
                 out_obs, uns={"ccfm": {"fold": split["fold"], "test": list(split["test"]), "controls": CONTROL}}
@@ -254,8 +301,13 @@ def split_to_files(
     score_profile: str,
     batch_size: int,
     chunk_size: int = 10000,
+    genes_tsv: str | Path | None = None,
+    raw: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The ``split`` rule: choose the fold, check later rules can use it, write ``real.h5ad`` and the split file."""
+    """The ``split`` rule: choose the fold, check later rules can use it, write ``real.h5ad`` and the split file.
+
+    With ``genes_tsv`` and the ``raw`` input, ``real.h5ad`` holds every gene of the input (see :func:`write_real`).
+    """
     split = split_for_processed(
         processed,
         fold=fold,
@@ -265,7 +317,11 @@ def split_to_files(
         min_cells_per_perturbation=min_cells_per_perturbation,
         perturbation_type=perturbation_type,
     )
-    check_fold_usable(processed, split, score_profile=score_profile, batch_size=batch_size)
-    write_real(processed, split, out_real, chunk_size=chunk_size)
+    split["score_profile"] = check_fold_usable(processed, split, score_profile=score_profile, batch_size=batch_size)
+    fill = None
+    if genes_tsv is not None and raw is not None:
+        fill = GeneFill.from_files(genes_tsv, processed, raw, chunk_size=chunk_size)
+        split["genes"] = fill.counts
+    write_real(processed, split, out_real, chunk_size=chunk_size, fill=fill)
     write_split(split, out_split)
     return split

@@ -108,6 +108,10 @@ class TargetGenesError(InputValidationError):
     """The target context shares too few genes with the source dataset for adaptation to mean anything."""
 
 
+class ComboSeparatorError(LabelParseError):
+    """Doubles written with another separator than ``combo_separator`` were read as single genes."""
+
+
 class BatchSizeError(InputValidationError):
     """``train.batch_size`` is beyond the cells a training batch can draw without repeating them all."""
 
@@ -401,6 +405,55 @@ def _bad_rows(chunk: sp.spmatrix | np.ndarray, mask: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+# Characters a double's two genes are commonly joined by in public files.
+SEPARATOR_CANDIDATES = ("_", "+", "-", "|", ",", ";", "/", ":", ".", " ", "&")
+
+
+def joined_gene_names(names: Iterable[str], known: Iterable[str], separator: str) -> dict[str, tuple[str, str]]:
+    """Names that are two ``known`` genes joined by one of :data:`SEPARATOR_CANDIDATES` (not ``separator``).
+
+    Matching ignores letter case. Returns ``{name: (character, separator found)}``.
+    """
+    lower = {str(g).lower() for g in known}
+    found: dict[str, tuple[str, str]] = {}
+    for name in names:
+        for char in SEPARATOR_CANDIDATES:
+            if char == separator or char not in name:
+                continue
+            parts = [p for p in name.split(char) if p]
+            if len(parts) == 2 and all(p.lower() in lower for p in parts):
+                found[name] = (char, char)
+                break
+    return found
+
+
+def check_combo_separator(
+    unmeasured: Sequence[str], perturbed: Iterable[str], genes: Iterable[str], separator: str, path: Path
+) -> None:
+    """Stop when most unmeasured perturbed names are two known genes joined by another character.
+
+    ``unmeasured``: perturbed names without an expression column; known genes are the columns
+    (``genes``) and the other perturbed names (``perturbed``): a double written ``CEBPA_GATA1``
+    while the config says ``+`` is otherwise read as one gene nobody measured, and the run
+    silently scores singles instead of doubles.
+    """
+    unmeasured = list(unmeasured)
+    if not unmeasured:
+        return
+    joined = joined_gene_names(unmeasured, [*map(str, genes), *map(str, perturbed)], separator)
+    if len(joined) * 2 <= len(unmeasured):
+        return
+    chars = pd.Series([char for char, _ in joined.values()]).value_counts()
+    char = str(chars.index[0])
+    examples = ", ".join(list(joined)[:_SHOW])
+    raise ComboSeparatorError(
+        f"{path}: {len(joined)} of the {len(unmeasured)} perturbed names without an expression column are "
+        f"two gene names joined by {char!r} ({examples}): these look like doubles written with {char!r}, "
+        f"but combo_separator is {separator!r}, so each would be read as one unmeasured gene. Fix: set "
+        f"'combo_separator: \"{char}\"' for this dataset in config/config.yaml."
+    )
+
+
 def predict_entry_genes(entry: str) -> list[str]:
     """Gene names of a ``predict:`` entry (``A`` or ``A+B``; control tokens are ignored)."""
     return [
@@ -649,6 +702,29 @@ MIN_PERTURBATIONS = {"full": 3, "anndata": 3}
 
 class TooFewPerturbationsError(ValueError):
     """A fold holds out fewer perturbations than the configured cell-eval profile can score."""
+
+
+# The profile a fold with too few held-out perturbations is scored with instead: the broadest
+# profile that scores any number (pearson_delta, mse, mae, discrimination, DE overlap/precision).
+FALLBACK_PROFILE = "minimal"
+
+
+def scoring_profile(n_perturbations: int, profile: str, where: str) -> tuple[str, str]:
+    """The cell-eval profile that scores ``n_perturbations``: ``profile`` if it can, else the fallback.
+
+    Returns ``(profile used, note)``; the note (empty when ``profile`` is kept) says why another
+    profile is used, for the log and the split file the report shows.
+    """
+    needed = MIN_PERTURBATIONS.get(profile, 1)
+    if n_perturbations >= needed:
+        return profile, ""
+    note = (
+        f"{where}: {n_perturbations} held-out perturbation(s), but cell-eval's {profile!r} profile needs at "
+        f"least {needed} (clustering_agreement and pearson_edistance compare perturbations with each other): "
+        f"scoring with the {FALLBACK_PROFILE!r} profile instead. To use {profile!r}, raise "
+        f"split.heldout_fraction so that at least {needed} are held out."
+    )
+    return FALLBACK_PROFILE, note
 
 
 def check_enough_perturbations(n_perturbations: int, profile: str, where: str, *, target: bool = False) -> None:

@@ -226,7 +226,7 @@ def run_baseline(
     split = read_split(split_json)
     conditions = conditions_to_predict(split["test"], extra_predict)
     training = [t for t in split["train"] if t != CONTROL_LABEL]
-    controls = read_control_cells(real_h5ad)
+    controls = read_control_cells(real_h5ad)  # the modelled genes of real.h5ad's control cells
     genes, controls = controls.genes, controls.matrix
     means = condition_means(
         processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=chunk_size
@@ -237,6 +237,11 @@ def run_baseline(
         )
     result = predict_baseline(method, conditions, means, training, controls, cells_per_perturbation, seed)
     adata = build_prediction_anndata(genes, result.predicted, controls)
+    # the control cell each predicted cell was shifted from (genes written back take its values)
+    rows = sample_control_rows(controls.shape[0], conditions, cells_per_perturbation, seed)
+    adata.obs["control_index"] = np.concatenate(
+        [*(rows[cond] for cond in result.predicted), np.arange(controls.shape[0])]
+    ).astype(np.int64)
     adata.uns["ccfm_baseline"] = {
         "method": method,
         "seed": int(seed),

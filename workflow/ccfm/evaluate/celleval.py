@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.data.validation import CELL_EVAL_PROFILES, check_enough_perturbations
+from ccfm.data.validation import CELL_EVAL_PROFILES, scoring_profile
 from ccfm.evaluate.metrics import compact_metrics, training_cells
 from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
 
@@ -101,7 +101,9 @@ def score_prediction(
     pred = align_prediction_to_real(pred, real, control_label, pert_col, source=str(pred_h5ad))
     # Also checked by the split rule; again here for a profile changed after the split was made.
     labels = real.obs[pert_col].astype(str)
-    check_enough_perturbations(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
+    profile, note = scoring_profile(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
+    if note:  # the split file records the same fallback for the report
+        log.warning("%s", note)
     compact = compact_metrics(
         pred, real, control_label, top_de, pert_col=pert_col, seed=seed, pca_reference=pca_reference
     )

@@ -10,6 +10,7 @@ AnnData reads (``encoding-type: csr_matrix``). Files are produced through
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -37,6 +38,67 @@ class H5adFormatError(ValueError):
     """An h5ad file lacks an element or stores it in a layout this module cannot stream."""
 
 
+# Errors of the storage, not of the data: translated into "no space left on <device> while writing <file>".
+WRITE_FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed for a reason of the storage (disk full, quota, read-only, I/O error).
+
+    The message names the device (and its mount point) and the file; nothing was renamed into place.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def is_write_fault(error: OSError) -> bool:
+    """Whether ``error`` comes from the storage (by errno, or by h5py's "errno = 28" text)."""
+    if error.errno in WRITE_FAULT_ERRNOS:
+        return True
+    found = re.search(r"errno = (\d+)", str(error))
+    return found is not None and int(found.group(1)) in WRITE_FAULT_ERRNOS
+
+
+def device_of(path: str | Path) -> str:
+    """``<device> (mounted at <mount point>)`` of the filesystem holding ``path`` (from /proc/mounts)."""
+    folder = Path(path).resolve().parent
+    best: tuple[str, str] | None = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            device, mount = fields[0], fields[1].replace("\\040", " ")
+            if (folder == Path(mount) or Path(mount) in folder.parents) and (best is None or len(mount) > len(best[1])):
+                best = (device, mount)
+    if best is None:
+        return f"the device holding {folder}"
+    return f"{best[0]} (mounted at {best[1]})"
+
+
+def describe_write_fault(error: OSError, path: str | Path) -> str:
+    """Plain words for a storage error while writing ``path``: device, file, free space and the fix."""
+    path = Path(path)
+    code = error.errno
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    device = device_of(path)
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f" ({os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize / 2**30:.2f} GiB free now)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left" if code == errno.ENOSPC else "disk quota exceeded"
+        return (
+            f"{what} on {device} while writing {path}{free}; nothing was written to {path.name}. "
+            f"Fix: free space there (or point the results to a larger disk) and rerun."
+        )
+    reason = os.strerror(code) if code is not None else str(error)
+    return f"{reason} on {device} while writing {path}{free}; nothing was written to {path.name}."
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -57,6 +119,10 @@ def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if isinstance(error, OutputWriteError) or not is_write_fault(error):
+            raise
+        raise OutputWriteError(describe_write_fault(error, path), error.errno) from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -375,17 +441,34 @@ def read_control_cells(
     *,
     pert_column: str = PERT_COLUMN,
     chunk_size: int = 10000,
+    all_genes: bool = False,
 ) -> LabelledRows:
     """The control cells of an h5ad file (CSR float32, file order); raises if there are none.
 
-    The other cells are never loaded, so memory follows the number of control cells.
+    The other cells are never loaded, so memory follows the number of control cells. A file
+    holding every gene of the input (``real.h5ad``, ``pred.h5ad``: ``var["modelled"]``, see
+    :mod:`ccfm.data.gene_fill`) gives its modelled genes only, unless ``all_genes``.
     """
     rows = read_rows_with_labels(
         h5ad_path, lambda labels: labels == control_label, pert_column=pert_column, chunk_size=chunk_size
     )
     if rows.matrix.shape[0] == 0:
         raise ValueError(f"{h5ad_path}: no control cells ({pert_column} == {control_label!r})")
+    modelled = modelled_mask(read_var(h5ad_path))
+    if modelled is not None and not all_genes:
+        genes = [g for g, keep in zip(rows.genes, modelled) if keep]
+        return LabelledRows(rows.matrix[:, np.flatnonzero(modelled)].tocsr(), genes, rows.labels, rows.cell_names)
     return rows
+
+
+MODELLED_COLUMN = "modelled"
+
+
+def modelled_mask(var: pd.DataFrame) -> np.ndarray | None:
+    """``var["modelled"]`` as booleans for a file carrying every input gene, else None (all modelled)."""
+    if MODELLED_COLUMN not in var.columns:
+        return None
+    return var[MODELLED_COLUMN].astype(bool).to_numpy()
 
 
 class CSRH5adWriter:

@@ -23,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
+from ccfm.io.h5ad import atomic_output, modelled_mask, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,13 @@ def read_prediction_means(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN) -> ad.AnnData:
-    """Read a prediction or real h5ad, checking the perturbation column is there."""
+def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN, *, all_genes: bool = False) -> ad.AnnData:
+    """Read a prediction or real h5ad, checking the perturbation column is there.
+
+    Files that carry every gene of the input (``var["modelled"]``, :mod:`ccfm.data.gene_fill`) are
+    read on their modelled genes unless ``all_genes``: scores compare what the methods predicted,
+    not the values written back for genes no method modelled.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the rule that writes it first")
@@ -160,6 +165,9 @@ def read_expression_h5ad(path: str | Path, pert_col: str = PERT_COLUMN) -> ad.An
             "prediction and real files must label cells with the canonical perturbation"
         )
     adata.obs[pert_col] = adata.obs[pert_col].astype(str).astype("category")
+    modelled = modelled_mask(adata.var)
+    if modelled is not None and not all_genes and not modelled.all():
+        adata = adata[:, modelled].copy()
     return adata
 
 
@@ -212,3 +220,77 @@ def align_prediction_to_real(
         pred = pred[keep].copy()
         pred.obs[pert_col] = pred.obs[pert_col].astype(str).astype("category")
     return pred
+
+
+def prediction_table(
+    entries: Sequence[tuple[str, int | str, str | Path]],
+    tests: Mapping[str, Sequence[str]],
+    control_label: str = CONTROL_LABEL,
+) -> pd.DataFrame:
+    """What every method predicted, one row per (fold, method, perturbation), from the files' metadata only.
+
+    ``entries``: (method, fold, pred.h5ad); ``tests``: fold -> the fold's held-out list (scored ones).
+    Columns: ``fold``, ``method``, ``perturbation``, ``scored`` (held out, so compared with real
+    cells), ``n_cells``, ``n_genes`` (genes in the file), ``n_modelled`` (genes the method predicted), ``file``.
+    """
+    from ccfm.io.h5ad import read_obs_labels, read_var
+
+    rows = []
+    for method, fold, path in entries:
+        labels = pd.Series(read_obs_labels(path, PERT_COLUMN)).astype(str)
+        var = read_var(path)
+        modelled = modelled_mask(var)
+        held_out = set(tests.get(str(fold), []))
+        for label, n in labels[labels != control_label].value_counts(sort=False).items():
+            rows.append(
+                {
+                    "fold": str(fold),
+                    "method": method,
+                    "perturbation": label,
+                    "scored": label in held_out,
+                    "n_cells": int(n),
+                    "n_genes": int(var.shape[0]),
+                    "n_modelled": int(var.shape[0] if modelled is None else modelled.sum()),
+                    "file": str(path),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["fold", "method", "perturbation", "scored", "n_cells", "n_genes", "n_modelled", "file"]
+    )
+
+
+def write_prediction_table(
+    methods: Sequence[str],
+    folds: Sequence[int | str],
+    preds: Sequence[str | Path],
+    splits: Mapping[str, str | Path],
+    out_tsv: str | Path,
+) -> pd.DataFrame:
+    """The ``prediction_table`` rule: :func:`prediction_table` of every method and fold, written as TSV."""
+    from ccfm.io.splits import read_split
+
+    tests = {str(fold): list(read_split(path)["test"]) for fold, path in splits.items()}
+    table = prediction_table(list(zip(methods, folds, preds)), tests)
+    write_table_atomic(table, out_tsv, sep="\t", index=False)
+    n_scored = int(table["scored"].sum())
+    log.info(
+        "%d predicted perturbation(s) per method and fold written to %s; %d of the rows are held out and scored%s",
+        table.groupby(["fold", "method"]).size().max() if len(table) else 0,
+        out_tsv,
+        n_scored,
+        "" if n_scored else " (nothing is held out: predictions only, no scores)",
+    )
+    return table
+
+
+def predictions_headline(dataset: str, table_tsv: str | Path) -> str:
+    """End-of-run lines of a predict-only dataset: what was predicted, on how many genes, and where."""
+    table = pd.read_csv(table_tsv, sep="\t", dtype={"fold": str})
+    lines = [f"{dataset}: predict only (split.heldout_fraction: 0): nothing held out, nothing scored ({table_tsv})"]
+    for (fold, method), rows in table.groupby(["fold", "method"], sort=False):
+        first = rows.iloc[0]
+        lines.append(
+            f"  fold {fold} {method:<9} {len(rows)} perturbations x {first['n_genes']} genes "
+            f"({first['n_modelled']} modelled): {first['file']}"
+        )
+    return "\n".join(lines)

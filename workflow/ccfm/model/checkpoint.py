@@ -23,8 +23,10 @@ MODEL_FORMAT = "ccfm-model-v1"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_output
+    # names with device and file, instead of torch's "unexpected pos" from its own writer.
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def save_model(

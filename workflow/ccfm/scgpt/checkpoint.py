@@ -400,10 +400,12 @@ def download_checkpoint_http(
     sha256: Mapping[str, str] | None = None,
     min_sizes: Mapping[str, int] | None = None,
     timeout: float = 30.0,
+    allow_http: bool = False,
 ) -> Path:
     """Fetch ``{base_url}/{best_model.pt,vocab.json,args.json}`` (a mirror) with resume and checksums.
 
     Uses :func:`ccfm.data.download.download_file`; files already present are verified, not re-fetched.
+    ``allow_http`` (config ``scgpt.allow_http``) accepts an http mirror; https otherwise.
     """
     from ccfm.data.download import download_file, verify_checksum
 
@@ -419,7 +421,9 @@ def download_checkpoint_http(
         if dest.is_file():
             verify_checksum(dest, sha256=digests.get(name))
             continue
-        download_file(f"{base_url.rstrip('/')}/{name}", dest, sha256=digests.get(name), timeout=timeout)
+        download_file(
+            f"{base_url.rstrip('/')}/{name}", dest, sha256=digests.get(name), timeout=timeout, allow_http=allow_http
+        )
     verify_checkpoint_files(out_dir, MIN_SIZES if min_sizes is None else min_sizes)
     return out_dir
 
@@ -438,6 +442,7 @@ def download_whole_human(
     mirror_url: str | None = None,
     sha256: Mapping[str, str] | None = None,
     min_sizes: Mapping[str, int] | None = None,
+    allow_http: bool = False,
 ) -> Path:
     """Fetch the whole-human checkpoint into ``out_dir`` and verify it.
 
@@ -449,7 +454,7 @@ def download_whole_human(
     out_dir = Path(out_dir)
     sizes = MIN_SIZES if min_sizes is None else min_sizes
     if mirror_url:
-        return download_checkpoint_http(mirror_url, out_dir, sha256, sizes)
+        return download_checkpoint_http(mirror_url, out_dir, sha256, sizes, allow_http=allow_http)
     if all((out_dir / name).is_file() for name in CHECKPOINT_FILES):
         log.info("all checkpoint files already present in %s; verifying", out_dir)
         verify_checkpoint_files(out_dir, sizes)
