@@ -32,6 +32,12 @@ def method_files(wc, name):
     return [f"results/{wc.ds}/fold{wc.fold}/{method}/{name}" for method in METHODS]
 
 
+def scored_mb(input):
+    """Size in MB of what a score job holds in memory: the real cells and the predictions
+    (processed.h5ad is only sampled for the PCA space, so it does not count)."""
+    return sum(Path(path).stat().st_size for path in [input.real, *input.preds]) / 1e6
+
+
 def summary_tables(ds, name):
     """(method, fold, path) of one score table per method and fold, the summary's input order."""
     return [(method, fold, f"results/{ds}/fold{fold}/{method}/{name}") for method in methods(ds) for fold in folds(ds)]

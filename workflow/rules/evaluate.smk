@@ -77,7 +77,7 @@ rule score:
     threads: 2
     resources:
         # cell-eval holds a prediction and the real cells in memory and densifies per perturbation.
-        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb / len(METHODS)) * attempt),
+        mem_mb=lambda wc, input, attempt: int((4000 + 6 * scored_mb(input) / len(METHODS)) * attempt),
         runtime=lambda wc, attempt: 60 * len(METHODS) * attempt,
     params:
         methods=METHODS,
@@ -125,7 +125,7 @@ use rule score as score_optional_method with:
     wildcard_constraints:
         method="|".join(OPTIONAL_METHODS),
     resources:
-        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),
+        mem_mb=lambda wc, input, attempt: int((4000 + 6 * scored_mb(input)) * attempt),
         runtime=lambda wc, attempt: 60 * attempt,
     params:
         # one method; the other params come from rule score

@@ -121,14 +121,21 @@ def write_predictions(
     predicted: Mapping[str, np.ndarray],
     controls: sp.spmatrix | np.ndarray,
     control_label: str = CONTROL_LABEL,
+    sources: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write ``pred.h5ad`` and ``pred_means.csv`` for one method and fold, atomically.
 
     ``predicted[pert]`` is a (n_cells, n_genes) array of log1p values ≥ 0 for perturbation
     ``pert`` (canonical label ``A`` or ``A+B``); ``controls`` the real control cells (log1p, same
-    genes) that the prediction file carries for cell-eval's deltas.
+    genes) that the prediction file carries for cell-eval's deltas. ``sources[pert]``: the row
+    (among ``controls``) of the control cell each predicted cell started from, recorded as
+    ``obs["control_index"]`` (genes written back into the file take that cell's values).
     """
     adata = build_prediction_anndata(genes, predicted, controls, control_label)
+    if sources is not None:
+        adata.obs["control_index"] = np.concatenate(
+            [*(np.asarray(sources[pert]) for pert in predicted), np.arange(controls.shape[0])]
+        ).astype(np.int64)
     means = prediction_means(genes, predicted)
     write_h5ad_atomic(adata, out_h5ad)
     write_table_atomic(means, out_means_csv)

@@ -213,6 +213,7 @@ def generate_labels(
     device: torch.device,
     control_mean: np.ndarray | None = None,
     progress: str | None = None,
+    sources: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate ``cells_per_perturbation`` cells (n, G), log1p ≥ 0, for every label.
 
@@ -229,6 +230,9 @@ def generate_labels(
     draws are its own: see :func:`_label_blocks`); ``progress`` names a progress bar over them.
     """
     blocks = [b for label in labels for b in _label_blocks(model, data, control_rows, label, settings, seed, device)]
+    if sources is not None:  # each label's starting control rows, for the caller's records
+        for label in labels:
+            sources[label] = np.concatenate([b.starts for b in blocks if b.label == label])
     pieces: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     groups = list(_packed(blocks, settings.batch_size))
     for group in tqdm(groups, desc=progress, mininterval=5.0, disable=progress is None):
@@ -298,8 +302,9 @@ def predict_to_files(
     control_rows = np.arange(controls.matrix.shape[0])
     started = time.perf_counter()
     reference = controls_mean(controls, control_rows)
+    sources: dict[str, np.ndarray] = {}
     predicted = generate_labels(
-        model, controls, control_rows, labels, settings, seed, device, reference, progress="predict"
+        model, controls, control_rows, labels, settings, seed, device, reference, progress="predict", sources=sources
     )
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())
@@ -310,5 +315,5 @@ def predict_to_files(
         seconds,
         n_cells / seconds,
     )
-    write_predictions(out_h5ad, out_means_csv, controls.genes, predicted, controls.matrix, control_label)
+    write_predictions(out_h5ad, out_means_csv, controls.genes, predicted, controls.matrix, control_label, sources)
     return {"seconds": seconds, "cells": float(n_cells), "cells_per_second": n_cells / max(seconds, 1e-9)}
