@@ -84,8 +84,29 @@ def test_headline_says_plainly_when_ccfm_loses(tmp_path: Path, capsys: pytest.Ca
     _summary(0.128).to_csv(path, sep="\t", index=False)
     assert headline_main([str(path), "--report", "results/report.html"]) == 0
     out = capsys.readouterr().out
-    assert "CCFM LOSES to the additive baseline: its MSE is 2.00x" in out
+    assert "CCFM LOSES to the additive baseline on: MSE." in out
+    assert "CCFM beats the additive baseline on: Pearson delta." in out
     assert out.rstrip().endswith("Report: results/report.html")
+
+
+def test_headline_names_each_cell_metric_ccfm_loses(tmp_path: Path) -> None:
+    summary = _summary(0.032)
+    per_method = {  # DE overlap, energy distance, its floor, std ratio
+        "ccfm": (0.60, 0.70, 0.55, 0.91),
+        "additive": (0.65, 0.80, 0.55, 0.90),
+        "nochange": (0.0, 2.9, 0.55, 1.0),
+        "meanpert": (0.3, 2.8, 0.55, 0.95),
+    }
+    for column, index in (("celleval_overlap_at_N", 0), ("energy_distance", 1), ("energy_distance_floor", 2)):
+        summary[column] = [per_method[m][index] for m in summary["method"]]
+    summary["std_ratio"] = [per_method[m][3] for m in summary["method"]]
+    path = tmp_path / "metrics_summary.tsv"
+    summary.to_csv(path, sep="\t", index=False)
+    lines = headline(path).splitlines()
+    assert "DE overlap 0.600" in lines[1] and "energy distance 0.700 (real-vs-real 0.550)" in lines[1]
+    assert "std ratio 0.91" in lines[1]
+    assert lines[-2] == "  CCFM beats the additive baseline on: MSE, Pearson delta, energy distance."
+    assert lines[-1] == "  CCFM LOSES to the additive baseline on: DE overlap."
 
 
 def test_headline_names_a_missing_method(tmp_path: Path) -> None:
