@@ -280,6 +280,18 @@ def summarise(rows: pd.DataFrame) -> str:
     return "\n\n".join(parts)
 
 
+def merge(tsvs: list[Path], out: Path | None) -> None:
+    """One summary of several runs' rows; the header lists each run's own header line."""
+    rows = pd.concat([pd.read_csv(path, sep="\t") for path in tsvs], ignore_index=True)
+    headers = [path.with_suffix(".md").read_text().split("\n\n", 1)[0] for path in tsvs]
+    text = "Merged from runs:\n\n" + "\n".join(f"- {h}" for h in headers) + "\n\n" + summarise(rows) + "\n"
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        rows.to_csv(out.with_suffix(".tsv"), sep="\t", index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -290,7 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-celleval", dest="celleval", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and a .tsv of rows)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="instead of running: summarise the row files (.tsv) of earlier runs, e.g. one per seed",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("ccfm", "anndata", "scanpy", "cell_eval", "pdex"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.adapt.files import align_shift, check_same_genes, load_shift
@@ -22,7 +21,7 @@ from ccfm.io.h5ad import read_control_cells, read_obs
 from ccfm.io.predictions import write_predictions
 from ccfm.model.checkpoint import LoadedModel
 from ccfm.model.expression import ExpressionData
-from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, predict_label
+from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, generate_labels
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +109,10 @@ def predict_target_cells(
     # the source context).
     raw = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=None)
     reference = controls_mean(raw, control_rows)
-    counts = dict(n_cells or {})
-    return {
-        label: predict_label(
-            model,
-            data,
-            control_rows,
-            label,
-            replace(settings, cells_per_perturbation=counts[label]) if label in counts else settings,
-            seed,
-            device,
-            reference,
-        )
-        for label in tqdm(labels, desc=f"predict target ({what})", mininterval=5)
-    }
+    return generate_labels(
+        model, data, control_rows, labels, settings, seed, device, reference, progress=f"predict target ({what})",
+        n_cells=n_cells,
+    )  # fmt: skip
 
 
 def predict_target_to_files(

@@ -120,15 +120,17 @@ def _label_blocks(
     settings: GenerateSettings,
     seed: int,
     device: torch.device,
+    n_cells: int | None = None,
 ) -> list[_Block]:
-    """One label's draws, from generators seeded by the run seed and the label alone.
+    """One label's draws (``n_cells``, default ``settings.cells_per_perturbation``), from
+    generators seeded by the run seed and the label alone.
 
     Cells are drawn in blocks of ``settings.batch_size`` and each block's noise in turn from the
     label's own generator, so a label's cells do not depend on which other labels are generated
     with it, nor on how the blocks are packed into network batches.
     """
     rng = np.random.default_rng(label_seed(seed, label))
-    n_cells = settings.cells_per_perturbation
+    n_cells = settings.cells_per_perturbation if n_cells is None else int(n_cells)
     starts = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
     generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**63 - 1)))
     flow = model.denoiser.settings
@@ -214,6 +216,7 @@ def generate_labels(
     control_mean: np.ndarray | None = None,
     progress: str | None = None,
     sources: dict[str, np.ndarray] | None = None,
+    n_cells: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate ``cells_per_perturbation`` cells (n, G), log1p ≥ 0, for every label.
 
@@ -228,8 +231,15 @@ def generate_labels(
 
     The cells of several labels share network batches of ``settings.batch_size`` (a label's
     draws are its own: see :func:`_label_blocks`); ``progress`` names a progress bar over them.
+    ``sources``, when given, receives each label's starting control rows; ``n_cells``
+    overrides ``settings.cells_per_perturbation`` per label (e.g. a challenge CSV's counts).
     """
-    blocks = [b for label in labels for b in _label_blocks(model, data, control_rows, label, settings, seed, device)]
+    counts = dict(n_cells or {})
+    blocks = [
+        block
+        for label in labels
+        for block in _label_blocks(model, data, control_rows, label, settings, seed, device, counts.get(label))
+    ]
     if sources is not None:  # each label's starting control rows, for the caller's records
         for label in labels:
             sources[label] = np.concatenate([b.starts for b in blocks if b.label == label])
