@@ -33,7 +33,7 @@ test: $(STATE_READY) lint
 
 # Formatting and lint of the Snakemake files and the Python code (configured in pyproject.toml).
 lint: $(READY)
-	$(BIN)/snakefmt --check workflow
+	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint
 	$(BIN)/ruff check
 

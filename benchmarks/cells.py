@@ -63,7 +63,7 @@ from ccfm.model.generation import (  # noqa: E402
     read_control_cells,
 )
 from ccfm.model.mean_model import match_mean  # noqa: E402
-from ccfm.model.training import train_from_files  # noqa: E402
+from ccfm.model.training import TrainRequest, train_from_files  # noqa: E402
 
 log = logging.getLogger("cells")
 
@@ -87,19 +87,21 @@ def train(fold: quality.Fold, work: Path, name: str, steps: int, seed: int, late
     overrides, use_latent = VARIANTS[name]
     model_pt = work / f"{name}_{steps}" / "model.pt"
     train_from_files(
-        fold.processed,
-        fold.split_json,
-        model_pt,
-        model_pt.with_name("loss.tsv"),
-        model_pt.with_name("resume"),
-        model_section=MODEL,
-        train_section={**TRAIN, **quality.LATENT_TRAIN, **overrides, "steps": steps},
-        latent_section=quality.LATENT,
-        seed=seed,
-        use_latent=use_latent,
+        TrainRequest(
+            processed_h5ad=fold.processed,
+            split_json=fold.split_json,
+            out_model=model_pt,
+            out_loss=model_pt.with_name("loss.tsv"),
+            resume_dir=model_pt.with_name("resume"),
+            model_section=MODEL,
+            train_section={**TRAIN, **quality.LATENT_TRAIN, **overrides, "steps": steps},
+            latent_section=quality.LATENT,
+            seed=seed,
+            use_latent=use_latent,
+            **(latent if use_latent else {}),
+        ),
         device="cpu",
         progress=False,
-        **(latent if use_latent else {}),
     )
     return model_pt
 

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccfm.model.training import train_distributed, train_from_files
+from ccfm.model.training import TrainRequest, train_distributed, train_from_files
 
 SEED = 0
 
@@ -111,10 +111,24 @@ def main() -> None:
             started = time.perf_counter()
             files = {"out_model": out / "model.pt", "out_loss": out / "loss.tsv", "resume_dir": out / "resume"}
             if processes == 1:
-                result = train_from_files(**files, **common, device="cuda" if cuda else "cpu", progress=False)
+                result = train_from_files(
+                    TrainRequest(
+                        **files,
+                        **common,
+                    ),
+                    device="cuda" if cuda else "cpu",
+                    progress=False,
+                )
                 seconds = result.seconds
             else:
-                train_distributed(processes, log_path, **files, **common)
+                train_distributed(
+                    processes,
+                    log_path,
+                    TrainRequest(
+                        **files,
+                        **common,
+                    ),
+                )
                 seconds = loop_seconds(log_path.read_text())
             wall = time.perf_counter() - started
             cells = args.steps * args.batch

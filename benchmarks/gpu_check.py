@@ -617,11 +617,11 @@ def make_trainer(
         data.train_labels,
         vocab,
         settings,
-        seed,
-        resume,
-        targets,
-        plan.device,
-        run_fingerprint(settings, denoiser, vocab, data.train_labels, seed),
+        seed=seed,
+        resume_dir=resume,
+        latent_targets=targets,
+        device=plan.device,
+        run_fingerprint=run_fingerprint(settings, denoiser, vocab, data.train_labels, seed),
         mean_model=mean_model,
     )
 
@@ -883,7 +883,7 @@ def loss_check(plan: Plan, root: Path, seed: int) -> dict[str, Any]:
     """Train the demo configuration through ``train_from_files`` (the train_ccfm rule's function)."""
     import pandas as pd
 
-    from ccfm.model.training import train_from_files
+    from ccfm.model.training import TrainRequest, train_from_files
     from ccfm.scgpt.calibration import calibrate_to_files
 
     sections = plan.demo_sections
@@ -915,19 +915,21 @@ def loss_check(plan: Plan, root: Path, seed: int) -> dict[str, Any]:
     result, seconds = timed(
         plan.device,
         lambda: train_from_files(
-            data.processed,
-            data.split_json,
-            out_dir / "model.pt",
-            out_dir / "loss.tsv",
-            out_dir / "resume",
-            model_section=model,
-            train_section=train,
-            latent_section=latent,
-            seed=seed,
-            use_latent=True,
-            scgpt_dir=scgpt_dir,
-            gene_vocab_tsv=data.gene_vocab,
-            latent_stats=stats_path,
+            TrainRequest(
+                processed_h5ad=data.processed,
+                split_json=data.split_json,
+                out_model=out_dir / "model.pt",
+                out_loss=out_dir / "loss.tsv",
+                resume_dir=out_dir / "resume",
+                model_section=model,
+                train_section=train,
+                latent_section=latent,
+                seed=seed,
+                use_latent=True,
+                scgpt_dir=scgpt_dir,
+                gene_vocab_tsv=data.gene_vocab,
+                latent_stats=stats_path,
+            ),
             device=plan.device,
             progress=False,
         ),

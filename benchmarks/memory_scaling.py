@@ -181,21 +181,23 @@ def _adaptation(work: Path) -> None:
 
 def _train(work: Path) -> None:
     """A few steps of the train_ccfm rule (latent stream off: no scGPT), from scratch."""
-    from ccfm.model.training import train_from_files
+    from ccfm.model.training import TrainRequest, train_from_files
 
     out = work / "ccfm"
     shutil.rmtree(out / "resume", ignore_errors=True)  # a finished checkpoint would skip the loop
     train_from_files(
-        work / "processed.h5ad",
-        work / "split.json",
-        out / "model.pt",
-        out / "loss.tsv",
-        out / "resume",
-        model_section=CCFM_MODEL,
-        train_section=CCFM_TRAIN,
-        latent_section={},
-        seed=SEED,
-        use_latent=False,
+        TrainRequest(
+            processed_h5ad=work / "processed.h5ad",
+            split_json=work / "split.json",
+            out_model=out / "model.pt",
+            out_loss=out / "loss.tsv",
+            resume_dir=out / "resume",
+            model_section=CCFM_MODEL,
+            train_section=CCFM_TRAIN,
+            latent_section={},
+            seed=SEED,
+            use_latent=False,
+        ),
         device="cpu",
         progress=False,
     )

@@ -45,7 +45,7 @@ from ccfm.data.splits import split_for_processed, write_real, write_split  # noq
 from ccfm.evaluate.baselines import run_baseline  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics  # noqa: E402
 from ccfm.model.generation import predict_to_files, prepare_generation  # noqa: E402
-from ccfm.model.training import train_from_files  # noqa: E402
+from ccfm.model.training import TrainRequest, train_from_files  # noqa: E402
 
 
 def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
@@ -248,19 +248,21 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
         started = time.perf_counter()
         use_latent = name in LATENT_VARIANTS
         result = train_from_files(
-            fold.processed,
-            fold.split_json,
-            model_pt,
-            work / name / "loss.tsv",
-            work / name / "resume",
-            model_section={**MODEL, **VARIANTS[name]},
-            train_section={**TRAIN, **LATENT_TRAIN, "steps": steps},
-            latent_section=LATENT,
-            seed=seed,
-            use_latent=use_latent,
+            TrainRequest(
+                processed_h5ad=fold.processed,
+                split_json=fold.split_json,
+                out_model=model_pt,
+                out_loss=work / name / "loss.tsv",
+                resume_dir=work / name / "resume",
+                model_section={**MODEL, **VARIANTS[name]},
+                train_section={**TRAIN, **LATENT_TRAIN, "steps": steps},
+                latent_section=LATENT,
+                seed=seed,
+                use_latent=use_latent,
+                **(latent if use_latent else {}),
+            ),
             device="cpu",
             progress=False,
-            **(latent if use_latent else {}),
         )
         speed[name] = steps * TRAIN["batch_size"] / max(result.seconds, 1e-9)
         generation = prepare_generation(model_pt, {**GENERATE, "cells_per_perturbation": cells}, device="cpu")
@@ -376,16 +378,18 @@ def run_real_seed(
     for variant in variants:
         model_pt = work / variant / "model.pt"
         result = train_from_files(
-            processed,
-            split_json,
-            model_pt,
-            work / variant / "loss.tsv",
-            work / variant / "resume",
-            model_section={**MODEL, **VARIANTS[variant]},
-            train_section={**TRAIN, "steps": steps, "infer_top_gene": 256},
-            latent_section=LATENT,
-            seed=seed,
-            use_latent=False,
+            TrainRequest(
+                processed_h5ad=processed,
+                split_json=split_json,
+                out_model=model_pt,
+                out_loss=work / variant / "loss.tsv",
+                resume_dir=work / variant / "resume",
+                model_section={**MODEL, **VARIANTS[variant]},
+                train_section={**TRAIN, "steps": steps, "infer_top_gene": 256},
+                latent_section=LATENT,
+                seed=seed,
+                use_latent=False,
+            ),
             device="cpu",
             progress=False,
         )

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ("workflow", "config", "profiles")
+PIPELINE_FILES = ("Snakefile", "envs", "workflow", "config", "profiles")
 
 # Smaller than the shipped demo so the end-to-end tests stay quick; same code paths.
 FAST_DEMO_OVERRIDES: dict[str, Any] = {

@@ -18,7 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-ENVS = ROOT / "workflow" / "envs"
+ENVS = ROOT / "envs"
 ENV_FILES = sorted(ENVS.glob("*.yaml"))
 POST_DEPLOY = ENVS / "ccfm.post-deploy.sh"
 # conda-forge names of packages whose PyPI names differ

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from ccfm.data.splits import check_fold_usable, split_for_processed
 from ccfm.data.validation import BatchSizeError, TooFewPerturbationsError, check_enough_perturbations
 from ccfm.evaluate.celleval import score_prediction
-from ccfm.model.training import train_from_files
+from ccfm.model.training import TrainRequest, train_from_files
 from training_data import MODEL, write_dataset
 
 
@@ -110,16 +110,18 @@ def test_train_from_files_refuses_an_oversized_batch_and_writes_nothing(tmp_path
     out = tmp_path / "out"
     with pytest.raises(BatchSizeError, match="train.batch_size is 500"):
         train_from_files(
-            processed,
-            split,
-            out / "model.pt",
-            out / "loss.tsv",
-            out / "resume",
-            model_section=MODEL,
-            train_section={"steps": 2, "batch_size": 500},
-            latent_section={},
-            seed=0,
-            use_latent=False,
+            TrainRequest(
+                processed_h5ad=processed,
+                split_json=split,
+                out_model=out / "model.pt",
+                out_loss=out / "loss.tsv",
+                resume_dir=out / "resume",
+                model_section=MODEL,
+                train_section={"steps": 2, "batch_size": 500},
+                latent_section={},
+                seed=0,
+                use_latent=False,
+            ),
             device="cpu",
             progress=False,
         )

@@ -20,7 +20,14 @@ from ccfm.data.perturbations import PerturbationVocab
 from ccfm.model.checkpoint import load_model, save_model
 from ccfm.model.expression import load_expression
 from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
-from ccfm.model.training import Trainer, TrainSettings, build_denoiser, train_distributed, train_from_files
+from ccfm.model.training import (
+    Trainer,
+    TrainRequest,
+    TrainSettings,
+    build_denoiser,
+    train_distributed,
+    train_from_files,
+)
 from training_data import MODEL, FakeLatent, write_dataset
 
 pytestmark = pytest.mark.gpu
@@ -94,16 +101,18 @@ def _trained_model(tmp_path: Path, device: str, latent_dim: int) -> tuple[Path, 
         save_model(tmp_path / "model.pt", trainer.denoiser, trainer.vocab)
     else:
         train_from_files(
-            processed,
-            split,
-            tmp_path / "model.pt",
-            tmp_path / "loss.tsv",
-            tmp_path / "resume",
-            model_section=MODEL,
-            train_section=TRAIN,
-            latent_section={},
-            seed=3,
-            use_latent=False,
+            TrainRequest(
+                processed_h5ad=processed,
+                split_json=split,
+                out_model=tmp_path / "model.pt",
+                out_loss=tmp_path / "loss.tsv",
+                resume_dir=tmp_path / "resume",
+                model_section=MODEL,
+                train_section=TRAIN,
+                latent_section={},
+                seed=3,
+                use_latent=False,
+            ),
             device=device,
             progress=False,
         )
@@ -177,17 +186,19 @@ def test_ddp_over_nccl_one_process_per_gpu(tmp_path) -> None:
     train_distributed(
         gpus,
         log_path,
+        TrainRequest(
+            processed_h5ad=str(processed),
+            split_json=str(split),
+            out_model=str(tmp_path / "model.pt"),
+            out_loss=str(tmp_path / "loss.tsv"),
+            resume_dir=str(tmp_path / "resume"),
+            model_section=MODEL,
+            train_section={**TRAIN, "batch_size": gpus * max(1, 16 // gpus)},
+            latent_section={},
+            seed=3,
+            use_latent=False,
+        ),
         threads_per_process=1,
-        processed_h5ad=str(processed),
-        split_json=str(split),
-        out_model=str(tmp_path / "model.pt"),
-        out_loss=str(tmp_path / "loss.tsv"),
-        resume_dir=str(tmp_path / "resume"),
-        model_section=MODEL,
-        train_section={**TRAIN, "batch_size": gpus * max(1, 16 // gpus)},
-        latent_section={},
-        seed=3,
-        use_latent=False,
     )
     text = log_path.read_text()
     assert f"distributed training: {gpus} processes, backend nccl" in text, text[-2000:]

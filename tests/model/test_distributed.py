@@ -18,7 +18,14 @@ from ccfm.data.perturbations import PerturbationVocab
 from ccfm.distributed import DistContext, shard_bounds, torchrun_command
 from ccfm.model.checkpoint import load_model
 from ccfm.model.expression import load_expression
-from ccfm.model.training import Trainer, TrainSettings, build_denoiser, train_distributed, train_from_files
+from ccfm.model.training import (
+    Trainer,
+    TrainRequest,
+    TrainSettings,
+    build_denoiser,
+    train_distributed,
+    train_from_files,
+)
 from ccfm.scgpt.feature_cache import CACHE_FILES
 from scgpt_test_data import SMALL_SCGPT_SIZES
 from training_data import MODEL, FakeLatent, tiny_scgpt_inputs, write_dataset
@@ -139,6 +146,39 @@ def _files_kwargs(out: Path) -> dict[str, Path]:
     return {"out_model": out / "model.pt", "out_loss": out / "loss.tsv", "resume_dir": out / "resume"}
 
 
+def test_launch_request_reaches_the_workers_whole(tmp_path, monkeypatch) -> None:
+    # train_distributed writes the request the torchrun workers read: every field survives JSON
+    # (paths as strings) and the worker's TrainRequest(**fields) rebuilds the same request.
+    from ccfm.model import launch
+
+    started: list[tuple] = []
+    monkeypatch.setattr(launch, "launch", lambda *args: started.append(args))
+    request = TrainRequest(
+        **_files_kwargs(tmp_path),
+        processed_h5ad=tmp_path / "processed.h5ad",
+        split_json=tmp_path / "split.json",
+        model_section=MODEL,
+        train_section={**TRAIN, "gpus": 2},
+        latent_section={"cache": "on"},
+        seed=11,
+        use_latent=True,
+        scgpt_dir=tmp_path / "scgpt",
+        gene_vocab_tsv=tmp_path / "gene_vocab.tsv",
+        latent_stats=tmp_path / "latent_stats.pt",
+        perturbation_type="drug",
+        extra_labels=["A+B"],
+    )
+    train_distributed(2, tmp_path / "train.log", request, threads_per_process=3)
+    request_json = tmp_path / "resume" / "launch.json"
+    assert started == [(2, request_json, tmp_path / "train.log")]
+    fields = json.loads(request_json.read_text())
+    assert fields.pop("threads_per_process") == 3
+    rebuilt = TrainRequest(**fields)
+    for name, value in vars(request).items():
+        got = getattr(rebuilt, name)
+        assert got == (str(value) if isinstance(value, Path) else value), name
+
+
 @pytest.mark.slow  # subprocess
 def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
     # The workers run one thread each; so must the reference run, or float summation order
@@ -154,10 +194,24 @@ def test_torchrun_two_processes_match_one_process(tmp_path) -> None:
         seed=5,
         use_latent=False,
     )
-    train_from_files(**_files_kwargs(tmp_path / "one"), **common, device="cpu", progress=False)
+    train_from_files(
+        TrainRequest(
+            **_files_kwargs(tmp_path / "one"),
+            **common,
+        ),
+        device="cpu",
+        progress=False,
+    )
     log_path = tmp_path / "train.log"
     log_path.write_text("")
-    train_distributed(2, log_path, **_files_kwargs(tmp_path / "two"), **common)
+    train_distributed(
+        2,
+        log_path,
+        TrainRequest(
+            **_files_kwargs(tmp_path / "two"),
+            **common,
+        ),
+    )
 
     one = pd.read_csv(tmp_path / "one" / "loss.tsv", sep="\t")
     two = pd.read_csv(tmp_path / "two" / "loss.tsv", sep="\t")
@@ -183,14 +237,16 @@ def test_torchrun_failure_names_the_log(tmp_path) -> None:
         train_distributed(
             2,
             log_path,
-            **_files_kwargs(tmp_path / "bad"),
-            processed_h5ad=processed,
-            split_json=split,
-            model_section=MODEL,
-            train_section={**TRAIN, "batch_size": 15},
-            latent_section={},
-            seed=5,
-            use_latent=False,
+            TrainRequest(
+                **_files_kwargs(tmp_path / "bad"),
+                processed_h5ad=processed,
+                split_json=split,
+                model_section=MODEL,
+                train_section={**TRAIN, "batch_size": 15},
+                latent_section={},
+                seed=5,
+                use_latent=False,
+            ),
         )
     assert "batch_size=15 cannot be split evenly over 2 processes" in log_path.read_text()
     assert not (tmp_path / "bad" / "model.pt").exists() and not (tmp_path / "bad" / "loss.tsv").exists()
@@ -213,10 +269,24 @@ def test_torchrun_with_scgpt_latent_builds_one_shared_feature_cache(tmp_path, ti
         gene_vocab_tsv=inputs["gene_vocab_tsv"],
         latent_stats=inputs["latent_stats"],
     )
-    train_from_files(**_files_kwargs(tmp_path / "one"), **common, device="cpu", progress=False)
+    train_from_files(
+        TrainRequest(
+            **_files_kwargs(tmp_path / "one"),
+            **common,
+        ),
+        device="cpu",
+        progress=False,
+    )
     log_path = tmp_path / "train.log"
     log_path.write_text("")
-    train_distributed(2, log_path, **_files_kwargs(tmp_path / "two"), **common)
+    train_distributed(
+        2,
+        log_path,
+        TrainRequest(
+            **_files_kwargs(tmp_path / "two"),
+            **common,
+        ),
+    )
 
     # the cache built by two ranks, each extracting its own part, equals the single-process one
     for name in CACHE_FILES:

@@ -22,7 +22,7 @@ import torch
 
 from ccfm.model.checkpoint import load_model
 from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
-from ccfm.model.training import train_from_files
+from ccfm.model.training import TrainRequest, train_from_files
 
 CELLS = 400
 # label -> (mean, std) per gene; controls (3, 3) ± 0.3
@@ -49,16 +49,18 @@ def _world(root: Path) -> dict[str, np.ndarray]:
 def _trained_std_ratios(root: Path, steps: int, **flow: str) -> dict[str, np.ndarray]:
     real = _world(root)
     train_from_files(
-        root / "processed.h5ad",
-        root / "split.json",
-        root / "model.pt",
-        root / "loss.tsv",
-        root / "resume",
-        model_section=MODEL,
-        train_section={"steps": steps, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "gpus": 0, **flow},
-        latent_section={},
-        seed=1,
-        use_latent=False,
+        TrainRequest(
+            processed_h5ad=root / "processed.h5ad",
+            split_json=root / "split.json",
+            out_model=root / "model.pt",
+            out_loss=root / "loss.tsv",
+            resume_dir=root / "resume",
+            model_section=MODEL,
+            train_section={"steps": steps, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20, "gpus": 0, **flow},
+            latent_section={},
+            seed=1,
+            use_latent=False,
+        ),
         device="cpu",
         progress=False,
     )

@@ -14,7 +14,7 @@ from ccfm.model.checkpoint import load_model
 from ccfm.model.expression import load_expression
 from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
 from ccfm.model.mean_model import MeanModel, MeanModelSettings, build_mean_model, match_mean, shrink_effect
-from ccfm.model.training import fit_mean_model, train_from_files
+from ccfm.model.training import TrainRequest, fit_mean_model, train_from_files
 from training_data import MODEL, write_dataset
 
 
@@ -132,16 +132,18 @@ def _trained(tmp_path: Path, **model) -> tuple[Path, Path]:
     processed, split = write_dataset(tmp_path)
     model_pt = tmp_path / "model.pt"
     train_from_files(
-        processed,
-        split,
-        model_pt,
-        tmp_path / "loss.tsv",
-        tmp_path / "resume",
-        model_section={**MODEL, **model},
-        train_section=TRAIN,
-        latent_section={},
-        seed=3,
-        use_latent=False,
+        TrainRequest(
+            processed_h5ad=processed,
+            split_json=split,
+            out_model=model_pt,
+            out_loss=tmp_path / "loss.tsv",
+            resume_dir=tmp_path / "resume",
+            model_section={**MODEL, **model},
+            train_section=TRAIN,
+            latent_section={},
+            seed=3,
+            use_latent=False,
+        ),
         device="cpu",
         progress=False,
     )

@@ -17,7 +17,7 @@ import anndata as ad
 import pytest
 
 import ccfm.model.training as training
-from ccfm.model.training import CHECKPOINT_NAME, train_from_files
+from ccfm.model.training import CHECKPOINT_NAME, TrainRequest, train_from_files
 from ccfm.scgpt.calibration import LatentStats
 from scgpt_test_data import SMALL_SCGPT_SIZES, copy_checkpoint
 from training_data import MODEL, tiny_scgpt_inputs, write_dataset
@@ -39,15 +39,17 @@ class Killed(RuntimeError):
 
 def _run(out: Path, **kwargs: Any) -> training.TrainResult:
     return train_from_files(
-        out_model=out / "model.pt",
-        out_loss=out / "loss.tsv",
-        resume_dir=out / "resume",
-        model_section=MODEL,
-        train_section=TRAIN,
-        seed=5,
+        TrainRequest(
+            out_model=out / "model.pt",
+            out_loss=out / "loss.tsv",
+            resume_dir=out / "resume",
+            model_section=MODEL,
+            train_section=TRAIN,
+            seed=5,
+            **kwargs,
+        ),
         device="cpu",
         progress=False,
-        **kwargs,
     )
 
 
@@ -95,7 +97,7 @@ def test_rewritten_data_of_the_same_size_retrains(tmp_path, monkeypatch, caplog)
     adata.X = adata.X * 3  # same genes, labels and sparsity: only the values change
     adata.write_h5ad(processed)
     assert processed.stat().st_size == size  # size alone (or mtime in seconds) cannot tell
-    with caplog.at_level(logging.WARNING, logger="ccfm.model.training"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.model.trainer"):
         result = _run(tmp_path / "out", **inputs)
     assert result.resumed_from == 0 and result.steps_run == TRAIN["steps"]
     assert "discarding" in caplog.text and "changed since it was written: processed.h5ad" in caplog.text
@@ -106,7 +108,7 @@ def test_changed_split_retrains(tmp_path, monkeypatch, caplog) -> None:
     _killed_before_model(monkeypatch, tmp_path / "out", **inputs)
     split = inputs["split_json"]
     split.write_text(split.read_text().replace('"seed": 43', '"seed": 44'))  # same lists, other file
-    with caplog.at_level(logging.WARNING, logger="ccfm.model.training"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.model.trainer"):
         result = _run(tmp_path / "out", **inputs)
     assert result.resumed_from == 0 and "changed since it was written: split" in caplog.text
 
@@ -138,7 +140,7 @@ def test_latent_inputs_retrain(tmp_path, monkeypatch, caplog, tiny_scgpt_checkpo
     inputs.update(use_latent=True, latent_section={"cache": "off", "max_tokens_per_cell": 1200})
     _killed_before_model(monkeypatch, tmp_path / "out", **inputs)
     change(inputs)
-    with caplog.at_level(logging.WARNING, logger="ccfm.model.training"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.model.trainer"):
         result = _run(tmp_path / "out", **inputs)
     assert result.resumed_from == 0 and result.steps_run == TRAIN["steps"]
     assert f"changed since it was written: {named}" in caplog.text
@@ -155,6 +157,6 @@ def test_checkpoint_without_part_hashes_is_discarded_with_a_reason(tmp_path, mon
     state.pop("fingerprint_parts")
     state["fingerprint"] = "0123456789abcdef"
     torch.save(state, path)
-    with caplog.at_level(logging.WARNING, logger="ccfm.model.training"):
+    with caplog.at_level(logging.WARNING, logger="ccfm.model.trainer"):
         assert _run(tmp_path / "out", **inputs).resumed_from == 0
     assert "older version or another configuration" in caplog.text

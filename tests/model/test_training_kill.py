@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from ccfm.model.checkpoint import load_model
-from ccfm.model.training import CHECKPOINT_NAME, train_from_files
+from ccfm.model.training import CHECKPOINT_NAME, TrainRequest, train_from_files
 from training_data import MODEL, write_dataset
 
 TRAIN = {
@@ -63,7 +63,7 @@ if pause_after is not None:
         return values
 
     training.Trainer.train_step = train_step
-result = training.train_from_files(**request, device="cpu", progress=False)
+result = training.train_from_files(training.TrainRequest(**request), device="cpu", progress=False)
 print(json.dumps({"resumed_from": result.resumed_from, "steps_run": result.steps_run}))
 """
 
@@ -132,7 +132,13 @@ def test_sigkill_after_checkpoint_then_rerun_matches_uninterrupted_training(tmp_
     assert f"at step {LAST_CHECKPOINT}" in resumed.stderr and "resumed from" in resumed.stderr
 
     reference_out = tmp_path / "uninterrupted"
-    reference = train_from_files(**_request(processed, split, reference_out), device="cpu", progress=False)
+    reference = train_from_files(
+        TrainRequest(
+            **_request(processed, split, reference_out),
+        ),
+        device="cpu",
+        progress=False,
+    )
     assert reference.resumed_from == 0 and reference.steps_run == TRAIN["steps"]
     final = load_model(out / "model.pt").denoiser.model.state_dict()
     expected = load_model(reference_out / "model.pt").denoiser.model.state_dict()

@@ -32,7 +32,7 @@ from ccfm.io.predictions import read_expression_h5ad
 from ccfm.model.checkpoint import load_model, save_model
 from ccfm.model.generation import predict_to_files, prepare_generation
 from ccfm.model.model import CascadedFlowModel, ModelConfig
-from ccfm.model.training import build_denoiser, train_from_files
+from ccfm.model.training import TrainRequest, build_denoiser, train_from_files
 from training_data import MODEL
 from unmeasured_data import write_unmeasured_dataset
 
@@ -92,17 +92,19 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
 
     model_pt = tmp_path / "ccfm" / "model.pt"
     train_from_files(
-        processed,
-        split_json,
-        model_pt,
-        tmp_path / "ccfm" / "loss.tsv",
-        tmp_path / "resume",
-        model_section=MODEL,
-        train_section=TRAIN,
-        latent_section={},
-        seed=0,
-        use_latent=False,
-        extra_labels=predict,
+        TrainRequest(
+            processed_h5ad=processed,
+            split_json=split_json,
+            out_model=model_pt,
+            out_loss=tmp_path / "ccfm" / "loss.tsv",
+            resume_dir=tmp_path / "resume",
+            model_section=MODEL,
+            train_section=TRAIN,
+            latent_section={},
+            seed=0,
+            use_latent=False,
+            extra_labels=predict,
+        ),
         device="cpu",
         progress=False,
     )

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir)))
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from ccfm.config import dataset_config, dataset_section, predict_only, validate_config
 from ccfm.state.train import state_status
@@ -17,7 +17,7 @@ METHODS = BASELINES + MODEL_VARIANTS
 # Optional methods (workflow/rules/state.smk): scored where enabled and installed.
 OPTIONAL_METHODS = ["state"]
 STATE_STATUS = {ds: state_status(dataset_section(config, ds, "state")) for ds in DATASETS}
-ENV = "../envs/ccfm.yaml"
+ENV = "../../envs/ccfm.yaml"
 
 
 wildcard_constraints:

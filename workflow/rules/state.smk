@@ -30,7 +30,7 @@ rule train_state:
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/train_state.tsv"
     conda:
-        "../envs/state.yaml"
+        "../../envs/state.yaml"
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -61,7 +61,7 @@ rule predict_state:
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/predict_state.tsv"
     conda:
-        "../envs/state.yaml"
+        "../../envs/state.yaml"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -103,7 +103,7 @@ rule adapt_state:
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/adapt_state.tsv"
     conda:
-        "../envs/state.yaml"
+        "../../envs/state.yaml"
     threads: 2
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -134,7 +134,7 @@ rule predict_target_state:
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/predict_target_state.tsv"
     conda:
-        "../envs/state.yaml"
+        "../../envs/state.yaml"
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -168,7 +168,7 @@ rule score_target_state:
     benchmark:
         "results/{ds}/benchmarks/fold{fold}/score_target_state.tsv"
     conda:
-        "../envs/state.yaml"
+        "../../envs/state.yaml"
     threads: 2
     resources:
         mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),

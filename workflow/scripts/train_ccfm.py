@@ -3,15 +3,14 @@
 ``train.gpus`` > 1 starts that many data-parallel processes with torchrun; otherwise one process.
 """
 
+from pathlib import Path
+
 from ccfm.logs import setup_rule_logging
-from ccfm.model.training import train_rule
+from ccfm.model.training import TrainRequest, train_rule
 
 log = setup_rule_logging(snakemake.log[0])
 use_latent = bool(snakemake.params.use_latent)
-train_rule(
-    int(snakemake.params.processes),
-    int(snakemake.threads),
-    snakemake.log[0],
+request = TrainRequest(
     processed_h5ad=snakemake.input.processed,
     split_json=snakemake.input.split,
     out_model=snakemake.output.model,
@@ -24,13 +23,9 @@ train_rule(
     use_latent=snakemake.params.use_latent,
     perturbation_type=snakemake.params.perturbation_type,
     extra_labels=list(snakemake.params.extra),
-    **(
-        {
-            "scgpt_model": snakemake.input.scgpt_model,
-            "gene_vocab_tsv": snakemake.input.gene_vocab,
-            "latent_stats": snakemake.input.latent_stats,
-        }
-        if use_latent
-        else {}
-    ),
+    # scgpt_model is the checkpoint's best_model.pt: its directory is the scGPT model of a latent run
+    scgpt_dir=str(Path(snakemake.input.scgpt_model).parent) if use_latent else None,
+    gene_vocab_tsv=snakemake.input.gene_vocab if use_latent else None,
+    latent_stats=snakemake.input.latent_stats if use_latent else None,
 )
+train_rule(request, int(snakemake.params.processes), int(snakemake.threads), snakemake.log[0])

@@ -24,7 +24,7 @@ from ccfm.adapt.shift import (
 )
 from ccfm.adapt.sources import read_source_controls
 from ccfm.distributed import pick_device
-from ccfm.io.h5ad import LabelledRows, atomic_output, read_control_cells
+from ccfm.io.h5ad import CHUNK_SIZE, LabelledRows, atomic_output, read_control_cells
 from ccfm.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def adapt_to_files(
     seed: int,
     device: str | torch.device | None = None,
     control_label: str = CONTROL_LABEL,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     source_files: Sequence[str | Path] = (),
     source_options: Mapping[str, Any] | None = None,
 ) -> ShiftResult:

@@ -16,9 +16,9 @@ from ccfm.adapt.requests import count_groups
 from ccfm.data.validation import check_enough_perturbations
 from ccfm.evaluate.baselines import condition_means, predict_baseline
 from ccfm.evaluate.celleval import run_cell_eval
-from ccfm.evaluate.metrics import compact_metrics
+from ccfm.evaluate.metrics import TOP_DE, compact_metrics
 from ccfm.evaluate.vcc import cell_mean_baseline, challenge_score
-from ccfm.io.h5ad import read_obs, read_rows_with_labels
+from ccfm.io.h5ad import CHUNK_SIZE, read_obs, read_rows_with_labels
 from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def target_baselines(
     *,
     n_cells: int | Mapping[str, int],
     seed: int,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``nochange`` and ``additive`` predictions built from the *target* controls.
 
@@ -93,10 +93,10 @@ def score_target_to_files(
     *,
     n_cells: int,
     seed: int,
-    top_de: int = 20,
+    top_de: int = TOP_DE,
     cell_eval_profile: str | None = "full",
     num_threads: int = 1,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> pd.DataFrame:
     """Score adapted and unadapted predictions beside the target-control baselines.
 

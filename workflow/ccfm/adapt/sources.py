@@ -24,7 +24,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.io.h5ad import LabelledRows, iter_row_chunks, read_control_cells, read_obs_labels, read_obs_names, read_var
+from ccfm.io.h5ad import (
+    CHUNK_SIZE,
+    LabelledRows,
+    iter_row_chunks,
+    read_control_cells,
+    read_obs_labels,
+    read_obs_names,
+    read_var,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ def read_source_file_controls(
     input_scale: str = "auto",
     target_sum: float = 10000.0,
     min_shared_genes: float = 0.5,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> LabelledRows:
     """The control cells of one extra source file on ``genes`` (log1p, CSR float32; module docstring)."""
     from ccfm.data.preprocess import choose_matrix, normalize_log1p
@@ -107,7 +115,7 @@ def read_source_controls(
     source_files: Sequence[str | Path] = (),
     *,
     processed_control_label: str = CONTROL_LABEL,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     **file_options,
 ) -> LabelledRows:
     """Controls of ``processed.h5ad`` followed by those of every ``source_files`` entry, on its genes.

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.adapt.requests import control_rows_per_label
-from ccfm.io.h5ad import atomic_output, iter_row_chunks, read_obs_labels, read_var
+from ccfm.io.h5ad import CHUNK_SIZE, atomic_output, iter_row_chunks, read_obs_labels, read_var
 from ccfm.io.predictions import read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def target_controls_all_genes(
     *,
     input_scale: str = "auto",
     target_sum: float = 10000.0,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> tuple[sp.csr_matrix, list[str]]:
     """The target's control cells on all its genes, log1p-normalised as ``preprocess_target`` does.
 
@@ -228,7 +228,7 @@ def write_vcc_submission(
     perturbations: Sequence[str] = (),
     input_scale: str = "auto",
     target_sum: float = 10000.0,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> SubmissionSummary:
     """Write ``{method}.vcc`` from an adapted target prediction and its one-row summary (module docstring).
 

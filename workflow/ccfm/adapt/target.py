@@ -17,7 +17,7 @@ from ccfm.adapt.requests import target_requests
 from ccfm.adapt.shift import apply_shift
 from ccfm.data.conditions import parse_condition
 from ccfm.data.perturbations import PerturbationVocab
-from ccfm.io.h5ad import read_control_cells, read_obs
+from ccfm.io.h5ad import CHUNK_SIZE, read_control_cells, read_obs
 from ccfm.io.predictions import write_predictions
 from ccfm.model.checkpoint import LoadedModel
 from ccfm.model.expression import ExpressionData
@@ -127,7 +127,7 @@ def predict_target_to_files(
     requested: str | Path | Sequence[str] = (),
     seed: int,
     control_label: str = CONTROL_LABEL,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> list[str]:
     """Predict the target perturbations with and without the learned shift; write both files.
 

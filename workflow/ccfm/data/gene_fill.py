@@ -46,6 +46,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.io.h5ad import (
+    CHUNK_SIZE,
     MODELLED_COLUMN,
     iter_row_chunks,
     read_obs_labels,
@@ -126,11 +127,11 @@ class GeneFill:
     target_sum: float
     library_size: np.ndarray  # per cell of the input (counts scale; unused for log1p inputs)
     control_rows: np.ndarray  # the control cells' rows (file order)
-    chunk_size: int = 10000
+    chunk_size: int = CHUNK_SIZE
 
     @classmethod
     def from_files(
-        cls, genes_tsv: str | Path, processed_h5ad: str | Path, raw_h5ad: str | Path, chunk_size: int = 10000
+        cls, genes_tsv: str | Path, processed_h5ad: str | Path, raw_h5ad: str | Path, chunk_size: int = CHUNK_SIZE
     ) -> GeneFill:
         table = read_gene_table(genes_tsv)
         processed, raw = Path(processed_h5ad), Path(raw_h5ad)
@@ -300,7 +301,7 @@ def predictions_on_all_genes(
     processed_h5ad: str | Path,
     raw_h5ad: str | Path,
     seed: int,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> Iterator[tuple[Path, Path]]:
     """Yield temporary paths for a method's prediction on the modelled genes; then write the outputs on every gene.
 

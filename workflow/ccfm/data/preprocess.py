@@ -64,6 +64,7 @@ from ccfm.data.validation import (
     warn_doubles_missing_singles,
 )
 from ccfm.io.h5ad import (
+    CHUNK_SIZE,
     CSRH5adWriter,
     atomic_output,
     has_layer,
@@ -514,7 +515,7 @@ def preprocess_dataset(
     input_scale: str = "auto",
     n_top_genes: int = _PREPROCESS["n_top_genes"],
     target_sum: float = _PREPROCESS["target_sum"],
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
     perturbation_type: str = "gene",
@@ -636,7 +637,7 @@ def preprocess_target(
     combo_separator: str = COMBO_SEPARATOR,
     input_scale: str = "auto",
     target_sum: float = _PREPROCESS["target_sum"],
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     guide_token_pattern: str | None = DEFAULT_GUIDE_TOKEN,
     predict: list[str] | tuple[str, ...] = (),
     perturbation_type: str = "gene",

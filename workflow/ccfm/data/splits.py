@@ -46,6 +46,7 @@ from ccfm.data.validation import (
     warn_doubles_missing_singles,
 )
 from ccfm.io.h5ad import (
+    CHUNK_SIZE,
     CSRH5adWriter,
     atomic_output,
     iter_row_chunks,
@@ -251,7 +252,7 @@ def write_real(
     processed: str | Path,
     split: dict[str, Any],
     out: str | Path,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     fill: GeneFill | None = None,
 ) -> int:
     """Write ``real.h5ad``: the held-out cells of the fold plus all control cells; return n cells.
@@ -300,7 +301,7 @@ def split_to_files(
     perturbation_type: str,
     score_profile: str,
     batch_size: int,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     genes_tsv: str | Path | None = None,
     raw: str | Path | None = None,
 ) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.conditions import conditions_to_predict, parse_condition
-from ccfm.io.h5ad import backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
+from ccfm.io.h5ad import CHUNK_SIZE, backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
 from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
 from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
@@ -67,7 +67,7 @@ def condition_means(
     h5ad_path: str | Path,
     conditions: Iterable[str],
     pert_col: str = PERT_COLUMN,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> ConditionMeans:
     """Per-condition mean of ``X`` over the rows of ``h5ad_path`` labelled with one of ``conditions``.
 
@@ -216,7 +216,7 @@ def run_baseline(
     extra_predict: Sequence[str] = (),
     cells_per_perturbation: int = 128,
     seed: int = 0,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> BaselineResult:
     """Predict a fold's held-out perturbations (and ``extra_predict``) with one baseline and write them.
 

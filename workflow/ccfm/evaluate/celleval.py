@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.validation import CELL_EVAL_PROFILES, scoring_profile
-from ccfm.evaluate.metrics import compact_metrics, training_cells
+from ccfm.evaluate.metrics import TOP_DE, compact_metrics, training_cells
 from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def score_prediction(
     control_label: str = CONTROL_LABEL,
     profile: str = "full",
     num_threads: int = 1,
-    top_de: int = 20,
+    top_de: int = TOP_DE,
     seed: int = 0,
     pert_col: str = PERT_COLUMN,
     pca_reference: ad.AnnData | None = None,

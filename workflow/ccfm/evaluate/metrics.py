@@ -39,10 +39,14 @@ from scipy import stats
 from sklearn.decomposition import PCA
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.evaluate.cells import CELL_COLUMNS, cell_metrics
 from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
 
 log = logging.getLogger(__name__)
+
+# How many top differentially expressed genes the *_top_de metrics use: the schema's `score.top_de` default.
+TOP_DE: int = section_defaults("score")["top_de"]
 
 COMPACT_COLUMNS = [
     "perturbation",
@@ -184,7 +188,7 @@ def compact_metrics(
     pred: ad.AnnData,
     real: ad.AnnData,
     control_label: str = CONTROL_LABEL,
-    top_de: int = 20,
+    top_de: int = TOP_DE,
     *,
     pert_col: str = PERT_COLUMN,
     n_pcs: int = 50,

@@ -27,8 +27,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 
 log = logging.getLogger(__name__)
+
+# Rows per streamed block of a matrix: the schema's `preprocess.chunk_size` default (one home for it).
+CHUNK_SIZE: int = section_defaults("preprocess")["chunk_size"]
 
 # HDF5 chunk of the nnz-long datasets: big enough for fast appends, small enough to index.
 _NNZ_CHUNK = 1 << 18
@@ -347,7 +351,7 @@ def iter_row_chunks(
 
 
 def read_csr_rows(
-    path: str | Path, rows: np.ndarray, chunk_size: int = 10000, layer: str | None = None
+    path: str | Path, rows: np.ndarray, chunk_size: int = CHUNK_SIZE, layer: str | None = None
 ) -> sp.csr_matrix:
     """The strictly increasing ``rows`` of X (or ``layers[layer]``) as one CSR float32 matrix.
 
@@ -418,7 +422,7 @@ def read_rows_with_labels(
     keep: Callable[[np.ndarray], np.ndarray],
     *,
     pert_column: str = PERT_COLUMN,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> LabelledRows:
     """Cells whose ``obs[pert_column]`` passes ``keep`` (labels -> bool mask), read in row chunks.
 
@@ -440,7 +444,7 @@ def read_control_cells(
     control_label: str = CONTROL_LABEL,
     *,
     pert_column: str = PERT_COLUMN,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
     all_genes: bool = False,
 ) -> LabelledRows:
     """The control cells of an h5ad file (CSR float32, file order); raises if there are none.

@@ -28,6 +28,7 @@ from ccfm import CONTROL_LABEL
 from ccfm.config import section_defaults, settings_from
 from ccfm.data.conditions import conditions_to_predict
 from ccfm.distributed import pick_device
+from ccfm.io.h5ad import CHUNK_SIZE
 from ccfm.io.h5ad import read_control_cells as read_h5ad_controls
 from ccfm.io.predictions import write_predictions
 from ccfm.io.splits import read_split
@@ -274,7 +275,7 @@ def predict_label(
 
 
 def read_control_cells(
-    processed_h5ad: str | Path, control_label: str = CONTROL_LABEL, chunk_size: int = 10000
+    processed_h5ad: str | Path, control_label: str = CONTROL_LABEL, chunk_size: int = CHUNK_SIZE
 ) -> ExpressionData:
     """The control cells of ``processed.h5ad`` (:func:`ccfm.io.h5ad.read_control_cells`) as generation sources."""
     rows = read_h5ad_controls(processed_h5ad, control_label, chunk_size=chunk_size)

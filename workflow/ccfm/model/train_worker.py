@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node=N -m ccfm.model.train_worker request.json
 
-``request.json`` holds the keyword arguments of :func:`ccfm.model.training.train_from_files` (written
-by :func:`ccfm.model.training.train_distributed`). Output (stdout/stderr) goes to the rule's log; rank 0
-logs progress, the other ranks only warnings and errors, each line tagged with its rank.
+``request.json`` holds the fields of a :class:`ccfm.model.request.TrainRequest` and the workers'
+``threads_per_process`` (written by :func:`ccfm.model.launch.train_distributed`). Output (stdout/stderr)
+goes to the rule's log; rank 0 logs progress, the other ranks only warnings and errors, each line tagged with its rank.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ccfm import distributed
+from ccfm.model.request import TrainRequest
 from ccfm.model.training import train_from_files
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> None:
     context = distributed.init_from_env()
     torch.set_num_threads(int(request.pop("threads_per_process", 1)))
     try:
-        train_from_files(**request, dist=context, progress=context.is_main)
+        train_from_files(TrainRequest(**request), dist=context, progress=context.is_main)
     finally:
         distributed.shutdown()
 

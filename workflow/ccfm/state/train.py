@@ -33,7 +33,7 @@ import pandas as pd
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.config import section_defaults
-from ccfm.io.h5ad import read_rows_with_labels, write_h5ad_atomic
+from ccfm.io.h5ad import CHUNK_SIZE, read_rows_with_labels, write_h5ad_atomic
 from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def state_status(settings: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 def write_training_cells(
-    processed_h5ad: str | Path, split_json: str | Path, out_h5ad: str | Path, *, chunk_size: int = 10000
+    processed_h5ad: str | Path, split_json: str | Path, out_h5ad: str | Path, *, chunk_size: int = CHUNK_SIZE
 ) -> ad.AnnData:
     """The fold's training cells (split ``train`` labels and the controls) in cell-load's layout.
 
@@ -209,7 +209,7 @@ def train_state_to_files(
     seed: int,
     threads: int = 1,
     log_path: str | Path | None = None,
-    chunk_size: int = 10000,
+    chunk_size: int = CHUNK_SIZE,
 ) -> Path:
     """Train State on the fold's training cells with ``state tx train``; return the run directory.
 

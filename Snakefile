@@ -10,19 +10,19 @@ min_version("9.10")
 
 
 # config/config.yaml of the working directory (`--directory`), else the one shipped with the workflow.
-configfile: str(next(p for p in (Path("config/config.yaml"), Path(workflow.basedir).parent / "config/config.yaml") if p.exists()))
+configfile: str(next(p for p in (Path("config/config.yaml"), Path(workflow.basedir) / "config/config.yaml") if p.exists()))
 
 
-report: "report/workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
-include: "rules/common.smk"
-include: "rules/data.smk"
-include: "rules/scgpt.smk"
-include: "rules/ccfm.smk"
-include: "rules/evaluate.smk"
-include: "rules/adapt.smk"
-include: "rules/state.smk"
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/scgpt.smk"
+include: "workflow/rules/ccfm.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/adapt.smk"
+include: "workflow/rules/state.smk"
 
 
 rule all:
