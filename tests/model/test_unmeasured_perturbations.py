@@ -210,7 +210,7 @@ def _adapt_to_target(tmp_path: Path, data, processed: Path, model_pt: Path, gene
         top_de=10,
         cell_eval_profile=None,
     )
-    assert set(summary["method"]) == {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive"}
+    assert set(summary["method"]) == {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive", "cellmean"}
     assert np.isfinite(summary[["pearson_delta_pseudobulk", "mse"]].to_numpy(dtype=float)).all(), summary
 
 
