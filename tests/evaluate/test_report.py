@@ -90,7 +90,7 @@ def test_figures_are_drawn(tmp_path, toy_real, monkeypatch):
         "pearson_delta_pseudobulk",
         "pearson_delta_top_de",
         "mse",
-        "edistance",
+        "energy_distance",
     ]
     per_fold = summary[summary["fold"] != "all"]
     for ax in metric_axes:
