@@ -220,7 +220,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
         return models[key]
 
     if "variants" in args.sections:
-        for name in VARIANTS:
+        for name in args.variants:
             for recenter in (True, False):
                 out = work / f"{name}_rc{int(recenter)}.h5ad"
                 speed = generate(model(name), fold, out, args.cells, seed, **FAST, recenter=recenter)
@@ -271,6 +271,7 @@ def summarise(rows: pd.DataFrame) -> str:
         columns = [m for m in metrics if m in group and group[m].notna().any()]
         stats = group.groupby("method", sort=False)[columns].agg(["mean", "std"])
         table = pd.DataFrame(index=order)
+        table["seeds"] = [int(group.loc[group.method == m, "seed"].nunique()) for m in order]
         for column in columns:
             table[column] = [
                 f"{stats.loc[m, (column, 'mean')]:.3f} ± {np.nan_to_num(stats.loc[m, (column, 'std')]):.3f}"
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-grid", type=int, nargs="+", default=[150, 600, 2000])
     parser.add_argument("--cells", type=int, default=64, help="generated cells per perturbation")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-celleval", dest="celleval", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here (and a .tsv of rows)")
