@@ -88,8 +88,7 @@ def _workflow_rule_names() -> set[str]:
 
     root = Path(__file__).resolve().parents[1]
     text = "\n".join(
-        path.read_text()
-        for path in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
+        path.read_text() for path in [root / "Snakefile", *sorted((root / "workflow" / "rules").glob("*.smk"))]
     )
     return set(re.findall(r"^rule (\w+):", text, re.M)) | set(re.findall(r"^use rule \w+ as (\w+)", text, re.M))
 

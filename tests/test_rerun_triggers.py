@@ -2,16 +2,21 @@
 
 config/README.md tells users to pin `md5:` after a first unverified download. Checksums used to
 be rule params, so pinning one made Snakemake delete and re-download the file and redo every
-result built on it. Runs the real workflow (download from a file:// URL, then preprocess) in a
-scratch directory, pins the md5 and asks Snakemake for a dry-run: nothing may be scheduled.
+result built on it. Runs the real workflow (download over plain http from a server on the loopback
+address, allowed with `allow_http`, then preprocess) in a scratch directory, pins the md5 and asks
+Snakemake for a dry-run: nothing may be scheduled.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
@@ -35,9 +40,26 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture()
+def served_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A directory served over http on 127.0.0.1 (an ephemeral port), and its base URL."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.slow  # subprocess
-def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path) -> None:
-    remote = tmp_path / "remote.h5ad"
+def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path, served_dir: tuple[Path, str]) -> None:
+    root, base_url = served_dir
+    remote = root / "remote.h5ad"
     labels = ["non-targeting"] * 20 + ["A"] * 10 + ["B"] * 10 + ["A+B"] * 10
     x = np.random.default_rng(0).poisson(2.0, size=(len(labels), 12)).astype(np.float32)
     ad.AnnData(
@@ -45,7 +67,13 @@ def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path) -> Non
         obs=pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(len(labels))]),
         var=pd.DataFrame(index=["A", "B"] + [f"G{i}" for i in range(10)]),
     ).write_h5ad(remote)
-    dataset = {"source": "url", "url": remote.as_uri(), "allow_unverified": True, "preprocess": {"n_top_genes": 5}}
+    dataset = {
+        "source": "url",
+        "url": f"{base_url}/remote.h5ad",
+        "allow_http": True,
+        "allow_unverified": True,
+        "preprocess": {"n_top_genes": 5},
+    }
     config = tmp_path / "work" / "config" / "config.yaml"
     config.parent.mkdir(parents=True)
     config.write_text(yaml.safe_dump({"seed": 1, "run": ["mine"], "datasets": {"mine": dataset}}))
