@@ -53,6 +53,7 @@ import quality  # noqa: E402  (the screen, its fold and the tiny scGPT set-up)
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
 from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.cells import CELL_COLUMNS  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics, training_cells  # noqa: E402
 from ccfm.io.predictions import write_predictions  # noqa: E402
 from ccfm.model.generation import (  # noqa: E402
@@ -253,18 +254,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
 
 def summarise(rows: pd.DataFrame) -> str:
     """Markdown: one table per section, mean ± SD over seeds of the per-seed means."""
-    metrics = [
-        "mse",
-        "energy_distance",
-        "energy_distance_floor",
-        "mmd",
-        "mmd_floor",
-        "std_ratio",
-        "corr_error_top_de",
-        "corr_error_floor",
-        *CELLEVAL_COLUMNS,
-        "cells_per_s",
-    ]
+    metrics = ["mse", *CELL_COLUMNS, *CELLEVAL_COLUMNS, "cells_per_s"]
     parts = []
     for section, group in rows.groupby("section", sort=False):
         order = list(dict.fromkeys(group.method))
