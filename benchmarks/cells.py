@@ -14,13 +14,19 @@ Sections (``--sections``):
   control cell the flow starts from, independent pairs: the coupling whose optimum is the
   condition mean), ``separate`` (the network sees another control cell), ``default``
   (separate + minibatch-OT pairs: ``ccfm_nolatent``), ``cascade`` (the default with the scGPT
-  latent stream: ``ccfm``). Each with re-centring on the mean model on and off.
-- ``sampler``: the default model generated with Euler × 4 and rk4 × 20, cells/s beside.
+  latent stream: ``ccfm``). Each with re-centring on the mean model on and off, and the
+  default's cells moved onto the simulated world's expected means (``on oracle means``: what is
+  left is the flow's own error, the rest is the mean model's).
+- ``sampler``: the default model generated with Euler × 4, midpoint × 6 (the demo's) and rk4 × 20
+  (the plan's), cells/s beside.
 - ``cascade``: stage 2 of the cascade model with (a) the true held-out cells' latents
   (teacher-forced), (b) generated latents, (c) the true latents shuffled across cells gene by
   gene, beside (d) the no-latent model. The tiny scGPT has random weights: it carries no
   pretrained knowledge, so this measures the cascade's mechanics, not scGPT's value.
-- ``steps``: the default model at three training lengths (``--step-grid``).
+- ``steps``: the default model at three training lengths (``--step-grid``), each generated with
+  Euler × 4 and with midpoint × 6.
+
+Every other generation uses the demo's sampler, midpoint × 6.
 
 Per method (held-out doubles, ``--cells`` generated cells per perturbation): MSE of the mean,
 Euclidean energy distance, RBF MMD² and its floor (PCA space fitted on real training cells),
@@ -71,8 +77,13 @@ log = logging.getLogger("cells")
 # The demo's model size: the whole benchmark must fit a 2-core machine.
 MODEL = {"d_model": 32, "nhead": 2, "nlayers": 2, "bottleneck": 32, "dh_depth": 1}
 TRAIN = {**quality.TRAIN, "batch_size": 16, "warmup_steps": 20}
-FAST = {"method": "euler", "latent_steps": 4, "expr_steps": 4}
+# Samplers (time points per stage). The demo's midpoint x 6 (10 network evaluations) gives the
+# cells of the plan's rk4 x 20 (80 evaluations); Euler x 4 (3 evaluations) contracts them, and
+# more so the longer the model trained (sections ``sampler`` and ``steps``).
+EULER4 = {"method": "euler", "latent_steps": 4, "expr_steps": 4}
+DEMO = {"method": "midpoint", "latent_steps": 6, "expr_steps": 6}
 PLAN = {"method": "rk4", "latent_steps": 20, "expr_steps": 20}
+SAMPLERS = {"euler x4": EULER4, "midpoint x6": DEMO, "rk4 x20": PLAN}
 # variant -> (train-section overrides, uses the scGPT latent)
 VARIANTS = {
     "old": ({"condition_cell": "start", "coupling": "independent"}, False),
@@ -138,7 +149,7 @@ def teacher_forced(
     from ccfm.scgpt.extractor import ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
-    setup = prepare_generation(model_pt, {**FAST, "cells_per_perturbation": cells}, device="cpu")
+    setup = prepare_generation(model_pt, {**DEMO, "cells_per_perturbation": cells}, device="cpu")
     model = setup.model
     mapping = read_gene_vocab(latent["gene_vocab_tsv"])
     assert list(mapping["gene"]) == list(read_var(fold.processed).index)
@@ -177,14 +188,30 @@ def teacher_forced(
             genes.expand(n, -1),
             source,
             model.vocab.batch_ids([label]).expand(n, -1),
-            expr_steps=FAST["expr_steps"],
-            method=FAST["method"],
+            expr_steps=DEMO["expr_steps"],
+            method=DEMO["method"],
             generator=generator,
             latent=z,
             x_start=x_start,
         )
         predicted[label] = match_mean(cells_out.numpy(), reference + shift.numpy())
     write_predictions(out, out.with_suffix(".csv"), controls.genes, predicted, controls.matrix, CONTROL_LABEL)
+
+
+def on_oracle_means(pred_h5ad: Path, fold: quality.Fold, out: Path) -> None:
+    """The prediction's cells moved, label by label, onto the simulated world's expected means.
+
+    Keeps the generated cells' spread and shape and removes the mean model's error: what is
+    left of the distance to the real cells is the flow's own (clipped at 0, as every prediction).
+    """
+    pred = ad.read_h5ad(pred_h5ad)
+    labels = pred.obs[PERT_COLUMN].astype(str).to_numpy()
+    matrix = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
+    predicted = {
+        label: np.clip(matrix[labels == label] - matrix[labels == label].mean(axis=0) + fold.oracle[label], 0, None)
+        for label in fold.test
+    }
+    write_predictions(out, out.with_suffix(".csv"), list(pred.var_names), predicted, matrix[labels == CONTROL_LABEL])
 
 
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
@@ -224,10 +251,14 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
         for name in args.variants:
             for recenter in (True, False):
                 out = work / f"{name}_rc{int(recenter)}.h5ad"
-                speed = generate(model(name), fold, out, args.cells, seed, **FAST, recenter=recenter)
+                speed = generate(model(name), fold, out, args.cells, seed, **DEMO, recenter=recenter)
                 add("variants", f"{name}{'' if recenter else ' (recenter off)'}", out, cells_per_s=speed)
+                if name == "default" and recenter:
+                    oracle = work / "default_oracle.h5ad"
+                    on_oracle_means(out, fold, oracle)
+                    add("variants", "default, on oracle means", oracle)
     if "sampler" in args.sections:
-        for label, sampler in (("euler x4", FAST), ("rk4 x20", PLAN)):
+        for label, sampler in SAMPLERS.items():
             out = work / f"sampler_{label.replace(' ', '')}.h5ad"
             speed = generate(model("default"), fold, out, args.cells, seed, **sampler)
             add("sampler", f"default, {label}", out, cells_per_s=speed)
@@ -237,18 +268,19 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
             teacher_forced(model("cascade"), fold, latent, out, args.cells, seed, mode)
             add("cascade", "(a) teacher-forced latents" if mode == "true" else "(c) shuffled latents", out)
         out = work / "cascade_generated.h5ad"
-        generate(model("cascade"), fold, out, args.cells, seed, **FAST)
+        generate(model("cascade"), fold, out, args.cells, seed, **DEMO)
         add("cascade", "(b) generated latents", out)
         out = work / "cascade_none.h5ad"
-        generate(model("default"), fold, out, args.cells, seed, **FAST)
+        generate(model("default"), fold, out, args.cells, seed, **DEMO)
         add("cascade", "(d) no latent (ccfm_nolatent)", out)
     if "steps" in args.sections:
         for method in ("nochange", "additive"):
             add("steps", method, work / f"{method}.h5ad")
         for steps in args.step_grid:
-            out = work / f"steps_{steps}.h5ad"
-            generate(model("default", steps), fold, out, args.cells, seed, **FAST)
-            add("steps", f"default, {steps} steps", out)
+            for label in ("euler x4", "midpoint x6"):
+                out = work / f"steps_{steps}_{label.replace(' ', '')}.h5ad"
+                generate(model("default", steps), fold, out, args.cells, seed, **SAMPLERS[label])
+                add("steps", f"default, {steps} steps, {label}", out)
     return rows
 
 

@@ -4,7 +4,8 @@ A two-gene Gaussian world: control cells N((3, 3), 0.3²) and two perturbations 
 *other* spreads than the controls (one gene wider, one narrower), so a flow that merely carries
 the control cells' spread over, or that contracts cells onto the mean, both fail. The default
 flow (the network sees another control cell than the one the path starts from; minibatch-OT
-pairs) trained to convergence must reproduce each gene's std within 15%; the old coupling (the
+pairs) trained to convergence must reproduce each gene's std within 15%, sampled with the plan's
+rk4 x 20 and with the demo's midpoint x 6; the old coupling (the
 network sees the starting cell itself) reproduces the collapse the cells issue measured.
 """
 
@@ -46,7 +47,10 @@ def _world(root: Path) -> dict[str, np.ndarray]:
     return blocks
 
 
-def _trained_std_ratios(root: Path, steps: int, **flow: str) -> dict[str, np.ndarray]:
+def _trained_std_ratios(
+    root: Path, steps: int, samplers: tuple[tuple[str, int], ...] = (("rk4", 20),), **flow: str
+) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Per sampler (method, time points): each label's generated/real std per gene."""
     real = _world(root)
     train_from_files(
         TrainRequest(
@@ -66,25 +70,29 @@ def _trained_std_ratios(root: Path, steps: int, **flow: str) -> dict[str, np.nda
     )
     model = load_model(root / "model.pt")
     controls = read_control_cells(root / "processed.h5ad")
-    settings = GenerateSettings(cells_per_perturbation=CELLS, method="rk4", latent_steps=20, expr_steps=20)
-    ratios = {}
-    for label in WORLD:
-        cells = predict_label(model, controls, np.arange(CELLS), label, settings, 0, torch.device("cpu"))
-        ratios[label] = cells.std(axis=0) / real[label].std(axis=0)
-        # re-centring keeps the mean model's mean whatever the flow does
-        np.testing.assert_allclose(cells.mean(axis=0), real[label].mean(axis=0), atol=0.03)
+    ratios: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for method, points in samplers:
+        settings = GenerateSettings(cells_per_perturbation=CELLS, method=method, latent_steps=points, expr_steps=points)
+        ratios[method, points] = {}
+        for label in WORLD:
+            cells = predict_label(model, controls, np.arange(CELLS), label, settings, 0, torch.device("cpu"))
+            ratios[method, points][label] = cells.std(axis=0) / real[label].std(axis=0)
+            # re-centring keeps the mean model's mean whatever the flow does
+            np.testing.assert_allclose(cells.mean(axis=0), real[label].mean(axis=0), atol=0.03)
     return ratios
 
 
 @pytest.mark.slow
 def test_default_flow_keeps_each_genes_spread(tmp_path):
-    ratios = _trained_std_ratios(tmp_path, steps=2000)
-    for label, ratio in ratios.items():
-        # the controls' spread would give 0.6 and 2.0 on G0 and 1.5 and 0.75 on G1
-        assert np.all(np.abs(ratio - 1.0) <= 0.15), f"{label}: generated/real std per gene {ratio}"
+    # the plan's sampler and the demo's cheaper one (midpoint x 6 time points) both
+    ratios = _trained_std_ratios(tmp_path, steps=2000, samplers=(("rk4", 20), ("midpoint", 6)))
+    for sampler, per_label in ratios.items():
+        for label, ratio in per_label.items():
+            # the controls' spread would give 0.6 and 2.0 on G0 and 1.5 and 0.75 on G1
+            assert np.all(np.abs(ratio - 1.0) <= 0.15), f"{sampler} {label}: generated/real std per gene {ratio}"
 
 
 @pytest.mark.slow
 def test_old_coupling_contracts_cells_towards_the_mean(tmp_path):
-    ratios = _trained_std_ratios(tmp_path, steps=600, condition_cell="start", coupling="independent")
+    ratios = _trained_std_ratios(tmp_path, steps=600, condition_cell="start", coupling="independent")["rk4", 20]
     assert max(float(np.median(r)) for r in ratios.values()) < 0.6, ratios
