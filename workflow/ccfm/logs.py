@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ccfm.threads import limit_native_threads
+
 
 def setup_rule_logging(log_path: str | Path | None, level: int = logging.INFO) -> logging.Logger:
     """Send the ``ccfm`` logger (and warnings) to ``log_path`` and to stderr.
@@ -29,3 +31,17 @@ def setup_rule_logging(log_path: str | Path | None, level: int = logging.INFO) -
     root.setLevel(level)
     logging.captureWarnings(True)
     return logging.getLogger("ccfm")
+
+
+def setup_rule(log_path: str | Path | None, threads: int) -> logging.Logger:
+    """The first call of every rule script: log to the rule's ``log:`` file, use its ``threads``.
+
+    Caps every native thread pool at the rule's threads: the environment variables for libraries
+    loaded later (cell-eval's numba and polars are imported inside the functions that use them),
+    and torch's pool when torch is already loaded.
+    """
+    limit_native_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    return setup_rule_logging(log_path)

@@ -1,14 +1,11 @@
 """Rule adapt_mmd: learn the per-gene MMD shift of the target controls and plot its progress."""
 
-import torch
-
 from ccfm.adapt.files import adapt_to_files
 from ccfm.adapt.shift import AdaptSettings
 from ccfm.evaluate.plots import plot_adapt_history
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+setup_rule(snakemake.log[0], snakemake.threads)
 adapt_to_files(
     snakemake.input.model,
     snakemake.input.processed,

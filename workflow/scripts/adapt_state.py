@@ -1,14 +1,11 @@
 """Rule adapt_state: learn the per-gene MMD shift of the target controls through State's basal encoder."""
 
-import torch
-
 from ccfm.adapt.shift import AdaptSettings
 from ccfm.evaluate.plots import plot_adapt_history
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.state.adapt import adapt_state_to_files
 
-log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+setup_rule(snakemake.log[0], snakemake.threads)
 adapt_state_to_files(
     snakemake.params.run_dir,
     snakemake.input.processed,

@@ -5,9 +5,9 @@ The baseline predicts the modelled genes; the outputs carry every gene of the in
 
 from ccfm.data.gene_fill import predictions_on_all_genes
 from ccfm.evaluate.baselines import run_baseline
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 with predictions_on_all_genes(
     snakemake.output.pred,
     snakemake.output.means,

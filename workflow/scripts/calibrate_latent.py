@@ -1,9 +1,9 @@
 """Rule calibrate_latent: running mean/var of frozen scGPT features over a fold's training cells."""
 
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.scgpt.calibration import calibrate_to_files
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 calibrate_to_files(
     snakemake.input.processed,
     snakemake.input.split,

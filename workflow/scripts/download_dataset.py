@@ -8,9 +8,9 @@ every result built on it. A file already in place is verified whenever the rule 
 from pathlib import Path
 
 from ccfm.data.download import download_dataset
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 spec = snakemake.config["datasets"][snakemake.wildcards.ds]
 if snakemake.params.block == "target":
     spec = spec["target"]

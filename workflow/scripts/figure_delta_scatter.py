@@ -1,9 +1,9 @@
 """Rule figure_delta_scatter: predicted vs observed deltas for a few held-out perturbations."""
 
 from ccfm.evaluate.plots import delta_scatter_figure
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 delta_scatter_figure(
     snakemake.input.real,
     list(snakemake.input.means),

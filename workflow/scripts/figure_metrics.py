@@ -1,7 +1,7 @@
 """Rule figure_metrics: metric comparison of all methods for one dataset."""
 
 from ccfm.evaluate.plots import metric_comparison_figure
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 metric_comparison_figure(snakemake.input.summary, snakemake.output.png, snakemake.wildcards.ds)

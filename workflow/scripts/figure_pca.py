@@ -1,9 +1,9 @@
 """Rule figure_pca: each method's predicted vs real cells in the PCA of the real cells."""
 
 from ccfm.evaluate.plots import prediction_pca_figures
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 methods = list(snakemake.params.methods)
 prediction_pca_figures(
     dict(zip(methods, snakemake.input.preds)),

@@ -1,9 +1,9 @@
 """Rule gene_vocab_map: map the dataset's genes to scGPT vocabulary ids."""
 
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.scgpt.vocab import gene_vocab_to_files
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 gene_vocab_to_files(
     snakemake.input.processed,
     snakemake.input.vocab,

@@ -4,10 +4,10 @@ The model predicts its genes; the outputs carry every gene of the input (ccfm.da
 """
 
 from ccfm.data.gene_fill import predictions_on_all_genes
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.model.generation import predict_to_files, prepare_generation
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)
 with predictions_on_all_genes(
     snakemake.output.pred,

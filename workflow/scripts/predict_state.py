@@ -5,14 +5,11 @@ State predicts the modelled genes; the outputs carry every gene of the input (cc
 
 from pathlib import Path
 
-import torch
-
 from ccfm.data.gene_fill import predictions_on_all_genes
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.state.predict import predict_state_to_files
 
-log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+setup_rule(snakemake.log[0], snakemake.threads)
 with predictions_on_all_genes(
     snakemake.output.pred,
     snakemake.output.means,

@@ -1,10 +1,10 @@
 """Rule predict_target: target perturbations from shifted and from unshifted target controls."""
 
 from ccfm.adapt.target import predict_target_to_files
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.model.generation import prepare_generation
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)
 predict_target_to_files(
     generation,

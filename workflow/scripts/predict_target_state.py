@@ -1,12 +1,9 @@
 """Rule predict_target_state: State's target predictions from shifted and unshifted target controls."""
 
-import torch
-
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.state.adapt import predict_target_state_to_files
 
-log = setup_rule_logging(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+setup_rule(snakemake.log[0], snakemake.threads)
 predict_target_state_to_files(
     snakemake.params.run_dir,
     snakemake.input.target,

@@ -1,9 +1,9 @@
 """Rule prediction_table: every method's predicted perturbations (scored or not) in one table."""
 
 from ccfm.io.predictions import write_prediction_table
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 write_prediction_table(
     methods=snakemake.params.methods,
     folds=snakemake.params.folds,

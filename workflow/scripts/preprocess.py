@@ -5,9 +5,9 @@ perturbed genes are counted in ``perturbed_genes.tsv`` and how ``predict:`` is v
 """
 
 from ccfm.data.preprocess import preprocess_dataset
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 preprocess_dataset(
     snakemake.input.raw,
     snakemake.output.processed,

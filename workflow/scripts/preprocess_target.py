@@ -6,9 +6,9 @@ source genes the target must measure) are read from the config, not params, as i
 
 from ccfm.config import dataset_config
 from ccfm.data.preprocess import preprocess_target
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 dataset = dataset_config(snakemake.config, snakemake.wildcards.ds)
 preprocess_target(
     snakemake.input.target_raw,

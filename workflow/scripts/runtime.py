@@ -1,9 +1,9 @@
 """Rule runtime: the dataset's per-job wall time, CPU time and memory from the benchmark files."""
 
 from ccfm.evaluate.runtime import write_runtime_report
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+log = setup_rule(snakemake.log[0], snakemake.threads)
 table = write_runtime_report(
     snakemake.params.benchmark_dirs, snakemake.output.table, snakemake.output.png, snakemake.wildcards.ds
 )

@@ -6,10 +6,10 @@ Settings come from the config's `scgpt` block, not rule params (see the rule's c
 from pathlib import Path
 
 from ccfm.config import scgpt_settings
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.scgpt.checkpoint import download_whole_human
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 settings = scgpt_settings(snakemake.config)  # defaults: the schema's
 download_whole_human(
     Path(snakemake.output.model).parent,

@@ -1,12 +1,9 @@
 """Rule score: cell-eval and the compact metrics of every method's prediction of one fold."""
 
-from ccfm.threads import limit_native_threads
+from ccfm.evaluate.celleval import score_methods_to_files
+from ccfm.logs import setup_rule
 
-limit_native_threads(snakemake.threads)  # before cell-eval brings in numba and polars
-from ccfm.evaluate.celleval import score_methods_to_files  # noqa: E402
-from ccfm.logs import setup_rule_logging  # noqa: E402
-
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 methods = list(snakemake.params.methods)
 score_methods_to_files(
     dict(zip(methods, snakemake.input.preds)),

@@ -1,12 +1,9 @@
 """Rule score_target: adapted vs unadapted CCFM vs target-control baselines on the target data."""
 
-from ccfm.threads import limit_native_threads
+from ccfm.adapt.score import score_target_to_files
+from ccfm.logs import setup_rule
 
-limit_native_threads(snakemake.threads)  # before cell-eval brings in numba and polars
-from ccfm.adapt.score import score_target_to_files  # noqa: E402
-from ccfm.logs import setup_rule_logging  # noqa: E402
-
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 score_target_to_files(
     snakemake.input.target,
     snakemake.input.processed,

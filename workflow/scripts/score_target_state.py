@@ -1,9 +1,9 @@
 """Rule score_target_state: adapted vs unadapted State vs target-control baselines on the target data."""
 
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.state.adapt import score_target_state_to_files
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 score_target_state_to_files(
     snakemake.input.target,
     snakemake.input.processed,

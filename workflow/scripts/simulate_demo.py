@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from ccfm.data.simulate import simulate_demo
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 out_dir = Path(snakemake.output.raw).parent
 written = simulate_demo(out_dir, seed=snakemake.params.seed, **dict(snakemake.params.sizes))
 expected = {Path(snakemake.output.raw), Path(snakemake.output.target_raw), Path(snakemake.output.ground_truth)}

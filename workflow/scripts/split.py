@@ -12,9 +12,9 @@ split and every model trained on it; train_ccfm and score check them again when 
 
 from ccfm.config import dataset_section
 from ccfm.data.splits import split_to_files
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 dataset = snakemake.wildcards.ds
 split_to_files(
     snakemake.input.processed,

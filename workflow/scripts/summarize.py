@@ -1,9 +1,9 @@
 """Rule summarize: every method and fold of a dataset in one metric table."""
 
 from ccfm.evaluate.metrics import summarize_score_files
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 summarize_score_files(
     methods=snakemake.params.methods,
     folds=snakemake.params.folds,

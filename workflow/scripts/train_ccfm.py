@@ -5,10 +5,10 @@
 
 from pathlib import Path
 
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.model.training import TrainRequest, train_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 use_latent = bool(snakemake.params.use_latent)
 request = TrainRequest(
     processed_h5ad=snakemake.input.processed,

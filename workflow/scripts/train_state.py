@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 from ccfm.state.train import train_state_to_files
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 train_state_to_files(
     snakemake.input.processed,
     snakemake.input.split,

@@ -1,9 +1,9 @@
 """Rule vcc_submission: a Virtual Cell Challenge submission (.vcc) from an adapted target prediction."""
 
 from ccfm.adapt.submission import write_vcc_submission
-from ccfm.logs import setup_rule_logging
+from ccfm.logs import setup_rule
 
-log = setup_rule_logging(snakemake.log[0])
+setup_rule(snakemake.log[0], snakemake.threads)
 settings = snakemake.params.settings
 write_vcc_submission(
     snakemake.input.pred,
