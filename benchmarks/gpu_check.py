@@ -364,7 +364,7 @@ def _map_every_gene(raw: Path) -> int:
 
 def prepare_dataset(root: Path, simulate: Mapping[str, Any], n_top_genes: int, seed: int, map_all: bool) -> Dataset:
     """simulate_demo -> preprocess_dataset -> split (fold 1) -> gene vocabulary: the pipeline's own steps."""
-    from ccfm.data.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset
     from ccfm.data.simulate import simulate_demo
     from ccfm.data.splits import split_for_processed
     from ccfm.io.splits import write_split
@@ -376,7 +376,9 @@ def prepare_dataset(root: Path, simulate: Mapping[str, Any], n_top_genes: int, s
     if map_all:
         _map_every_gene(paths["raw"])
     processed = root / "processed.h5ad"
-    preprocess_dataset(paths["raw"], processed, dataset="gpu_check", input_scale="counts", n_top_genes=n_top_genes)
+    preprocess_dataset(
+        paths["raw"], processed, PreprocessSettings(dataset="gpu_check", input_scale="counts", n_top_genes=n_top_genes)
+    )
     split_defaults = _schema_defaults("split")
     split = split_for_processed(
         processed, fold=1, seed=seed, heldout_fraction=float(split_defaults["heldout_fraction"]), n_folds=1

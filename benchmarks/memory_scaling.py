@@ -100,16 +100,23 @@ def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed
 
 
 def _preprocess(work: Path) -> None:
-    from ccfm.data.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset
 
-    preprocess_dataset(work / "raw.h5ad", work / "processed.h5ad", dataset="bench", n_top_genes=2000, chunk_size=10000)
+    preprocess_dataset(
+        work / "raw.h5ad",
+        work / "processed.h5ad",
+        PreprocessSettings(dataset="bench", n_top_genes=2000, chunk_size=10000),
+    )
 
 
 def _preprocess_target(work: Path) -> None:
-    from ccfm.data.preprocess import preprocess_target
+    from ccfm.data.preprocess import TargetSettings, preprocess_target
 
     preprocess_target(
-        work / "raw.h5ad", work / "processed.h5ad", work / "target_processed.h5ad", dataset="bench", chunk_size=10000
+        work / "raw.h5ad",
+        work / "processed.h5ad",
+        work / "target_processed.h5ad",
+        TargetSettings(dataset="bench", chunk_size=10000),
     )
 
 

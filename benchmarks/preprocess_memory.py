@@ -25,10 +25,12 @@ from rss import print_report, python_child, report_work, run_child
 
 def child(raw: Path, out: Path, chunk_size: int, n_top_genes: int) -> None:
     """Run preprocessing in this process and print its peak RSS and wall time."""
-    from ccfm.data.preprocess import preprocess_dataset
+    from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset
 
     report = report_work(
-        lambda: preprocess_dataset(raw, out, dataset="benchmark", n_top_genes=n_top_genes, chunk_size=chunk_size)
+        lambda: preprocess_dataset(
+            raw, out, PreprocessSettings(dataset="benchmark", n_top_genes=n_top_genes, chunk_size=chunk_size)
+        )
     )
     print_report({key: round(value, 1) for key, value in report.items()})
 

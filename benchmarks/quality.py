@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from ccfm import CONTROL_LABEL  # noqa: E402
-from ccfm.data.preprocess import preprocess_dataset  # noqa: E402
+from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset  # noqa: E402
 from ccfm.data.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
 from ccfm.data.splits import split_for_processed, write_real, write_split  # noqa: E402
 from ccfm.evaluate.baselines import run_baseline  # noqa: E402
@@ -141,7 +141,11 @@ def prepare_fold(work: Path, seed: int) -> Fold:
     """Simulate, preprocess and split one screen; the oracle means come from the same world."""
     paths = simulate_demo(work / "sim", seed=seed, **SCREEN)
     processed = work / "processed.h5ad"
-    preprocess_dataset(paths["raw"], processed, dataset="quality", input_scale="counts", n_top_genes=SCREEN["n_genes"])
+    preprocess_dataset(
+        paths["raw"],
+        processed,
+        PreprocessSettings(dataset="quality", input_scale="counts", n_top_genes=SCREEN["n_genes"]),
+    )
     split = split_for_processed(processed, fold=1, seed=seed, heldout_fraction=0.3, n_folds=5)
     split_json, real = work / "fold1.json", work / "real.h5ad"
     write_real(processed, split, real)
@@ -339,11 +343,9 @@ def run_real_seed(
     preprocess_dataset(
         raw,
         processed,
-        dataset=name,
-        perturbation_column=column,
-        control_label=control,
-        input_scale="counts",
-        n_top_genes=300,
+        PreprocessSettings(
+            dataset=name, perturbation_column=column, control_label=control, input_scale="counts", n_top_genes=300
+        ),
     )
     split = split_for_processed(processed, fold=seed, seed=42, heldout_fraction=0.3, n_folds=max(5, seed))
     split_json, real_path = work / "split.json", work / "real.h5ad"

@@ -28,7 +28,7 @@ import pytest
 import scipy.sparse as sp
 
 from ccfm.data.download import ChecksumError, DownloadError, download_file
-from ccfm.data.preprocess import preprocess_dataset, preprocess_target
+from ccfm.data.preprocess import PreprocessSettings, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, write_real, write_split
 from ccfm.io import h5ad as h5io
 
@@ -174,7 +174,9 @@ def _assert_nothing_at(out: Path) -> None:
 @pytest.fixture()
 def processed(tmp_path: Path) -> Path:
     out = tmp_path / "processed.h5ad"
-    preprocess_dataset(_raw(tmp_path / "raw.h5ad"), out, dataset="ds", n_top_genes=10, chunk_size=100)
+    preprocess_dataset(
+        _raw(tmp_path / "raw.h5ad"), out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=100)
+    )
     return out
 
 
@@ -183,7 +185,7 @@ def test_exception_mid_preprocess_leaves_no_output(tmp_path: Path, monkeypatch: 
     out = tmp_path / "results" / "processed.h5ad"
     _fail_on_second_append(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
-        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=100)
+        preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=100))
     _assert_nothing_at(out)
 
 
@@ -195,7 +197,7 @@ def test_exception_mid_target_and_real_leaves_no_output(
     calls = _fail_on_second_append(monkeypatch)
     out = tmp_path / "t" / "target_processed.h5ad"
     with pytest.raises(OSError, match="disk full"):
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=100)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=100))
     _assert_nothing_at(out)
     real = tmp_path / "fold1" / "real.h5ad"
     calls["n"] = 0
@@ -227,12 +229,14 @@ def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     raw = _raw(tmp_path / "raw.h5ad", n_cells=2000)
     out = tmp_path / "results" / "processed.h5ad"
     code = (
-        "import sys, time; from ccfm.io import h5ad as h5io; from ccfm.data.preprocess import preprocess_dataset\n"
+        "import sys, time; from ccfm.io import h5ad as h5io\n"
+        "from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset\n"
         "append = h5io.CSRH5adWriter.append\n"
         "def slow(self, *a, **k):\n"
         "    append(self, *a, **k); self._file.flush(); time.sleep(0.3)\n"
         "h5io.CSRH5adWriter.append = slow\n"
-        "preprocess_dataset(sys.argv[1], sys.argv[2], dataset='ds', n_top_genes=10, chunk_size=100)\n"
+        "settings = PreprocessSettings(dataset='ds', n_top_genes=10, chunk_size=100)\n"
+        "preprocess_dataset(sys.argv[1], sys.argv[2], settings)\n"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", code, str(raw), str(out)],
@@ -250,7 +254,7 @@ def test_sigkill_mid_preprocess_leaves_no_output(tmp_path: Path) -> None:
     leftovers = list(out.parent.iterdir())
     assert leftovers and all(p.name.startswith(".processed.h5ad.") and p.name.endswith(".tmp.h5ad") for p in leftovers)
     # a rerun writes the complete file; the stale hidden temporary never becomes the output
-    preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=500)
+    preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=500))
     assert ad.read_h5ad(out).n_obs == 2000
 
 

@@ -107,7 +107,7 @@ def _counts(rng, n: int, n_genes: int, offset: float = 0.0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def vcc_run(tmp_path_factory):
     from ccfm.data.perturbations import PerturbationVocab
-    from ccfm.data.preprocess import preprocess_target
+    from ccfm.data.preprocess import TargetSettings, preprocess_target
     from ccfm.model.checkpoint import save_model
     from ccfm.model.training import build_denoiser
 
@@ -124,7 +124,9 @@ def vcc_run(tmp_path_factory):
     obs = pd.DataFrame({"target_gene": pd.Categorical(target_labels)}, index=[f"t{i}" for i in range(len(counts))])
     raw = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=target_genes))
     raw.write_h5ad(root / "target_raw.h5ad")
-    preprocess_target(root / "target_raw.h5ad", root / "processed.h5ad", root / "target.h5ad", dataset="tiny")
+    preprocess_target(
+        root / "target_raw.h5ad", root / "processed.h5ad", root / "target.h5ad", TargetSettings(dataset="tiny")
+    )
     vocab = PerturbationVocab.for_genes(PANEL)
     denoiser = build_denoiser(len(PANEL), {"d_model": 16, "nhead": 2, "nlayers": 1}, {}, 0, vocab, seed=0)
     save_model(root / "model.pt", denoiser, vocab)

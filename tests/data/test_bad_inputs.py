@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.data.preprocess import ScaleError, preprocess_dataset, preprocess_target
+from ccfm.data.preprocess import PreprocessSettings, ScaleError, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.validation import (
     DuplicateCellsError,
     EmptyInputError,
@@ -163,7 +163,7 @@ def test_bad_input_raises_and_writes_nothing(tmp_path: Path, case: str) -> None:
     raw = build(tmp_path / "raw.h5ad")
     out = tmp_path / "results" / "ds" / "processed.h5ad"
     with pytest.raises(error) as caught:
-        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32, **kwargs)
+        preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32, **kwargs))
     assert isinstance(caught.value, InputValidationError)
     message = str(caught.value)
     assert str(raw) in message, message
@@ -182,7 +182,9 @@ def test_noninteger_counts_are_normalised_when_configured_as_counts(tmp_path: Pa
     raw = _noninteger_counts(tmp_path / "raw.h5ad")
     out = tmp_path / "processed.h5ad"
     with caplog.at_level(logging.WARNING, logger="ccfm.data.preprocess"):
-        summary = preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32, input_scale="counts")
+        summary = preprocess_dataset(
+            raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32, input_scale="counts")
+        )
     assert summary["input_scale"] == "counts" and "non-integer counts?" in caplog.text
     processed = ad.read_h5ad(out)
     assert processed.layers["counts"].dtype == np.float32
@@ -205,13 +207,15 @@ def test_drug_predict_entries_are_checked_against_drugs_not_genes(tmp_path: Path
     summary = preprocess_dataset(
         raw,
         out,
-        dataset="ds",
-        n_top_genes=10,
-        chunk_size=32,
-        perturbation_type="drug",
-        control_label="DMSO",
-        guide_token_pattern=None,
-        predict=["DrugA+DrugB", "DrugB"],
+        PreprocessSettings(
+            dataset="ds",
+            n_top_genes=10,
+            chunk_size=32,
+            perturbation_type="drug",
+            control_label="DMSO",
+            guide_token_pattern=None,
+            predict=["DrugA+DrugB", "DrugB"],
+        ),
     )
     assert summary["n_genes"] == 10  # a drug is not a gene column to keep
     # the target's predict entries too (drugs of the source or of the target)
@@ -220,12 +224,14 @@ def test_drug_predict_entries_are_checked_against_drugs_not_genes(tmp_path: Path
         target,
         out,
         tmp_path / "target_processed.h5ad",
-        dataset="ds",
-        chunk_size=32,
-        perturbation_type="drug",
-        control_label="DMSO",
-        guide_token_pattern=None,
-        predict=["DrugB", "DrugC"],
+        TargetSettings(
+            dataset="ds",
+            chunk_size=32,
+            perturbation_type="drug",
+            control_label="DMSO",
+            guide_token_pattern=None,
+            predict=["DrugB", "DrugC"],
+        ),
     )
     assert (tmp_path / "target_processed.h5ad").exists()
 
@@ -235,19 +241,23 @@ def test_numeric_drug_names_are_fine(tmp_path: Path) -> None:
     summary = preprocess_dataset(
         raw,
         tmp_path / "p.h5ad",
-        dataset="ds",
-        n_top_genes=10,
-        chunk_size=32,
-        perturbation_type="drug",
-        control_label="0",
-        guide_token_pattern=None,
+        PreprocessSettings(
+            dataset="ds",
+            n_top_genes=10,
+            chunk_size=32,
+            perturbation_type="drug",
+            control_label="0",
+            guide_token_pattern=None,
+        ),
     )
     assert summary["conditions"] == {"control": 1, "single": 2, "double": 1}
 
 
 def _processed(tmp_path: Path) -> Path:
     out = tmp_path / "processed.h5ad"
-    preprocess_dataset(_write(tmp_path / "raw.h5ad"), out, dataset="ds", n_top_genes=10, chunk_size=32)
+    preprocess_dataset(
+        _write(tmp_path / "raw.h5ad"), out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32)
+    )
     return out
 
 
@@ -263,7 +273,7 @@ def test_target_sharing_few_genes_fails(tmp_path: Path, target_genes: list[str],
     target = _write(tmp_path / "target_raw.h5ad", var_names=target_genes)
     out = tmp_path / "out" / "target_processed.h5ad"
     with pytest.raises(TargetGenesError) as caught:
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=32)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=32))
     message = str(caught.value)
     assert str(target) in message and str(processed) in message
     for fragment in fragments:
@@ -278,8 +288,10 @@ def test_target_overlap_threshold_is_configurable(tmp_path: Path) -> None:
     target = _write(tmp_path / "target_raw.h5ad", var_names=kept[:3] + [f"X{i}" for i in range(N_GENES - 3)])
     out = tmp_path / "target_processed.h5ad"
     with pytest.raises(TargetGenesError, match="shares only 3 of the"):
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=32, min_shared_genes=0.5)
-    summary = preprocess_target(target, processed, out, dataset="ds", chunk_size=32, min_shared_genes=0.2)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=32, min_shared_genes=0.5))
+    summary = preprocess_target(
+        target, processed, out, TargetSettings(dataset="ds", chunk_size=32, min_shared_genes=0.2)
+    )
     assert len(summary["genes_absent"]) == len(kept) - 3
 
 
@@ -288,7 +300,7 @@ def test_target_with_duplicated_cell_names_fails(tmp_path: Path) -> None:
     target = _duplicated_cells(tmp_path / "target_raw.h5ad")
     out = tmp_path / "out" / "target_processed.h5ad"
     with pytest.raises(DuplicateCellsError, match="target_raw.h5ad: 20 cell names occur more than once"):
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=32)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=32))
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
@@ -296,7 +308,7 @@ def test_empty_target_says_the_file_is_empty(tmp_path: Path) -> None:
     processed = _processed(tmp_path)
     target = _empty(tmp_path / "target_raw.h5ad")
     with pytest.raises(EmptyInputError, match="target_raw.h5ad: the file is empty"):
-        preprocess_target(target, processed, tmp_path / "out" / "t.h5ad", dataset="ds", chunk_size=32)
+        preprocess_target(target, processed, tmp_path / "out" / "t.h5ad", TargetSettings(dataset="ds", chunk_size=32))
 
 
 def test_float16_counts_layer_is_refused_but_an_unused_float16_layer_is_not(tmp_path: Path) -> None:
@@ -312,7 +324,9 @@ def test_float16_counts_layer_is_refused_but_an_unused_float16_layer_is_not(tmp_
         values = file["layers/spliced/data"][...]
         del file["layers/spliced/data"]
         file["layers/spliced/data"] = values.astype(np.float16)
-    summary = preprocess_dataset(raw, tmp_path / "ok.h5ad", dataset="ds", n_top_genes=10, chunk_size=32)
+    summary = preprocess_dataset(
+        raw, tmp_path / "ok.h5ad", PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32)
+    )
     assert summary["input_scale"] == "counts"  # read from layers['counts']
     with h5py.File(raw, "r+") as file:
         values = file["layers/counts/data"][...]
@@ -320,5 +334,5 @@ def test_float16_counts_layer_is_refused_but_an_unused_float16_layer_is_not(tmp_
         file["layers/counts/data"] = values.astype(np.float16)
     out = tmp_path / "out" / "processed.h5ad"
     with pytest.raises(UnsupportedDtypeError, match=r"layers/counts is stored as float16.*adata.layers\['counts'\] = "):
-        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32)
+        preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32))
     assert not out.parent.exists() or list(out.parent.iterdir()) == []

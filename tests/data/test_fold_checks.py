@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.data.splits import check_fold_usable, split_for_processed
+from ccfm.data.splits import FoldChecks, check_fold_usable, split_for_processed
 from ccfm.data.validation import BatchSizeError, TooFewPerturbationsError, check_enough_perturbations
 from ccfm.evaluate.celleval import score_prediction
 from ccfm.model.training import TrainRequest, train_from_files
@@ -42,7 +42,7 @@ def test_fold_with_too_few_held_out_perturbations_falls_back_to_a_profile_that_s
     split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.3)
     assert len(split["test"]) == 1
     with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
-        entry = check_fold_usable(processed, split, score_profile="full", batch_size=16)
+        entry = check_fold_usable(processed, split, FoldChecks(cell_eval_profile="full", batch_size=16))
     assert entry["configured"] == "full" and entry["used"] == "minimal"
     for fragment in (
         str(processed),
@@ -54,7 +54,9 @@ def test_fold_with_too_few_held_out_perturbations_falls_back_to_a_profile_that_s
     ):
         assert fragment in entry["note"], f"{fragment!r} not in: {entry['note']}"
     assert entry["note"] in caplog.text  # said in the log, and in the split file the report shows
-    kept = check_fold_usable(processed, split, score_profile="vcc", batch_size=16)  # vcc scores a single one
+    kept = check_fold_usable(
+        processed, split, FoldChecks(cell_eval_profile="vcc", batch_size=16)
+    )  # vcc scores a single one
     assert kept == {"configured": "vcc", "used": "vcc", "note": ""}
 
 
@@ -85,7 +87,7 @@ def test_batch_size_beyond_every_training_perturbation_fails_at_the_split(tmp_pa
     processed = _processed(tmp_path / "processed.h5ad", SIZES)
     split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.3)
     with pytest.raises(BatchSizeError) as caught:
-        check_fold_usable(processed, split, score_profile="vcc", batch_size=4096)
+        check_fold_usable(processed, split, FoldChecks(cell_eval_profile="vcc", batch_size=4096))
     message = str(caught.value)
     for fragment in (
         "train.batch_size is 4096",
@@ -101,7 +103,7 @@ def test_batch_size_above_some_perturbations_is_logged(tmp_path: Path, caplog) -
     processed = _processed(tmp_path / "processed.h5ad", SIZES)
     split = split_for_processed(processed, fold=1, seed=0, heldout_fraction=0.3)
     with caplog.at_level(logging.WARNING, logger="ccfm.data.splits"):
-        check_fold_usable(processed, split, score_profile="vcc", batch_size=25)
+        check_fold_usable(processed, split, FoldChecks(cell_eval_profile="vcc", batch_size=25))
     assert "fewer cells than train.batch_size=25 and are drawn with replacement" in caplog.text
 
 

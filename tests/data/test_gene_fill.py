@@ -18,8 +18,8 @@ from ccfm.data.gene_fill import (
     predictions_on_all_genes,
     read_gene_table,
 )
-from ccfm.data.preprocess import normalize_log1p, preprocess_dataset
-from ccfm.data.splits import split_to_files
+from ccfm.data.preprocess import PreprocessSettings, normalize_log1p, preprocess_dataset
+from ccfm.data.splits import FoldChecks, SplitSettings, split_to_files
 from ccfm.io.h5ad import read_control_cells
 from ccfm.io.predictions import read_expression_h5ad, write_predictions
 from public_files import write_public_files
@@ -37,12 +37,14 @@ def counts_run(files, tmp_path_factory):
     preprocess_dataset(
         files.scperturb,
         out / "processed.h5ad",
-        dataset="x",
-        perturbation_column="perturbation",
-        control_label="control",
-        combo_separator="_",
-        n_top_genes=60,
-        predict=files.predict,
+        PreprocessSettings(
+            dataset="x",
+            perturbation_column="perturbation",
+            control_label="control",
+            combo_separator="_",
+            n_top_genes=60,
+            predict=files.predict,
+        ),
         genes_tsv=out / "genes.tsv",
     )
     split = split_to_files(
@@ -50,13 +52,8 @@ def counts_run(files, tmp_path_factory):
         out / "fold1.json",
         out / "real.h5ad",
         fold=1,
-        seed=42,
-        heldout_fraction=0.3,
-        n_folds=5,
-        min_cells_per_perturbation=1,
-        perturbation_type="gene",
-        score_profile="full",
-        batch_size=16,
+        settings=SplitSettings(seed=42, heldout_fraction=0.3, n_folds=5, min_cells_per_perturbation=1),
+        checks=FoldChecks(cell_eval_profile="full", batch_size=16),
         genes_tsv=out / "genes.tsv",
         raw=files.scperturb,
     )
@@ -74,9 +71,7 @@ def test_gene_table_and_log_say_what_is_modelled_and_what_is_never_expressed(fil
         summary = preprocess_dataset(
             files.gears,
             tmp_path / "processed.h5ad",
-            dataset="gears",
-            perturbation_column="condition",
-            control_label="ctrl",
+            PreprocessSettings(dataset="gears", perturbation_column="condition", control_label="ctrl"),
             genes_tsv=tmp_path / "genes.tsv",
         )
     table = read_gene_table(tmp_path / "genes.tsv")

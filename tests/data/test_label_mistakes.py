@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ccfm.data.conditions import match_label_case
-from ccfm.data.preprocess import preprocess_dataset
+from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset
 from ccfm.data.validation import ComboSeparatorError, LabelParseError
 from public_files import write_public_files
 
@@ -33,9 +33,7 @@ def test_doubles_joined_by_another_character_stop_naming_combo_separator(files, 
         preprocess_dataset(
             files.scperturb,
             tmp_path / "out" / "processed.h5ad",
-            dataset="x",
-            perturbation_column="perturbation",
-            control_label="control",
+            PreprocessSettings(dataset="x", perturbation_column="perturbation", control_label="control"),
             genes_tsv=tmp_path / "out" / "genes.tsv",
         )
     message = str(info.value)
@@ -47,10 +45,9 @@ def test_doubles_joined_by_another_character_stop_naming_combo_separator(files, 
     summary = preprocess_dataset(
         files.scperturb,
         tmp_path / "ok.h5ad",
-        dataset="x",
-        perturbation_column="perturbation",
-        control_label="control",
-        combo_separator="_",
+        PreprocessSettings(
+            dataset="x", perturbation_column="perturbation", control_label="control", combo_separator="_"
+        ),
     )
     assert summary["conditions"] == {"control": 1, "single": 8, "double": 10}
 
@@ -58,7 +55,11 @@ def test_doubles_joined_by_another_character_stop_naming_combo_separator(files, 
 def test_a_few_genes_with_a_dash_are_not_taken_for_doubles(files, tmp_path: Path) -> None:
     # one odd name among many unmeasured genes does not stop the run
     path = _relabelled(files.gears, tmp_path / "raw.h5ad", "condition", lambda v: v.replace("ZBTB10", "CEBPA-ETS1"))
-    preprocess_dataset(path, tmp_path / "p.h5ad", dataset="x", perturbation_column="condition", control_label="ctrl")
+    preprocess_dataset(
+        path,
+        tmp_path / "p.h5ad",
+        PreprocessSettings(dataset="x", perturbation_column="condition", control_label="ctrl"),
+    )
 
 
 def test_labels_in_another_letter_case_match_their_gene_and_are_reported(files, tmp_path: Path, caplog) -> None:
@@ -74,9 +75,7 @@ def test_labels_in_another_letter_case_match_their_gene_and_are_reported(files, 
         summary = preprocess_dataset(
             path,
             tmp_path / "processed.h5ad",
-            dataset="x",
-            perturbation_column="condition",
-            control_label="ctrl",
+            PreprocessSettings(dataset="x", perturbation_column="condition", control_label="ctrl"),
             perturbed_genes_tsv=tmp_path / "perturbed_genes.tsv",
         )
     assert summary["case_matched"] == {measured.lower(): measured, unmeasured.lower(): unmeasured}

@@ -14,7 +14,9 @@ import scipy.sparse as sp
 from ccfm.data.conditions import CONTROL
 from ccfm.data.moments import RunningMoments
 from ccfm.data.preprocess import (
+    PreprocessSettings,
     ScaleError,
+    TargetSettings,
     detect_input_scale,
     preprocess_dataset,
     preprocess_target,
@@ -114,7 +116,9 @@ def test_scale_detection_and_contradiction(tmp_path: Path) -> None:
     with pytest.raises(ScaleError, match="look like log1p"):
         resolve_input_scale("counts", detect_input_scale(log_path), log_path)
     with pytest.raises(ScaleError, match="input_scale: counts"):
-        preprocess_dataset(log_path, tmp_path / "p.h5ad", dataset="t", input_scale="counts", n_top_genes=10)
+        preprocess_dataset(
+            log_path, tmp_path / "p.h5ad", PreprocessSettings(dataset="t", input_scale="counts", n_top_genes=10)
+        )
     scaled = logged.copy()
     scaled.X = sp.csr_matrix(scaled.X.toarray() - 0.5)
     scaled.write_h5ad(tmp_path / "scaled.h5ad")
@@ -127,7 +131,9 @@ def test_log1p_input_with_counts_layer_uses_counts(tmp_path: Path) -> None:
     both = _reference_log1p(adata)
     both.layers["counts"] = adata.X.copy()
     both.write_h5ad(tmp_path / "both.h5ad")
-    summary = preprocess_dataset(tmp_path / "both.h5ad", tmp_path / "p.h5ad", dataset="t", n_top_genes=40)
+    summary = preprocess_dataset(
+        tmp_path / "both.h5ad", tmp_path / "p.h5ad", PreprocessSettings(dataset="t", n_top_genes=40)
+    )
     assert summary["input_scale"] == "counts"
     out = ad.read_h5ad(tmp_path / "p.h5ad")
     np.testing.assert_allclose(out.layers["counts"].toarray(), adata.X.toarray())
@@ -138,7 +144,9 @@ def test_log1p_only_input_is_kept_without_counts_layer(tmp_path: Path) -> None:
     adata = _counts_file(tmp_path / "c.h5ad")
     logged = _reference_log1p(adata)
     logged.write_h5ad(tmp_path / "log.h5ad")
-    summary = preprocess_dataset(tmp_path / "log.h5ad", tmp_path / "p.h5ad", dataset="t", n_top_genes=40, chunk_size=64)
+    summary = preprocess_dataset(
+        tmp_path / "log.h5ad", tmp_path / "p.h5ad", PreprocessSettings(dataset="t", n_top_genes=40, chunk_size=64)
+    )
     out = ad.read_h5ad(tmp_path / "p.h5ad")
     assert summary["input_scale"] == "log1p" and "counts" not in out.layers
     np.testing.assert_allclose(out.X.toarray(), logged.X.toarray(), atol=1e-6)
@@ -152,12 +160,14 @@ def test_preprocess_datlinger_matches_scanpy(datlinger_h5ad: Path, tmp_path: Pat
     summary = preprocess_dataset(
         datlinger_h5ad,
         out,
-        dataset="datlinger",
-        perturbation_column="perturbation",
-        control_label="control",
-        combo_separator="_",
-        n_top_genes=300,
-        chunk_size=1000,
+        PreprocessSettings(
+            dataset="datlinger",
+            perturbation_column="perturbation",
+            control_label="control",
+            combo_separator="_",
+            n_top_genes=300,
+            chunk_size=1000,
+        ),
     )
     processed = ad.read_h5ad(out)
     raw = ad.read_h5ad(datlinger_h5ad)
@@ -192,11 +202,13 @@ def test_preprocess_papalexi_keeps_perturbed_genes(papalexi_h5ad: Path, tmp_path
     summary = preprocess_dataset(
         papalexi_h5ad,
         out,
-        dataset="papalexi",
-        perturbation_column="target",
-        control_label="non-targeting",
-        n_top_genes=20,
-        chunk_size=5000,
+        PreprocessSettings(
+            dataset="papalexi",
+            perturbation_column="target",
+            control_label="non-targeting",
+            n_top_genes=20,
+            chunk_size=5000,
+        ),
     )
     processed = ad.read_h5ad(out, backed="r")
     raw_var = set(ad.read_h5ad(papalexi_h5ad, backed="r").var_names)
@@ -219,7 +231,9 @@ def test_preprocess_papalexi_keeps_perturbed_genes(papalexi_h5ad: Path, tmp_path
 def test_missing_perturbation_column_names_the_fix(tmp_path: Path) -> None:
     _counts_file(tmp_path / "c.h5ad")
     with pytest.raises(KeyError, match="perturbation_column"):
-        preprocess_dataset(tmp_path / "c.h5ad", tmp_path / "p.h5ad", dataset="t", perturbation_column="condition")
+        preprocess_dataset(
+            tmp_path / "c.h5ad", tmp_path / "p.h5ad", PreprocessSettings(dataset="t", perturbation_column="condition")
+        )
 
 
 # ---------------------------------------------------------------- target context
@@ -227,7 +241,11 @@ def test_missing_perturbation_column_names_the_fix(tmp_path: Path) -> None:
 
 def test_preprocess_target_aligns_genes(tmp_path: Path) -> None:
     _counts_file(tmp_path / "src.h5ad", n_cells=120, n_genes=30, seed=3)
-    preprocess_dataset(tmp_path / "src.h5ad", tmp_path / "processed.h5ad", dataset="t", n_top_genes=12, chunk_size=50)
+    preprocess_dataset(
+        tmp_path / "src.h5ad",
+        tmp_path / "processed.h5ad",
+        PreprocessSettings(dataset="t", n_top_genes=12, chunk_size=50),
+    )
     genes = list(ad.read_h5ad(tmp_path / "processed.h5ad", backed="r").var_names)
     target = _counts_file(tmp_path / "tmp.h5ad", n_cells=90, n_genes=30, seed=4)
     dropped = genes[1]
@@ -237,8 +255,7 @@ def test_preprocess_target_aligns_genes(tmp_path: Path) -> None:
         tmp_path / "target_raw.h5ad",
         tmp_path / "processed.h5ad",
         tmp_path / "target_processed.h5ad",
-        dataset="t",
-        chunk_size=40,
+        TargetSettings(dataset="t", chunk_size=40),
     )
     out = ad.read_h5ad(tmp_path / "target_processed.h5ad")
     assert list(out.var_names) == genes and summary["genes_absent"] == [dropped]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ccfm.data.conditions import CONTROL
-from ccfm.data.preprocess import preprocess_dataset
+from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset
 from ccfm.data.simulate import simulate_demo
 from ccfm.data.splits import make_split, split_for_processed, write_real
 from ccfm.io.splits import SplitLeakError, read_split, write_split
@@ -83,7 +83,7 @@ def test_split_and_real_on_simulated_demo(tmp_path: Path) -> None:
         target_cells_per_condition=5,
     )
     processed = tmp_path / "processed.h5ad"
-    preprocess_dataset(paths["raw"], processed, dataset="demo", n_top_genes=30, chunk_size=100)
+    preprocess_dataset(paths["raw"], processed, PreprocessSettings(dataset="demo", n_top_genes=30, chunk_size=100))
     split = split_for_processed(processed, fold=1, seed=42, heldout_fraction=0.3, n_folds=2)
     write_split(split, tmp_path / "splits" / "fold1.json")
     loaded = read_split(tmp_path / "splits" / "fold1.json")

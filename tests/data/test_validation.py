@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.data.preprocess import ScaleError, preprocess_dataset, preprocess_target
+from ccfm.data.preprocess import PreprocessSettings, ScaleError, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split
 from ccfm.data.validation import (
     ControlLabelMismatchError,
@@ -189,7 +189,7 @@ def test_bad_input_raises_and_writes_nothing(tmp_path: Path, case: str) -> None:
     out_dir = tmp_path / "results" / "ds"
     out = out_dir / "processed.h5ad"
     with pytest.raises(error) as caught:
-        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=32, **kwargs)
+        preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32, **kwargs))
     assert isinstance(caught.value, InputValidationError)
     message = str(caught.value)
     assert str(raw) in message, message
@@ -206,44 +206,46 @@ def test_nan_found_by_streaming_check_names_row_and_nothing_left(tmp_path: Path)
     raw = _write(tmp_path / "raw.h5ad", x=x)
     out = tmp_path / "out" / "processed.h5ad"
     with pytest.raises(InvalidValuesError, match=r"1 NaN/infinite values in rows 45\.\.45"):
-        preprocess_dataset(raw, out, dataset="ds", n_top_genes=10, chunk_size=16)
+        preprocess_dataset(raw, out, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=16))
     assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
 
 
 def test_target_with_ensembl_ids_and_bad_predict(tmp_path: Path) -> None:
     raw = _write(tmp_path / "raw.h5ad")
     processed = tmp_path / "processed.h5ad"
-    preprocess_dataset(raw, processed, dataset="ds", n_top_genes=10, chunk_size=32)
+    preprocess_dataset(raw, processed, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32))
     target = _ensembl(True)(tmp_path / "target_raw.h5ad")
     out = tmp_path / "out" / "target_processed.h5ad"
     with pytest.raises(EnsemblIdsError, match="target_raw.h5ad"):
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=32)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=32))
     assert not out.exists()
     good_target = _write(tmp_path / "target_ok.h5ad")
     with pytest.raises(UnknownPerturbationError, match="'ZZZ' is not in the data"):
-        preprocess_target(good_target, processed, out, dataset="ds", chunk_size=32, predict=["ZZZ"])
+        preprocess_target(good_target, processed, out, TargetSettings(dataset="ds", chunk_size=32, predict=["ZZZ"]))
     assert not out.exists()
     # duplicated target genes are tolerated (first occurrence used), with a warning
     dup_target = _write(tmp_path / "target_dup.h5ad", var=pd.DataFrame(index=GENES[:-1] + ["G1"]))
-    summary = preprocess_target(dup_target, processed, out, dataset="ds", chunk_size=32)
+    summary = preprocess_target(dup_target, processed, out, TargetSettings(dataset="ds", chunk_size=32))
     assert out.exists() and summary["n_cells"] == N_CELLS
 
 
 def test_target_without_controls_fails(tmp_path: Path) -> None:
     raw = _write(tmp_path / "raw.h5ad")
     processed = tmp_path / "processed.h5ad"
-    preprocess_dataset(raw, processed, dataset="ds", n_top_genes=10, chunk_size=32)
+    preprocess_dataset(raw, processed, PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32))
     target = _write(tmp_path / "t.h5ad", obs=_obs(_labels(np.random.default_rng(1), control="ctrl-guide")))
     out = tmp_path / "out" / "target_processed.h5ad"
     with pytest.raises(ControlLabelMismatchError, match="control_label: ctrl-guide"):
-        preprocess_target(target, processed, out, dataset="ds", chunk_size=32)
+        preprocess_target(target, processed, out, TargetSettings(dataset="ds", chunk_size=32))
     assert not out.exists()
 
 
 def test_predict_genes_are_kept_in_processed(tmp_path: Path) -> None:
     raw = _write(tmp_path / "raw.h5ad")
     out = tmp_path / "processed.h5ad"
-    summary = preprocess_dataset(raw, out, dataset="ds", n_top_genes=3, chunk_size=32, predict=["G20+G25", "G29"])
+    summary = preprocess_dataset(
+        raw, out, PreprocessSettings(dataset="ds", n_top_genes=3, chunk_size=32, predict=["G20+G25", "G29"])
+    )
     genes = set(ad.read_h5ad(out, backed="r").var_names)
     assert {"G20", "G25", "G29", "G1", "G2"} <= genes
     assert summary["n_genes"] == len(genes)
@@ -253,7 +255,7 @@ def test_doubles_missing_singles_are_logged(tmp_path: Path, caplog: pytest.LogCa
     labels = np.random.default_rng(0).choice(["non-targeting", "G1", "G1+G2", "G1+G3"], size=N_CELLS)
     raw = _write(tmp_path / "raw.h5ad", obs=_obs(labels))
     with caplog.at_level(logging.WARNING):
-        preprocess_dataset(raw, tmp_path / "p.h5ad", dataset="ds", n_top_genes=10, chunk_size=32)
+        preprocess_dataset(raw, tmp_path / "p.h5ad", PreprocessSettings(dataset="ds", n_top_genes=10, chunk_size=32))
     assert "2 double perturbation(s) lack cells" in caplog.text
     assert "additive baseline" in caplog.text and "G1+G2, G1+G3" in caplog.text
     split = make_split(labels, fold=1, seed=0, heldout_fraction=0.5)

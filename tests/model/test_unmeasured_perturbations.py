@@ -22,7 +22,7 @@ from ccfm.adapt.score import score_target_to_files
 from ccfm.adapt.shift import AdaptSettings
 from ccfm.adapt.target import predict_target_to_files
 from ccfm.data.perturbations import PerturbationEncoder, PerturbationVocab, UnembeddablePerturbationError
-from ccfm.data.preprocess import preprocess_dataset, preprocess_target
+from ccfm.data.preprocess import PreprocessSettings, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, split_for_processed, write_real, write_split
 from ccfm.data.validation import UnknownPerturbationError
 from ccfm.evaluate.baselines import BASELINE_METHODS, run_baseline
@@ -66,10 +66,7 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
     summary = preprocess_dataset(
         data.raw,
         processed,
-        dataset="public_like",
-        n_top_genes=40,
-        chunk_size=200,
-        predict=predict,
+        PreprocessSettings(dataset="public_like", n_top_genes=40, chunk_size=200, predict=predict),
         perturbed_genes_tsv=table,
     )
     assert summary["input_scale"] == "log1p"
@@ -173,7 +170,7 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
 def _adapt_to_target(tmp_path: Path, data, processed: Path, model_pt: Path, generation) -> None:
     """Adaptation and target scoring on the same model: target perturbations of unmeasured genes."""
     target = tmp_path / "target_processed.h5ad"
-    preprocess_target(data.target_raw, processed, target, dataset="public_like", chunk_size=200)
+    preprocess_target(data.target_raw, processed, target, TargetSettings(dataset="public_like", chunk_size=200))
     adapt = tmp_path / "adapt"
     settings = AdaptSettings(steps=20, batch_size=32, eval_every=10, eval_cells=64)
     adapt_to_files(
@@ -224,10 +221,9 @@ def test_unseen_unmeasured_gene_is_rejected_before_training(tmp_path: Path) -> N
         preprocess_dataset(
             data.raw,
             out,
-            dataset="public_like",
-            n_top_genes=40,
-            chunk_size=200,
-            predict=[f"{data.unmeasured[0]}+NOTPANEL1"],
+            PreprocessSettings(
+                dataset="public_like", n_top_genes=40, chunk_size=200, predict=[f"{data.unmeasured[0]}+NOTPANEL1"]
+            ),
             perturbed_genes_tsv=tmp_path / "out" / "t.tsv",
         )
     message = str(error.value)
@@ -237,15 +233,21 @@ def test_unseen_unmeasured_gene_is_rejected_before_training(tmp_path: Path) -> N
 
     # target context: its predict entries may name genes the *source* cells perturb, nothing else
     processed = tmp_path / "processed.h5ad"
-    preprocess_dataset(data.raw, processed, dataset="public_like", n_top_genes=40, chunk_size=200)
+    preprocess_dataset(data.raw, processed, PreprocessSettings(dataset="public_like", n_top_genes=40, chunk_size=200))
     target_raw = tmp_path / "raw" / "simulated" / "target_raw.h5ad"
     target_out = tmp_path / "target_processed.h5ad"
     preprocess_target(
-        target_raw, processed, target_out, dataset="public_like", chunk_size=200, predict=[data.unmeasured[1]]
+        target_raw,
+        processed,
+        target_out,
+        TargetSettings(dataset="public_like", chunk_size=200, predict=[data.unmeasured[1]]),
     )
     with pytest.raises(UnknownPerturbationError, match="'NOTPANEL2' is not in the data"):
         preprocess_target(
-            target_raw, processed, tmp_path / "t2.h5ad", dataset="public_like", chunk_size=200, predict=["NOTPANEL2"]
+            target_raw,
+            processed,
+            tmp_path / "t2.h5ad",
+            TargetSettings(dataset="public_like", chunk_size=200, predict=["NOTPANEL2"]),
         )
 
     # the training stage re-checks (a hand-made split, a changed 'predict:'): before any step

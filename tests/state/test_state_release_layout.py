@@ -94,7 +94,7 @@ def test_released_layout_loads_with_its_optional_maps(released_run) -> None:
 def test_released_run_predicts_the_csvs_counts_and_writes_a_vcc(released_run, tmp_path) -> None:
     from ccfm.adapt.files import save_shift
     from ccfm.adapt.submission import read_vcc, write_vcc_submission
-    from ccfm.data.preprocess import preprocess_target
+    from ccfm.data.preprocess import TargetSettings, preprocess_target
     from ccfm.state.adapt import predict_target_state_to_files
 
     _, run, _, genes = released_run
@@ -109,7 +109,9 @@ def test_released_run_predicts_the_csvs_counts_and_writes_a_vcc(released_run, tm
     obs = pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"t{i}" for i in range(len(labels))])
     raw = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=target_genes))
     raw.write_h5ad(tmp_path / "target_raw.h5ad")
-    preprocess_target(tmp_path / "target_raw.h5ad", tmp_path / "processed.h5ad", tmp_path / "target.h5ad", dataset="t")
+    preprocess_target(
+        tmp_path / "target_raw.h5ad", tmp_path / "processed.h5ad", tmp_path / "target.h5ad", TargetSettings(dataset="t")
+    )
     save_shift(tmp_path / "shift.safetensors", torch.full((len(genes),), 0.05), genes)
     (tmp_path / "perts.csv").write_text("target_gene,n_cells,median_umi_per_cell\nA,3,1000\nB+A,7,1000\n")
     paths = [tmp_path / n for n in ("pred.h5ad", "pred_means.csv", "un.h5ad", "un_means.csv")]

@@ -4,6 +4,35 @@
 #
 # resources/data/{ds}/raw.h5ad has two producers (simulation, download); each rule only matches
 # the datasets whose config `source` says so, which keeps the DAG unambiguous.
+#
+# Settings that only verify or validate (checksums, min_shared_genes, the fold checks) are params
+# computed by functions that take `input` or `output`: Snakemake counts those as derived and does not
+# rerun a job when they change, so pinning a checksum or lowering a threshold redoes nothing.
+
+
+def download_checks(ds):
+    """Checksums and the allow_* switches of a dataset's files, by config block (dataset, target)."""
+    spec = ds_cfg(ds)
+    keys = ("md5", "sha256", "allow_unverified", "allow_http")
+    blocks = {"dataset": spec, **({"target": spec["target"]} if "target" in spec else {})}
+    return {block: {key: values.get(key) for key in keys} for block, values in blocks.items()}
+
+
+def target_checks(ds):
+    """What preprocess_target only checks: the perturbation type and the genes the target must share."""
+    spec = ds_cfg(ds)
+    return {
+        "perturbation_type": spec["perturbation_type"],
+        "min_shared_genes": float(spec["target"]["min_shared_genes"]),
+    }
+
+
+def fold_checks(ds):
+    """What the split checks a fold against (the cell-eval profile and the batch size later rules use)."""
+    return {
+        "cell_eval_profile": section(ds, "score")["profile"],
+        "batch_size": int(section(ds, "train")["batch_size"]),
+    }
 
 
 rule simulate_demo:
@@ -46,11 +75,12 @@ rule download_dataset:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=240,
     params:
-        # Only the source is a param. md5/sha256/allow_unverified are read from the config by the
-        # script: as params, pinning a checksum on a downloaded file would rerun the download and
-        # everything after it (Snakemake deletes the outputs of a job it reruns).
+        # Only the source triggers a rerun. The checksums are derived params (see the top): as
+        # plain params, pinning one on a downloaded file would rerun the download and everything
+        # after it (Snakemake deletes the outputs of a job it reruns).
         url=lambda wc: config["datasets"][wc.ds].get("url"),
         block="dataset",
+        verify=lambda wc, output: download_checks(wc.ds),
     script:
         "../scripts/download_dataset.py"
 
@@ -67,6 +97,7 @@ use rule download_dataset as download_target with:
     params:
         url=lambda wc: config["datasets"][wc.ds]["target"].get("url"),
         block="target",
+        verify=lambda wc, output: download_checks(wc.ds),
 
 
 rule preprocess:
@@ -127,6 +158,7 @@ rule preprocess_target:
         runtime=120,
     params:
         settings=lambda wc: preprocess_target_settings(wc.ds),
+        checks=lambda wc, input: target_checks(wc.ds),
     script:
         "../scripts/preprocess_target.py"
 
@@ -163,5 +195,7 @@ rule split:
         n_folds=lambda wc: section(wc.ds, "split")["n_folds"],
         min_cells=lambda wc: section(wc.ds, "split")["min_cells_per_perturbation"],
         chunk_size=lambda wc: section(wc.ds, "preprocess")["chunk_size"],
+        # checked, not used to split: a change reruns neither the split nor the models trained on it
+        checks=lambda wc, input: fold_checks(wc.ds),
     script:
         "../scripts/split.py"

@@ -3,6 +3,8 @@
 # Fixed output paths for the two named checkpoints keep the rules unambiguous; any other
 # checkpoint directory named in the config is used in place (files put there by the user).
 
+from ccfm.config import scgpt_settings
+
 
 rule scgpt_build_tiny:
     output:
@@ -33,9 +35,6 @@ rule scgpt_download:
         args="resources/scgpt/whole-human/args.json",
     log:
         "logs/scgpt/download_whole_human.log",
-    # No params: the Drive folder, the mirror and the sha256 digests are read from the config by
-    # the script. As params, pinning a digest or adding a mirror would delete and re-download
-    # the 200 MB checkpoint and retrain every model built on it.
     benchmark:
         "results/benchmarks/scgpt/download_whole_human.tsv"
     conda:
@@ -44,6 +43,12 @@ rule scgpt_download:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=60,
+    params:
+        # The Drive folder, the mirror and the sha256 digests (the `scgpt` block over the schema's
+        # defaults), derived from `output` so that Snakemake does not track them: as plain params,
+        # pinning a digest or adding a mirror would delete and re-download the 200 MB checkpoint
+        # and retrain every model built on it.
+        settings=lambda wc, output: scgpt_settings(config),
     script:
         "../scripts/scgpt_download.py"
 

@@ -1,16 +1,16 @@
 """Rule scgpt_download: fetch and verify the pretrained scGPT whole-human checkpoint.
 
-Settings come from the config's `scgpt` block, not rule params (see the rule's comment).
+`params.settings` is the config's `scgpt` block over the schema's defaults, derived in a way Snakemake
+does not track (see the rule): pinning a digest or adding a mirror must not re-download it.
 """
 
 from pathlib import Path
 
-from ccfm.config import scgpt_settings
 from ccfm.logs import setup_rule
 from ccfm.scgpt.checkpoint import download_whole_human
 
 setup_rule(snakemake.log[0], snakemake.threads)
-settings = scgpt_settings(snakemake.config)  # defaults: the schema's
+settings = snakemake.params.settings
 download_whole_human(
     Path(snakemake.output.model).parent,
     folder_id=settings["whole_human_gdrive_folder"],

@@ -45,6 +45,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.gene_selection import normalize_log1p
 from ccfm.io.h5ad import (
     CHUNK_SIZE,
     MODELLED_COLUMN,
@@ -185,8 +186,6 @@ class GeneFill:
     def _normalised(self, chunk: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
         if self.scale != "counts":
             return sp.csr_matrix(chunk, dtype=np.float32)
-        from ccfm.data.preprocess import normalize_log1p
-
         return normalize_log1p(chunk, self.library_size[rows], self.target_sum)
 
     def iter_rows(self, rows: np.ndarray) -> Iterator[tuple[int, sp.csr_matrix]]:

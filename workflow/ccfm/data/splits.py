@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ccfm import COMBO_SEPARATOR, PERT_COLUMN
+from ccfm.config import dataset_defaults, section_defaults
 from ccfm.data.conditions import CONTROL, condition_type
 from ccfm.data.gene_fill import GeneFill
 from ccfm.data.validation import (
@@ -74,6 +76,98 @@ def _can_hold_out(condition: str, measured: set[str], singles: set[str], strateg
     return all(part in singles for part in unmeasured)  # every single trains in the additive split
 
 
+def _check_fold(fold: int, n_folds: int | None, heldout_fraction: float) -> None:
+    if fold < 1 or (n_folds is not None and fold > n_folds):
+        raise ValueError(f"fold must be in 1..{n_folds}, got {fold}; check config 'split.folds' and 'split.n_folds'")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+
+
+def _split_record(fold: int, seed: int, strategy: str, heldout_fraction: float, **sides: list[str]) -> dict[str, Any]:
+    """The split file's entries in their order: ``sides`` are ``train``, ``test``, ``doubles_missing_singles``
+    and ``kept_in_train_unmeasured``."""
+    return {
+        "fold": int(fold),
+        "seed": int(seed + fold),
+        "strategy": strategy,
+        "heldout_fraction": float(heldout_fraction),
+        "train": sides["train"],
+        "test": sides["test"],
+        "controls": CONTROL,
+        "doubles_missing_singles": sides["doubles_missing_singles"],
+        "kept_in_train_unmeasured": sides["kept_in_train_unmeasured"],
+    }
+
+
+def _predict_only_split(distinct: list[str], singles: list[str], doubles: list[str], fold: int, seed: int) -> dict:
+    """``heldout_fraction: 0``: every condition trains, nothing is held out."""
+    if not distinct:
+        raise ValueError("cannot train: the data have no perturbed cells, only controls")
+    log.info(
+        "split fold %d: split.heldout_fraction is 0: nothing is held out; all %d conditions (%d singles, "
+        "%d doubles) train, the run predicts the dataset's 'predict:' list and scores nothing",
+        fold,
+        len(distinct),
+        len(singles),
+        len(doubles),
+    )
+    incomplete = warn_doubles_missing_singles(distinct, f"split fold {fold}", log)
+    return _split_record(
+        fold,
+        seed,
+        "predict_only",
+        0.0,
+        train=distinct,
+        test=[],
+        doubles_missing_singles=incomplete,
+        kept_in_train_unmeasured=[],
+    )
+
+
+def _strategy(singles: list[str], doubles: list[str]) -> tuple[str, list[str]]:
+    """``additive`` (hold out doubles) when there are doubles, else ``singles``; and the candidates."""
+    if doubles:
+        return "additive", doubles
+    if len(singles) >= 2:
+        return "singles", singles
+    raise ValueError(f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles")
+
+
+def _always_train(
+    candidates: list[str], measured_genes: Iterable[str], singles: list[str], strategy: str, fold: int
+) -> list[str]:
+    """Candidates whose holding out would leave an unmeasured gene without training cells (logged)."""
+    measured, single_set = set(map(str, measured_genes)), set(singles)
+    kept = [c for c in candidates if not _can_hold_out(c, measured, single_set, strategy)]
+    if kept:
+        log.info(
+            "split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
+            "gene without training cells: %s",
+            fold,
+            len(kept),
+            ", ".join(kept[:20]),
+        )
+    if len(kept) == len(candidates):
+        raise ValueError(
+            f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
+            f"perturbed gene that is not measured (absent from var) and has no other training condition, so "
+            f"holding it out would leave nothing to learn that gene from ({len(kept)} such conditions). "
+            f"Fix: set 'split: {{heldout_fraction: 0}}' for this dataset in config/config.yaml to train on "
+            f"every condition and only predict its 'predict:' list (nothing is scored), or keep these genes "
+            f"among the expression columns of the input file."
+        )
+    return kept
+
+
+def _check_no_leak(test: set[str], train: list[str], singles: list[str], strategy: str) -> None:
+    """Cannot fail by construction; guarded because a leak would void every metric."""
+    leaked = test & set(train)
+    if leaked:
+        raise SplitLeakError(f"held-out conditions in train: {sorted(leaked)}")
+    if strategy == "additive" and not set(singles) <= set(train):
+        raise SplitLeakError("additive split must train on every single")
+
+
 def make_split(
     conditions: Iterable[str],
     *,
@@ -93,85 +187,32 @@ def make_split(
     ``train``, ``test`` (sorted lists), ``controls``, ``doubles_missing_singles`` and
     ``kept_in_train_unmeasured``.
     """
-    if fold < 1 or (n_folds is not None and fold > n_folds):
-        raise ValueError(f"fold must be in 1..{n_folds}, got {fold}; check config 'split.folds' and 'split.n_folds'")
-    if not 0 <= heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    _check_fold(fold, n_folds, heldout_fraction)
     distinct = sorted({c for c in conditions if c != CONTROL})
     singles = [c for c in distinct if condition_type(c) == "single"]
     doubles = [c for c in distinct if condition_type(c) == "double"]
     rng = np.random.default_rng(seed + fold)
     if heldout_fraction == 0:
-        if not distinct:
-            raise ValueError("cannot train: the data have no perturbed cells, only controls")
-        log.info(
-            "split fold %d: split.heldout_fraction is 0: nothing is held out; all %d conditions (%d singles, "
-            "%d doubles) train, the run predicts the dataset's 'predict:' list and scores nothing",
-            fold,
-            len(distinct),
-            len(singles),
-            len(doubles),
-        )
-        return {
-            "fold": int(fold),
-            "seed": int(seed + fold),
-            "strategy": "predict_only",
-            "heldout_fraction": 0.0,
-            "train": distinct,
-            "test": [],
-            "controls": CONTROL,
-            "doubles_missing_singles": warn_doubles_missing_singles(distinct, f"split fold {fold}", log),
-            "kept_in_train_unmeasured": [],
-        }
-    if doubles:
-        strategy, candidates = "additive", doubles
-    elif len(singles) >= 2:
-        strategy, candidates = "singles", singles
-    else:
-        raise ValueError(
-            f"cannot split: need doubles or at least two singles, got {len(singles)} singles and no doubles"
-        )
+        return _predict_only_split(distinct, singles, doubles, fold, seed)
+    strategy, candidates = _strategy(singles, doubles)
     kept: list[str] = []
     if measured_genes is not None:
-        measured, single_set = set(map(str, measured_genes)), set(singles)
-        kept = [c for c in candidates if not _can_hold_out(c, measured, single_set, strategy)]
+        kept = _always_train(candidates, measured_genes, singles, strategy, fold)
         candidates = [c for c in candidates if c not in set(kept)]
-        if kept:
-            log.info(
-                "split fold %d: %d condition(s) always train: holding them out would leave an unmeasured "
-                "gene without training cells: %s",
-                fold,
-                len(kept),
-                ", ".join(kept[:20]),
-            )
-        if not candidates:
-            raise ValueError(
-                f"cannot split fold {fold}: every {'double' if strategy == 'additive' else 'single'} involves a "
-                f"perturbed gene that is not measured (absent from var) and has no other training condition, so "
-                f"holding it out would leave nothing to learn that gene from ({len(kept)} such conditions). "
-                f"Fix: set 'split: {{heldout_fraction: 0}}' for this dataset in config/config.yaml to train on "
-                f"every condition and only predict its 'predict:' list (nothing is scored), or keep these genes "
-                f"among the expression columns of the input file."
-            )
     test = _held_out(candidates, heldout_fraction, rng)
     train = [c for c in distinct if c not in test]
     incomplete = warn_doubles_missing_singles(distinct, f"split fold {fold}", log)
-    leaked = test & set(train)
-    if leaked:  # cannot happen by construction; guarded because a leak would void every metric
-        raise SplitLeakError(f"held-out conditions in train: {sorted(leaked)}")
-    if strategy == "additive" and not set(singles) <= set(train):
-        raise SplitLeakError("additive split must train on every single")
-    return {
-        "fold": int(fold),
-        "seed": int(seed + fold),
-        "strategy": strategy,
-        "heldout_fraction": float(heldout_fraction),
-        "train": sorted(train),
-        "test": sorted(test),
-        "controls": CONTROL,
-        "doubles_missing_singles": incomplete,
-        "kept_in_train_unmeasured": kept,
-    }
+    _check_no_leak(test, train, singles, strategy)
+    return _split_record(
+        fold,
+        seed,
+        strategy,
+        heldout_fraction,
+        train=sorted(train),
+        test=sorted(test),
+        doubles_missing_singles=incomplete,
+        kept_in_train_unmeasured=kept,
+    )
 
 
 def split_for_processed(
@@ -227,25 +268,33 @@ def split_for_processed(
     return split
 
 
-def check_fold_usable(
-    processed: str | Path, split: dict[str, Any], *, score_profile: str, batch_size: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FoldChecks:
+    """What a fold is checked against before anything is written: the cell-eval profile that will score
+    it (``score.profile``) and ``train.batch_size``. Neither changes the split itself."""
+
+    cell_eval_profile: str
+    batch_size: int
+
+
+def check_fold_usable(processed: str | Path, split: dict[str, Any], checks: FoldChecks) -> dict[str, Any]:
     """Fail before training if the fold cannot be batched; choose the cell-eval profile that scores it.
 
     ``train.batch_size`` must fit the training cells (:func:`ccfm.data.validation.check_batch_size`).
-    With fewer held-out perturbations than ``score_profile`` needs, the fold is scored with a profile
-    that scores any number (:func:`ccfm.data.validation.scoring_profile`, logged). Returns the
+    With fewer held-out perturbations than ``checks.cell_eval_profile`` needs, the fold is scored with a
+    profile that scores any number (:func:`ccfm.data.validation.scoring_profile`, logged). Returns the
     split file's ``score_profile`` entry: ``configured``, ``used`` and a ``note`` (empty when unchanged).
     """
     where = f"{processed} (fold {split['fold']})"
+    profile = checks.cell_eval_profile
     counts = pd.Series(read_obs_labels(processed, PERT_COLUMN)).value_counts().to_dict()
-    check_batch_size(counts, split["train"], int(batch_size), where, log)
+    check_batch_size(counts, split["train"], int(checks.batch_size), where, log)
     if not split["test"]:
-        return {"configured": score_profile, "used": None, "note": "nothing held out: nothing is scored"}
-    used, note = scoring_profile(len(split["test"]), score_profile, where)
+        return {"configured": profile, "used": None, "note": "nothing held out: nothing is scored"}
+    used, note = scoring_profile(len(split["test"]), profile, where)
     if note:
         log.warning("%s", note)
-    return {"configured": score_profile, "used": used, "note": note}
+    return {"configured": profile, "used": used, "note": note}
 
 
 def write_real(
@@ -288,20 +337,31 @@ def write_real(
     return int(rows.size)
 
 
+_SPLIT = section_defaults("split")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitSettings:
+    """How a fold is drawn: the run's seed, the ``split`` section (defaults: the schema's), the dataset's
+    ``perturbation_type`` (gene datasets keep conditions whose unmeasured genes would lose all training
+    cells in train) and the rows streamed at a time."""
+
+    seed: int
+    heldout_fraction: float = _SPLIT["heldout_fraction"]
+    n_folds: int = _SPLIT["n_folds"]
+    min_cells_per_perturbation: int = _SPLIT["min_cells_per_perturbation"]
+    perturbation_type: str = dataset_defaults()["perturbation_type"]
+    chunk_size: int = CHUNK_SIZE
+
+
 def split_to_files(
     processed: str | Path,
     out_split: str | Path,
     out_real: str | Path,
     *,
     fold: int,
-    seed: int,
-    heldout_fraction: float,
-    n_folds: int,
-    min_cells_per_perturbation: int,
-    perturbation_type: str,
-    score_profile: str,
-    batch_size: int,
-    chunk_size: int = CHUNK_SIZE,
+    settings: SplitSettings,
+    checks: FoldChecks,
     genes_tsv: str | Path | None = None,
     raw: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -312,17 +372,17 @@ def split_to_files(
     split = split_for_processed(
         processed,
         fold=fold,
-        seed=seed,
-        heldout_fraction=heldout_fraction,
-        n_folds=n_folds,
-        min_cells_per_perturbation=min_cells_per_perturbation,
-        perturbation_type=perturbation_type,
+        seed=settings.seed,
+        heldout_fraction=settings.heldout_fraction,
+        n_folds=settings.n_folds,
+        min_cells_per_perturbation=settings.min_cells_per_perturbation,
+        perturbation_type=settings.perturbation_type,
     )
-    split["score_profile"] = check_fold_usable(processed, split, score_profile=score_profile, batch_size=batch_size)
+    split["score_profile"] = check_fold_usable(processed, split, checks)
     fill = None
     if genes_tsv is not None and raw is not None:
-        fill = GeneFill.from_files(genes_tsv, processed, raw, chunk_size=chunk_size)
+        fill = GeneFill.from_files(genes_tsv, processed, raw, chunk_size=settings.chunk_size)
         split["genes"] = fill.counts
-    write_real(processed, split, out_real, chunk_size=chunk_size, fill=fill)
+    write_real(processed, split, out_real, chunk_size=settings.chunk_size, fill=fill)
     write_split(split, out_split)
     return split
