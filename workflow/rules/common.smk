@@ -95,6 +95,36 @@ def preprocess_target_settings(ds):
     }
 
 
+# Settings that only verify or validate (checksums, min_shared_genes, the fold checks) are params
+# computed by functions that take `input` or `output`: Snakemake counts those as derived and does not
+# rerun a job when they change, so pinning a checksum or lowering a threshold redoes nothing.
+
+
+def download_checks(ds):
+    """Checksums and the allow_* switches of a dataset's files, by config block (dataset, target)."""
+    spec = ds_cfg(ds)
+    keys = ("md5", "sha256", "allow_unverified", "allow_http")
+    blocks = {"dataset": spec, **({"target": spec["target"]} if "target" in spec else {})}
+    return {block: {key: values.get(key) for key in keys} for block, values in blocks.items()}
+
+
+def target_checks(ds):
+    """What preprocess_target only checks: the perturbation type and the genes the target must share."""
+    spec = ds_cfg(ds)
+    return {
+        "perturbation_type": spec["perturbation_type"],
+        "min_shared_genes": float(spec["target"]["min_shared_genes"]),
+    }
+
+
+def fold_checks(ds):
+    """What the split checks a fold against (the cell-eval profile and the batch size later rules use)."""
+    return {
+        "cell_eval_profile": section(ds, "score")["profile"],
+        "batch_size": int(section(ds, "train")["batch_size"]),
+    }
+
+
 def target_predict(ds):
     """`target.predict`: a list of perturbations, or the path of a challenge-style CSV."""
     return config["datasets"][ds]["target"].get("predict", [])

@@ -5,34 +5,7 @@
 # resources/data/{ds}/raw.h5ad has two producers (simulation, download); each rule only matches
 # the datasets whose config `source` says so, which keeps the DAG unambiguous.
 #
-# Settings that only verify or validate (checksums, min_shared_genes, the fold checks) are params
-# computed by functions that take `input` or `output`: Snakemake counts those as derived and does not
-# rerun a job when they change, so pinning a checksum or lowering a threshold redoes nothing.
-
-
-def download_checks(ds):
-    """Checksums and the allow_* switches of a dataset's files, by config block (dataset, target)."""
-    spec = ds_cfg(ds)
-    keys = ("md5", "sha256", "allow_unverified", "allow_http")
-    blocks = {"dataset": spec, **({"target": spec["target"]} if "target" in spec else {})}
-    return {block: {key: values.get(key) for key in keys} for block, values in blocks.items()}
-
-
-def target_checks(ds):
-    """What preprocess_target only checks: the perturbation type and the genes the target must share."""
-    spec = ds_cfg(ds)
-    return {
-        "perturbation_type": spec["perturbation_type"],
-        "min_shared_genes": float(spec["target"]["min_shared_genes"]),
-    }
-
-
-def fold_checks(ds):
-    """What the split checks a fold against (the cell-eval profile and the batch size later rules use)."""
-    return {
-        "cell_eval_profile": section(ds, "score")["profile"],
-        "batch_size": int(section(ds, "train")["batch_size"]),
-    }
+# Settings that only verify or validate are derived params (see common.smk: download_checks).
 
 
 rule simulate_demo:
