@@ -127,3 +127,22 @@ def test_gpu_rules_declare_a_gpu_and_the_gpu_profile_names_them() -> None:
     test_profile = yaml.safe_load((ROOT / "tests" / "slurm" / "profile" / "config.v8+.yaml").read_text())
     zeroed = {name for name, res in test_profile["set-resources"].items() if res.get("gpu") == 0}
     assert zeroed == with_gpu
+
+
+def test_scripts_take_their_settings_from_params_and_checks_do_not_trigger_reruns() -> None:
+    """Scripts never read `snakemake.config`; what only verifies or validates is a derived param.
+
+    A params function that takes `input` or `output` is derived for Snakemake and not tracked, so
+    pinning a checksum, adding a mirror, lowering `min_shared_genes` or changing `score.profile` redoes
+    nothing (the md5 case runs for real above); a plain param would rerun the job and all after it.
+    """
+    scripts = sorted((ROOT / "workflow" / "scripts").glob("*.py"))
+    assert [path.name for path in scripts if "snakemake.config" in path.read_text()] == []
+    blocks = _rule_blocks()
+    derived = {
+        "download_dataset": "verify=lambda wc, output: download_checks(wc.ds)",  # and its use for the target
+        "preprocess_target": "checks=lambda wc, input: target_checks(wc.ds)",
+        "split": "checks=lambda wc, input: fold_checks(wc.ds)",
+        "scgpt_download": "settings=lambda wc, output: scgpt_settings(config)",
+    }
+    assert {name: line for name, line in derived.items() if line not in blocks[name]} == {}

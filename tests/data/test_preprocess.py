@@ -12,6 +12,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from ccfm.data.conditions import CONTROL
+from ccfm.data.gene_selection import select_genes, seurat_dispersion, top_genes
 from ccfm.data.moments import RunningMoments
 from ccfm.data.preprocess import (
     PreprocessSettings,
@@ -22,6 +23,9 @@ from ccfm.data.preprocess import (
     preprocess_target,
     resolve_input_scale,
 )
+from ccfm.data.splits import SplitSettings
+from ccfm.data.validation import InvalidValuesError
+from ccfm.data.writing import InputMatrix
 from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
 
 
@@ -267,3 +271,63 @@ def test_preprocess_target_aligns_genes(tmp_path: Path) -> None:
         else:
             np.testing.assert_allclose(column, reference[:, gene].X.toarray().ravel(), atol=1e-5)
     assert list(out.obs["target_gene"]) == list(target.obs["target_gene"])
+
+
+def test_settings_take_every_default_from_the_schema() -> None:
+    from ccfm.config import dataset_defaults, load_schema, section_defaults
+
+    preprocess, split, dataset = section_defaults("preprocess"), section_defaults("split"), dataset_defaults()
+    source, target = PreprocessSettings(dataset="d"), TargetSettings(dataset="d")
+    assert (source.n_top_genes, source.target_sum, source.chunk_size) == (
+        preprocess["n_top_genes"],
+        preprocess["target_sum"],
+        preprocess["chunk_size"],
+    )
+    assert (target.target_sum, target.chunk_size) == (preprocess["target_sum"], preprocess["chunk_size"])
+    for key in ("perturbation_column", "control_label", "combo_separator", "input_scale", "perturbation_type"):
+        assert getattr(source, key) == getattr(target, key) == dataset[key], key
+    target_schema = load_schema()["$defs"]["dataset"]["properties"]["target"]["properties"]
+    assert target.min_shared_genes == target_schema["min_shared_genes"]["default"]
+    fold = SplitSettings(seed=1)
+    assert (fold.heldout_fraction, fold.n_folds, fold.min_cells_per_perturbation, fold.chunk_size) == (
+        split["heldout_fraction"],
+        split["n_folds"],
+        split["min_cells_per_perturbation"],
+        preprocess["chunk_size"],
+    )
+    # The rule's settings mapping is taken as it is: a misspelt key is an error naming it.
+    with pytest.raises(TypeError, match="n_top_genez"):
+        PreprocessSettings(dataset="d", n_top_genez=5)
+
+
+def test_select_genes_keeps_the_most_dispersed_and_every_perturbed_and_requested_gene_in_input_order() -> None:
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.uniform(0.5, 20.0, size=12), size=(200, 12)).astype(np.float64)
+    counts[:, 2] = 0.0  # never expressed: no dispersion, never among the most dispersed
+    moments = RunningMoments.empty(12)
+    moments.update(sp.csr_matrix(np.log1p(counts)))
+    genes = pd.Index([f"g{i}" for i in range(12)])
+    selection = select_genes(moments, 3, genes, perturbed=["g9", "absent"], requested=["g2"])
+    dispersion = seurat_dispersion(moments.mean, moments.variance())[1]
+    most_dispersed = np.flatnonzero(top_genes(dispersion, 3))
+    assert most_dispersed.size == 3 and 2 not in most_dispersed
+    assert selection.keep.tolist() == sorted({*most_dispersed.tolist(), 9, 2})
+    assert selection.never_expressed.tolist() == [i == 2 for i in range(12)]
+    var = selection.var(pd.DataFrame(index=genes))
+    assert var.index.tolist() == genes[selection.keep].tolist()
+    assert var["perturbed"].tolist() == [gene == "g9" for gene in var.index]
+    assert int(var["highly_variable"].sum()) == 3 and not var.loc["g2", "highly_variable"]
+    assert np.flatnonzero(selection.modelled()).tolist() == selection.keep.tolist()
+
+
+def test_input_matrix_streams_every_row_once_and_checks_each_chunk(tmp_path: Path) -> None:
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    ad.AnnData(sp.csr_matrix(x)).write_h5ad(tmp_path / "ok.h5ad")
+    matrix = InputMatrix(tmp_path / "ok.h5ad", None, "counts", 4)
+    chunks = list(matrix.chunks())
+    assert matrix.n_chunks == 3 and [start for start, _ in chunks] == [0, 4, 8]
+    np.testing.assert_array_equal(sp.vstack([chunk for _, chunk in chunks]).toarray(), x)
+    x[9, 1] = np.nan
+    ad.AnnData(sp.csr_matrix(x)).write_h5ad(tmp_path / "nan.h5ad")
+    with pytest.raises(InvalidValuesError, match="NaN"):
+        list(InputMatrix(tmp_path / "nan.h5ad", None, "counts", 4).chunks())

@@ -33,6 +33,31 @@ def test_additive_split_has_no_leak_and_trains_every_single() -> None:
         assert CONTROL not in train | test and split["controls"] == CONTROL
 
 
+SPLIT_KEYS = [
+    "fold",
+    "seed",
+    "strategy",
+    "heldout_fraction",
+    "train",
+    "test",
+    "controls",
+    "doubles_missing_singles",
+    "kept_in_train_unmeasured",
+]
+
+
+def test_predict_only_split_trains_every_condition_in_the_split_file_layout() -> None:
+    labels = [CONTROL] * 2 + SINGLES[:3] + ["G00+G01", "G02+G05"]
+    split = make_split(labels, fold=2, seed=7, heldout_fraction=0)
+    assert list(split) == SPLIT_KEYS  # the JSON file's key order
+    assert split["strategy"] == "predict_only" and split["seed"] == 9 and split["heldout_fraction"] == 0.0
+    assert split["train"] == sorted(set(labels) - {CONTROL}) and split["test"] == []
+    assert split["doubles_missing_singles"] == ["G02+G05"] and split["kept_in_train_unmeasured"] == []
+    assert list(make_split(labels, fold=2, seed=7, heldout_fraction=0.5)) == SPLIT_KEYS
+    with pytest.raises(ValueError, match="only controls"):
+        make_split([CONTROL] * 3, fold=1, seed=0, heldout_fraction=0)
+
+
 def test_split_is_seeded_and_folds_differ() -> None:
     labels = SINGLES + DOUBLES
     first = make_split(labels, fold=1, seed=42, heldout_fraction=0.3)
