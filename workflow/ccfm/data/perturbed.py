@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ccfm.config import dataset_defaults
 from ccfm.data.conditions import (
     perturbed_names,
 )
@@ -21,6 +22,8 @@ from ccfm.io.h5ad import (
 )
 
 log = logging.getLogger(__name__)
+
+_PERTURBATION_TYPE = dataset_defaults()["perturbation_type"]
 
 
 # Status of each perturbed gene (or drug) of a dataset, as written to perturbed_genes.tsv.
@@ -41,7 +44,7 @@ _TABLE_GENES = 50  # genes listed per status in the table (the counts are always
 
 
 def perturbed_status(
-    perturbed: list[str], measured: pd.Index, requested: list[str], perturbation_type: str = "gene"
+    perturbed: list[str], measured: pd.Index, requested: list[str], perturbation_type: str = _PERTURBATION_TYPE
 ) -> dict[str, list[str]]:
     """Perturbed names (from the cells' labels and ``requested`` ``predict:`` genes) by status."""
     if perturbation_type == "drug":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ccfm.config import dataset_defaults
 from ccfm.data.validation import (
     InputValidationError,
     InvalidValuesError,
@@ -19,6 +20,9 @@ from ccfm.io.h5ad import (
 )
 
 log = logging.getLogger(__name__)
+
+# The schema's default input_scale ("auto": detected from the data).
+_CONFIGURED_SCALE = dataset_defaults()["input_scale"]
 
 
 SCALES = ("counts", "log1p")
@@ -55,7 +59,7 @@ def _sample_values(path: Path, layer: str | None, n_rows: int) -> np.ndarray:
     return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
 
 
-def classify_values(values: np.ndarray, where: str, configured: str = "auto") -> str:
+def classify_values(values: np.ndarray, where: str, configured: str = _CONFIGURED_SCALE) -> str:
     """``counts`` if all values are non-negative integers, ``log1p`` if small non-integers.
 
     Non-integer values of which many are whole numbers are non-integer *counts* (ambient-RNA
@@ -105,7 +109,7 @@ def classify_values(values: np.ndarray, where: str, configured: str = "auto") ->
 
 
 def detect_input_scale(
-    path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS, configured: str = "auto"
+    path: str | Path, layer: str | None = None, n_rows: int = _DETECTION_ROWS, configured: str = _CONFIGURED_SCALE
 ) -> str:
     """Detect whether X (or a layer) holds raw counts or log1p values, from a row sample.
 

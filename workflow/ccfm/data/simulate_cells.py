@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.simulate_world import SimulatedWorld
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def expected_log1p_mean(
     n_cells: int,
     library_mean: float,
     rng: np.random.Generator,
-    target_sum: float = 1e4,
+    target_sum: float = section_defaults("preprocess")["target_sum"],
     perturbed: bool = True,
     chunk: int = 2000,
 ) -> np.ndarray:

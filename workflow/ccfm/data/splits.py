@@ -61,6 +61,9 @@ from ccfm.io.splits import SplitLeakError, write_split
 
 log = logging.getLogger(__name__)
 
+_SPLIT = section_defaults("split")
+_PERTURBATION_TYPE = dataset_defaults()["perturbation_type"]
+
 
 def _held_out(conditions: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
     n_test = min(max(1, int(round(fraction * len(conditions)))), len(conditions))
@@ -222,8 +225,8 @@ def split_for_processed(
     seed: int,
     heldout_fraction: float,
     n_folds: int | None = None,
-    min_cells_per_perturbation: int = 1,
-    perturbation_type: str = "gene",
+    min_cells_per_perturbation: int = _SPLIT["min_cells_per_perturbation"],
+    perturbation_type: str = _PERTURBATION_TYPE,
 ) -> dict[str, Any]:
     """:func:`make_split` over the conditions of a ``processed.h5ad`` (reads the labels and var only).
 
@@ -337,9 +340,6 @@ def write_real(
     return int(rows.size)
 
 
-_SPLIT = section_defaults("split")
-
-
 @dataclass(frozen=True, kw_only=True)
 class SplitSettings:
     """How a fold is drawn: the run's seed, the ``split`` section (defaults: the schema's), the dataset's
@@ -350,7 +350,7 @@ class SplitSettings:
     heldout_fraction: float = _SPLIT["heldout_fraction"]
     n_folds: int = _SPLIT["n_folds"]
     min_cells_per_perturbation: int = _SPLIT["min_cells_per_perturbation"]
-    perturbation_type: str = dataset_defaults()["perturbation_type"]
+    perturbation_type: str = _PERTURBATION_TYPE
     chunk_size: int = CHUNK_SIZE
 
 
