@@ -64,7 +64,7 @@ def test_bad_predict_csv_is_refused_with_the_reason(tmp_path, text, message) -> 
 
 
 def test_requested_labels_come_first_then_every_observed_one() -> None:
-    from ccfm.adapt.target import target_labels_to_predict
+    from ccfm.adapt.ccfm_model import target_labels_to_predict
     from ccfm.data.perturbations import PerturbationVocab
 
     vocab = PerturbationVocab.for_genes(PANEL)
