@@ -159,3 +159,10 @@ def test_the_workflow_serves_both_models_with_the_same_rules_and_scripts(tmp_pat
         assert scripts[ccfm_rule] and scripts[state_rule] == scripts[ccfm_rule], (ccfm_rule, scripts[state_rule])
     script_names = {path.name for path in (REPO_ROOT / "workflow" / "scripts").glob("*.py")}
     assert not script_names & {"adapt_state.py", "predict_target_state.py", "score_target_state.py"}
+
+
+def test_common_smk_imports_the_state_add_on_only_inside_a_function() -> None:
+    text = (REPO_ROOT / "workflow" / "rules" / "common.smk").read_text()
+    top_level = [line for line in text.splitlines() if line.startswith(("from ", "import "))]
+    assert top_level and not [line for line in top_level if "ccfm.state" in line], top_level
+    assert "        from ccfm.state.train import state_status" in text  # inside state_status(ds)
