@@ -162,8 +162,8 @@ _STATE_STATUS = {}
 def state_status(ds):
     """(runs, reason) of the optional `state` method for one dataset, worked out once.
 
-    The State add-on (ccfm.state) is imported here, when a dataset's targets are listed, never
-    when the workflow loads.
+    The optional State add-on is imported here, on the first call, not at the top of the rule
+    files (ccfm.state.train reads arc-state's version from its metadata; it never imports it).
     """
     if ds not in _STATE_STATUS:
         from ccfm.state.train import state_status as status_of_settings
