@@ -116,6 +116,7 @@ def test_loaded_state_is_adaptable_and_predicts_from_shifted_controls(tmp_path) 
     assert not (tmp_path / "read").exists()
 
 
+@pytest.mark.slow  # subprocess
 def test_the_adaptation_path_imports_no_state_code_for_ccfm() -> None:
     code = (
         "import sys\n"
@@ -127,6 +128,7 @@ def test_the_adaptation_path_imports_no_state_code_for_ccfm() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # subprocess
 @pytest.mark.skipif(arc_state_version() is None, reason="needs the [state] extra (pip install -e '.[state]')")
 def test_the_workflow_serves_both_models_with_the_same_rules_and_scripts(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(HIDE_ENV, raising=False)
