@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from rss import peak_rss_mb
 
-from ccfm.adapt.shift import learn_shift
+from ccfm.adapt.shift import AdaptSettings, learn_shift
 
 
 def _controls(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
@@ -45,7 +45,7 @@ def main() -> None:
 
     # Warm-up on a tiny problem so one-time lazy initialisation is not counted as the learner's.
     tiny = _controls(200, args.genes, args.density, 0)
-    learn_shift(encode, tiny, tiny, steps=2, eval_every=1, seed=0, progress=False)
+    learn_shift(encode, tiny, tiny, AdaptSettings(steps=2, eval_every=1), seed=0, progress=False)
     print(f"{'cells':>8} {'csr MB':>8} {'dense MB':>9} {'learner peak MB':>16} {'process RSS MB':>15} {'seconds':>8}")
     for n_cells in args.cells:
         source = _controls(n_cells, args.genes, args.density, 1)
@@ -54,7 +54,7 @@ def main() -> None:
         dense_mb = 2 * n_cells * args.genes * 4 / 2**20
         started = time.perf_counter()
         tracemalloc.start()
-        learn_shift(encode, target, source, steps=args.steps, eval_every=10, seed=0, progress=False)
+        learn_shift(encode, target, source, AdaptSettings(steps=args.steps, eval_every=10), seed=0, progress=False)
         _, learner_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         seconds = time.perf_counter() - started

@@ -29,8 +29,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
-from ccfm.adapt.score import score_target_to_files  # noqa: E402
-from ccfm.adapt.target import predict_target_to_files  # noqa: E402
+from ccfm.adapt.ccfm_model import CCFMAdaptable  # noqa: E402
+from ccfm.adapt.score import TargetScoreFiles, TargetScoreSettings, score_target_to_files  # noqa: E402
+from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files  # noqa: E402
 from ccfm.config import dataset_section  # noqa: E402
 from ccfm.model.generation import prepare_generation  # noqa: E402
 
@@ -43,24 +44,24 @@ def run_mode(run: Path, fold: int, recenter: bool, work: Path, config: dict) -> 
     adapt = run / f"results/demo/fold{fold}/adapt"
     paths = {name: work / f"{name}.h5ad" for name in ("adapted", "unadapted")}
     predict_target_to_files(
-        setup,
+        CCFMAdaptable.from_generation(setup),
         run / "results/demo/target_processed.h5ad",
         adapt / "shift.safetensors",
-        paths["adapted"],
-        work / "adapted_means.csv",
-        paths["unadapted"],
-        work / "unadapted_means.csv",
+        TargetPredictionFiles(
+            paths["adapted"], work / "adapted_means.csv", paths["unadapted"], work / "unadapted_means.csv"
+        ),
         seed=int(config["seed"]),
     )
     summary = score_target_to_files(
-        run / "results/demo/target_processed.h5ad",
-        run / "results/demo/processed.h5ad",
-        paths["adapted"],
-        paths["unadapted"],
-        work / "metrics.tsv",
-        work / "summary.tsv",
-        n_cells=int(generate["cells_per_perturbation"]),
-        seed=int(config["seed"]),
+        TargetScoreFiles(
+            run / "results/demo/target_processed.h5ad",
+            run / "results/demo/processed.h5ad",
+            paths["adapted"],
+            paths["unadapted"],
+            work / "metrics.tsv",
+            work / "summary.tsv",
+        ),
+        TargetScoreSettings(n_cells=int(generate["cells_per_perturbation"]), seed=int(config["seed"])),
     )
     adapted = pd.read_csv(work / "adapted_means.csv", index_col=0)
     unadapted = pd.read_csv(work / "unadapted_means.csv", index_col=0).loc[adapted.index]

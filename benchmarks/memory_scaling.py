@@ -170,7 +170,7 @@ def _adaptation(work: Path) -> None:
     """
     import torch
 
-    from ccfm.adapt.shift import learn_shift
+    from ccfm.adapt.shift import AdaptSettings, learn_shift
     from ccfm.io.h5ad import read_control_cells
 
     source = read_control_cells(work / "processed.h5ad")
@@ -181,9 +181,8 @@ def _adaptation(work: Path) -> None:
     def encode(x: torch.Tensor) -> torch.Tensor:
         return x @ projection
 
-    learn_shift(
-        encode, target.matrix, source.matrix, steps=50, batch_size=128, eval_every=25, seed=SEED, progress=False
-    )
+    settings = AdaptSettings(steps=50, batch_size=128, eval_every=25)
+    learn_shift(encode, target.matrix, source.matrix, settings, seed=SEED, progress=False)
 
 
 def _train(work: Path) -> None:
@@ -229,20 +228,17 @@ def _predict(work: Path) -> None:
 
 def _adapt_model(work: Path) -> None:
     """The adapt_mmd rule: MMD shift of the target controls through the trained model's control encoder."""
-    from ccfm.adapt.files import adapt_to_files
+    from ccfm.adapt.adaptable import ModelSpec, load_adaptable
+    from ccfm.adapt.files import AdaptInputs, ShiftFiles, adapt_to_files
     from ccfm.adapt.shift import AdaptSettings
 
     out = work / "ccfm"
     adapt_to_files(
-        out / "model.pt",
-        work / "processed.h5ad",
-        work / "target_processed.h5ad",
-        out / "shift.safetensors",
-        out / "mmd.tsv",
-        out / "history.tsv",
+        load_adaptable(ModelSpec("ccfm", out / "model.pt", device="cpu")),
+        AdaptInputs(work / "processed.h5ad", work / "target_processed.h5ad"),
+        ShiftFiles(out / "shift.safetensors", out / "mmd.tsv", out / "history.tsv"),
         AdaptSettings(**CCFM_ADAPT),
         seed=SEED,
-        device="cpu",
     )
 
 

@@ -93,12 +93,30 @@ def test_pinning_an_md5_after_the_download_reruns_nothing(tmp_path: Path, served
 
 
 def _rule_blocks() -> dict[str, str]:
-    """Rule name -> its text, from the workflow's rule files."""
+    """Rule name -> its text, from the workflow's rule files.
+
+    ``use rule A as B with:`` is A's text with the directives B's block overrides replaced.
+    """
     import re
 
+    def directives(body: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        name = ""
+        for line in body.splitlines(keepends=True):
+            start = re.match(r"    (\w+):", line)
+            name = start.group(1) if start else name
+            found[name] = found.get(name, "") + line
+        return found
+
     text = "\n".join(path.read_text() for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
-    parts = re.split(r"^(?:use )?rule (\w+)", text, flags=re.M)
-    return {name: body for name, body in zip(parts[1::2], parts[2::2])}
+    parts = re.split(r"^(?:rule (\w+)|use rule (\w+) as (\w+) with):", text, flags=re.M)
+    blocks: dict[str, str] = {}
+    for name, original, new, body in zip(parts[1::4], parts[2::4], parts[3::4], parts[4::4]):
+        if name:
+            blocks[name] = body
+        else:
+            blocks[new] = "".join({**directives(blocks[original]), **directives(body)}.values())
+    return blocks
 
 
 def test_every_memory_request_grows_with_the_retry_attempt() -> None:

@@ -3,6 +3,8 @@ sparse-aware batching, shift files, and the rule entry points on a tiny model.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -10,10 +12,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from ccfm.adapt.files import adapt_to_files, align_shift, load_shift, save_shift
-from ccfm.adapt.score import TARGET_METHODS, score_target_to_files
+from ccfm.adapt.adaptable import ModelSpec, load_adaptable
+from ccfm.adapt.ccfm_model import target_labels_to_predict
+from ccfm.adapt.files import AdaptInputs, ShiftFiles, adapt_to_files, align_shift, load_shift, save_shift
+from ccfm.adapt.score import TARGET_METHODS, TargetScoreFiles, TargetScoreSettings, score_target_to_files
 from ccfm.adapt.shift import AdaptSettings, CSRRowSource, learn_shift, model_control_encoder
-from ccfm.adapt.target import predict_target_to_files, target_labels_to_predict
+from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files
 from ccfm.evaluate.plots import plot_adapt_history
 from ccfm.model.mmd import bandwidths_from_median, median_distance, mmd2_unbiased, multiscale_rbf_mmd
 
@@ -46,7 +50,7 @@ def _identity_like_encoder(seed: int = 1):
     return lambda x: torch.tanh(x @ weight)
 
 
-FAST = dict(steps=300, lr=0.05, batch_size=128, holdout_fraction=0.3, eval_every=20, patience=5, progress=False)
+FAST = AdaptSettings(steps=300, lr=0.05, batch_size=128, holdout_fraction=0.3, eval_every=20, patience=5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +144,8 @@ def test_learner_never_densifies_and_batches_stay_small(offset_problem) -> None:
         seen_batch_rows.append(x.shape[0])
         return encoder(x)
 
-    result = learn_shift(
-        spying_encoder, _NoDensify(target), _NoDensify(source), seed=0, **{**FAST, "steps": 40, "batch_size": 64}
-    )
+    settings = dataclasses.replace(FAST, steps=40, batch_size=64)
+    result = learn_shift(spying_encoder, _NoDensify(target), _NoDensify(source), settings, seed=0, progress=False)
     assert result.shift.shape == (N_GENES,)
     assert max(seen_batch_rows) <= 64
 
@@ -155,7 +158,7 @@ def test_learner_never_densifies_and_batches_stay_small(offset_problem) -> None:
 @pytest.fixture(scope="module")
 def learned(offset_problem):
     _, source, target = offset_problem
-    return learn_shift(_identity_like_encoder(), target, source, seed=0, **FAST)
+    return learn_shift(_identity_like_encoder(), target, source, FAST, seed=0, progress=False)
 
 
 def test_shift_recovers_the_negative_offset(offset_problem, learned) -> None:
@@ -188,10 +191,10 @@ def test_heldout_mmd_drops_after_adaptation(offset_problem, learned) -> None:
 
 def test_same_seed_same_shift_different_seed_different_path(offset_problem, learned) -> None:
     _, source, target = offset_problem
-    short = {**FAST, "steps": 60}
-    first = learn_shift(_identity_like_encoder(), target, source, seed=7, **short)
-    again = learn_shift(_identity_like_encoder(), target, source, seed=7, **short)
-    other = learn_shift(_identity_like_encoder(), target, source, seed=8, **short)
+    short = dataclasses.replace(FAST, steps=60)
+    first = learn_shift(_identity_like_encoder(), target, source, short, seed=7, progress=False)
+    again = learn_shift(_identity_like_encoder(), target, source, short, seed=7, progress=False)
+    other = learn_shift(_identity_like_encoder(), target, source, short, seed=8, progress=False)
     assert torch.equal(first.shift, again.shift)
     assert [h["val_mmd"] for h in first.history] == [h["val_mmd"] for h in again.history]
     assert [h["train_mmd"] for h in first.history[1:]] == [h["train_mmd"] for h in again.history[1:]]
@@ -202,11 +205,11 @@ def test_same_seed_same_shift_different_seed_different_path(offset_problem, lear
 def test_clear_errors_for_mismatched_or_tiny_inputs(offset_problem) -> None:
     _, source, target = offset_problem
     with pytest.raises(ValueError, match="same genes"):
-        learn_shift(_identity_like_encoder(), target[:, :10], source, **FAST)
+        learn_shift(_identity_like_encoder(), target[:, :10], source, FAST, progress=False)
     with pytest.raises(ValueError, match="too few"):
-        learn_shift(_identity_like_encoder(), target[:5], source, **FAST)
+        learn_shift(_identity_like_encoder(), target[:5], source, FAST, progress=False)
     with pytest.raises(TypeError, match="CSR matrix, a numpy array or a RowSource"):
-        learn_shift(_identity_like_encoder(), [[1.0]], source, **FAST)
+        learn_shift(_identity_like_encoder(), [[1.0]], source, FAST, progress=False)
     with pytest.raises(ValueError, match="unknown key.*under 'adapt'"):
         AdaptSettings.from_mapping({"step": 3})
     with pytest.raises(ValueError, match="encoding"):
@@ -281,23 +284,17 @@ def test_model_control_encoder_is_differentiable_and_frozen(tiny_run) -> None:
 
 
 def test_rule_entry_points_write_contract_files(tiny_run) -> None:
-    from ccfm.model.generation import GenerateSettings, prepare_generation
-
     root = tiny_run
     out = root / "adapt"
     settings = AdaptSettings(
         steps=30, lr=0.05, batch_size=32, holdout_fraction=0.3, eval_every=10, patience=3, encoding="tokens"
     )
     result = adapt_to_files(
-        root / "model.pt",
-        root / "processed.h5ad",
-        root / "target.h5ad",
-        out / "shift.safetensors",
-        out / "mmd.tsv",
-        out / "history.tsv",
+        load_adaptable(ModelSpec("ccfm", root / "model.pt", device="cpu")),
+        AdaptInputs(root / "processed.h5ad", root / "target.h5ad"),
+        ShiftFiles(out / "shift.safetensors", out / "mmd.tsv", out / "history.tsv"),
         settings,
         seed=1,
-        device="cpu",
     )
     shift, genes, metadata = load_shift(out / "shift.safetensors")
     assert genes == GENES and torch.equal(shift, result.shift) and metadata["encoding"] == "tokens"
@@ -306,7 +303,7 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
     plot_adapt_history(out / "history.tsv", out / "history.png", "tiny")
     assert (out / "history.png").stat().st_size > 1000
 
-    generate = GenerateSettings(cells_per_perturbation=6, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
+    generate = dict(cells_per_perturbation=6, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
     paths = [
         out / n
         for n in (
@@ -316,8 +313,9 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
             "target_pred_unadapted_means.csv",
         )
     ]
-    generation = prepare_generation(root / "model.pt", generate, device="cpu")
-    labels = predict_target_to_files(generation, root / "target.h5ad", out / "shift.safetensors", *paths, seed=1)
+    model = load_adaptable(ModelSpec("ccfm", root / "model.pt", generate, device="cpu"))
+    outputs = TargetPredictionFiles(*paths)
+    labels = predict_target_to_files(model, root / "target.h5ad", out / "shift.safetensors", outputs, seed=1)
     assert labels == ["G1", "G1+G2", "G11"]
     pred = ad.read_h5ad(paths[0])
     assert list(pred.var_names) == GENES
@@ -333,15 +331,15 @@ def test_rule_entry_points_write_contract_files(tiny_run) -> None:
     assert not np.allclose(pred.X.toarray()[:18], unadapted.X.toarray()[:18])
 
     summary = score_target_to_files(
-        root / "target.h5ad",
-        root / "processed.h5ad",
-        paths[0],
-        paths[2],
-        out / "target_metrics.tsv",
-        out / "target_summary.tsv",
-        n_cells=6,
-        seed=1,
-        cell_eval_profile=None,
+        TargetScoreFiles(
+            root / "target.h5ad",
+            root / "processed.h5ad",
+            paths[0],
+            paths[2],
+            out / "target_metrics.tsv",
+            out / "target_summary.tsv",
+        ),
+        TargetScoreSettings(n_cells=6, seed=1, cell_eval_profile=None),
     )
     assert list(summary["method"]) == list(TARGET_METHODS)
     metrics = pd.read_csv(out / "target_metrics.tsv", sep="\t")

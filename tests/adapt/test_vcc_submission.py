@@ -13,7 +13,13 @@ import pytest
 import scipy.sparse as sp
 
 from ccfm.adapt.requests import control_rows_per_label, read_predict_csv, target_requests
-from ccfm.adapt.submission import fill_outside_panel, read_vcc, write_vcc_submission
+from ccfm.adapt.submission import (
+    SubmissionFiles,
+    SubmissionSettings,
+    fill_outside_panel,
+    read_vcc,
+    write_vcc_submission,
+)
 
 PANEL = [f"G{i}" for i in range(12)]
 EXTRA = [f"X{i}" for i in range(7)]  # target genes outside the model's panel
@@ -58,7 +64,7 @@ def test_bad_predict_csv_is_refused_with_the_reason(tmp_path, text, message) -> 
 
 
 def test_requested_labels_come_first_then_every_observed_one() -> None:
-    from ccfm.adapt.target import target_labels_to_predict
+    from ccfm.adapt.ccfm_model import target_labels_to_predict
     from ccfm.data.perturbations import PerturbationVocab
 
     vocab = PerturbationVocab.for_genes(PANEL)
@@ -139,17 +145,22 @@ def vcc_run(tmp_path_factory):
 def _predict(root):
     import torch
 
+    from ccfm.adapt.adaptable import ModelSpec, load_adaptable
     from ccfm.adapt.files import save_shift
-    from ccfm.adapt.target import predict_target_to_files
-    from ccfm.model.generation import GenerateSettings, prepare_generation
+    from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files
 
     out = root / "adapt"
     save_shift(out / "shift.safetensors", torch.full((len(PANEL),), 0.1), PANEL)
-    generate = GenerateSettings(cells_per_perturbation=3, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
-    generation = prepare_generation(root / "model.pt", generate, device="cpu")
+    generate = dict(cells_per_perturbation=3, latent_steps=2, expr_steps=2, batch_size=4, method="euler")
+    model = load_adaptable(ModelSpec("ccfm", root / "model.pt", generate, device="cpu"))
     paths = [out / n for n in ("pred.h5ad", "pred_means.csv", "unadapted.h5ad", "unadapted_means.csv")]
     labels = predict_target_to_files(
-        generation, root / "target.h5ad", out / "shift.safetensors", *paths, requested=str(root / "perts.csv"), seed=1
+        model,
+        root / "target.h5ad",
+        out / "shift.safetensors",
+        TargetPredictionFiles(*paths),
+        requested=str(root / "perts.csv"),
+        seed=1,
     )
     return labels, paths
 
@@ -176,9 +187,11 @@ def test_vcc_file_covers_every_target_gene_and_passes_cell_eval_prep(vcc_run, pr
     _, paths = predicted
     out = vcc_run / "adapt"
     summary = write_vcc_submission(
-        paths[0], vcc_run / "target_raw.h5ad", vcc_run / "target.h5ad", out / "ccfm.vcc", out / "ccfm_vcc.tsv",
-        method="ccfm", seed=1,
-    )  # fmt: skip
+        SubmissionFiles(
+            paths[0], vcc_run / "target_raw.h5ad", vcc_run / "target.h5ad", out / "ccfm.vcc", out / "ccfm_vcc.tsv"
+        ),
+        SubmissionSettings(method="ccfm", seed=1),
+    )
     raw = ad.read_h5ad(vcc_run / "target_raw.h5ad")
     target_genes = list(raw.var_names)
     assert (summary.n_target_genes, summary.n_predicted_genes, summary.n_filled_genes) == (len(target_genes), 12, 7)
@@ -222,14 +235,16 @@ def test_vcc_file_covers_every_target_gene_and_passes_cell_eval_prep(vcc_run, pr
 
 
 def test_challenge_score_of_adapted_unadapted_and_baselines(vcc_run, predicted) -> None:
-    from ccfm.adapt.score import TARGET_METHODS, score_target_to_files
+    from ccfm.adapt.score import TARGET_METHODS, TargetScoreFiles, TargetScoreSettings, score_target_to_files
 
     _, paths = predicted
     out = vcc_run / "adapt"
     summary = score_target_to_files(
-        vcc_run / "target.h5ad", vcc_run / "processed.h5ad", paths[0], paths[2],
-        out / "target_metrics.tsv", out / "target_summary.tsv",
-        n_cells=3, seed=1, cell_eval_profile="vcc",
+        TargetScoreFiles(
+            vcc_run / "target.h5ad", vcc_run / "processed.h5ad", paths[0], paths[2],
+            out / "target_metrics.tsv", out / "target_summary.tsv",
+        ),
+        TargetScoreSettings(n_cells=3, seed=1, cell_eval_profile="vcc"),
     )  # fmt: skip
     assert list(summary["method"]) == list(TARGET_METHODS)
     by = summary.set_index("method")

@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ccfm.adapt.files import adapt_to_files
-from ccfm.adapt.score import score_target_to_files
+from ccfm.adapt.ccfm_model import CCFMAdaptable
+from ccfm.adapt.files import AdaptInputs, ShiftFiles, adapt_to_files
+from ccfm.adapt.score import TargetScoreFiles, TargetScoreSettings, score_target_to_files
 from ccfm.adapt.shift import AdaptSettings
-from ccfm.adapt.target import predict_target_to_files
+from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files
 from ccfm.data.perturbations import PerturbationEncoder, PerturbationVocab, UnembeddablePerturbationError
 from ccfm.data.preprocess import PreprocessSettings, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, split_for_processed, write_real, write_split
@@ -173,39 +174,24 @@ def _adapt_to_target(tmp_path: Path, data, processed: Path, model_pt: Path, gene
     preprocess_target(data.target_raw, processed, target, TargetSettings(dataset="public_like", chunk_size=200))
     adapt = tmp_path / "adapt"
     settings = AdaptSettings(steps=20, batch_size=32, eval_every=10, eval_cells=64)
+    model = CCFMAdaptable.from_generation(generation)
     adapt_to_files(
-        model_pt,
-        processed,
-        target,
-        adapt / "shift.safetensors",
-        adapt / "mmd.tsv",
-        adapt / "history.tsv",
+        model,
+        AdaptInputs(processed, target),
+        ShiftFiles(adapt / "shift.safetensors", adapt / "mmd.tsv", adapt / "history.tsv"),
         settings,
         seed=0,
-        device="cpu",
     )
-    labels = predict_target_to_files(
-        generation,
-        target,
-        adapt / "shift.safetensors",
-        adapt / "pred.h5ad",
-        adapt / "means.csv",
-        adapt / "pred_un.h5ad",
-        adapt / "means_un.csv",
-        seed=0,
+    outputs = TargetPredictionFiles(
+        adapt / "pred.h5ad", adapt / "means.csv", adapt / "pred_un.h5ad", adapt / "means_un.csv"
     )
+    labels = predict_target_to_files(model, target, adapt / "shift.safetensors", outputs, seed=0)
     assert any(gene in data.unmeasured for label in labels for gene in label.split("+")), labels
     summary = score_target_to_files(
-        target,
-        processed,
-        adapt / "pred.h5ad",
-        adapt / "pred_un.h5ad",
-        adapt / "m.tsv",
-        adapt / "s.tsv",
-        n_cells=24,
-        seed=0,
-        top_de=10,
-        cell_eval_profile=None,
+        TargetScoreFiles(
+            target, processed, adapt / "pred.h5ad", adapt / "pred_un.h5ad", adapt / "m.tsv", adapt / "s.tsv"
+        ),
+        TargetScoreSettings(n_cells=24, seed=0, top_de=10, cell_eval_profile=None),
     )
     assert set(summary["method"]) == {"ccfm_adapted", "ccfm_unadapted", "nochange", "additive", "cellmean"}
     assert np.isfinite(summary[["pearson_delta_pseudobulk", "mse"]].to_numpy(dtype=float)).all(), summary

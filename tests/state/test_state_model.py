@@ -19,7 +19,7 @@ pytest.importorskip("state.tx.models.state_transition", reason="needs the [state
 
 from state.tx.models.state_transition import StateTransitionPerturbationModel  # noqa: E402
 
-from ccfm.adapt.shift import learn_shift  # noqa: E402
+from ccfm.adapt.shift import AdaptSettings, learn_shift  # noqa: E402
 from ccfm.state.model import encode_basal, load_state_run, perturbation_vector, predict_cells  # noqa: E402
 from ccfm.state.safe_load import UnsafeFileError  # noqa: E402
 
@@ -154,17 +154,8 @@ def test_shift_through_the_basal_encoder_lowers_mmd(tmp_path: Path) -> None:
     source = rng.gamma(4.0, 0.5, size=(400, len(GENES))).astype(np.float32)
     offset = rng.normal(0.0, 0.8, size=len(GENES)).astype(np.float32)
     target = np.maximum(rng.gamma(4.0, 0.5, size=(400, len(GENES))).astype(np.float32) + offset, 0.0)
-    result = learn_shift(
-        lambda x: encode_basal(run, x),
-        target,
-        source,
-        steps=200,
-        lr=0.05,
-        batch_size=64,
-        eval_every=20,
-        seed=0,
-        progress=False,
-    )
+    settings = AdaptSettings(steps=200, lr=0.05, batch_size=64, eval_every=20)
+    result = learn_shift(lambda x: encode_basal(run, x), target, source, settings, seed=0, progress=False)
     assert result.mmd_after < 0.5 * result.mmd_before
     # The learned shift undoes the offset (the encoder is applied after the shift, once).
     assert np.corrcoef(result.shift.numpy(), -offset)[0, 1] > 0.8

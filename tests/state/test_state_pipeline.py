@@ -37,7 +37,11 @@ def test_state_trains_predicts_is_scored_and_adapts(tmp_path, monkeypatch):
     # arc-state's own run directory, loadable, and a benchmark of the training job.
     for name in ("config.yaml", "var_dims.pkl", "pert_onehot_map.pt", "checkpoints/final.ckpt"):
         assert (fold / "state/run" / name).is_file(), name
-    assert (workdir / "results/demo/benchmarks/fold1/train_state.tsv").is_file()
+    # Benchmarks follow one pattern: benchmarks/fold{k}/{output folder}/{rule}.tsv
+    benchmarks = workdir / "results/demo/benchmarks/fold1"
+    assert (benchmarks / "state/train_state.tsv").is_file()
+    for rule in ("adapt_state", "predict_target_state", "score_target_state"):
+        assert (benchmarks / "adapt_state" / f"{rule}.tsv").is_file(), rule
     loss = pd.read_csv(fold / "state/loss.tsv", sep="\t")
     assert len(loss) >= 2 and np.isfinite(loss["loss"]).all()
 

@@ -92,10 +92,11 @@ def test_released_layout_loads_with_its_optional_maps(released_run) -> None:
 
 
 def test_released_run_predicts_the_csvs_counts_and_writes_a_vcc(released_run, tmp_path) -> None:
+    from ccfm.adapt.adaptable import ModelSpec, load_adaptable
     from ccfm.adapt.files import save_shift
-    from ccfm.adapt.submission import read_vcc, write_vcc_submission
+    from ccfm.adapt.submission import SubmissionFiles, SubmissionSettings, read_vcc, write_vcc_submission
+    from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files
     from ccfm.data.preprocess import TargetSettings, preprocess_target
-    from ccfm.state.adapt import predict_target_state_to_files
 
     _, run, _, genes = released_run
     rng = np.random.default_rng(4)
@@ -115,16 +116,20 @@ def test_released_run_predicts_the_csvs_counts_and_writes_a_vcc(released_run, tm
     save_shift(tmp_path / "shift.safetensors", torch.full((len(genes),), 0.05), genes)
     (tmp_path / "perts.csv").write_text("target_gene,n_cells,median_umi_per_cell\nA,3,1000\nB+A,7,1000\n")
     paths = [tmp_path / n for n in ("pred.h5ad", "pred_means.csv", "un.h5ad", "un_means.csv")]
-    done = predict_target_state_to_files(
-        run, tmp_path / "target.h5ad", tmp_path / "shift.safetensors", *paths,
-        requested=str(tmp_path / "perts.csv"), cells_per_perturbation=5, seed=0,
+    model = load_adaptable(ModelSpec("state", run, {"cells_per_perturbation": 5}))
+    done = predict_target_to_files(
+        model, tmp_path / "target.h5ad", tmp_path / "shift.safetensors", TargetPredictionFiles(*paths),
+        requested=str(tmp_path / "perts.csv"), seed=0,
     )  # fmt: skip
     assert done == ["A", "A+B", "B"]  # the CSV's, then the observed rest (scored, not submitted)
     expected = {"A": 3, "A+B": 7, "non-targeting": 40}
     assert ad.read_h5ad(paths[0]).obs["target_gene"].astype(str).value_counts().to_dict() == {**expected, "B": 5}
     summary = write_vcc_submission(
-        paths[0], tmp_path / "target_raw.h5ad", tmp_path / "target.h5ad", tmp_path / "state.vcc",
-        tmp_path / "state_vcc.tsv", method="state", seed=0, perturbations=["A", "A+B"],
+        SubmissionFiles(
+            paths[0], tmp_path / "target_raw.h5ad", tmp_path / "target.h5ad", tmp_path / "state.vcc",
+            tmp_path / "state_vcc.tsv",
+        ),
+        SubmissionSettings(method="state", seed=0, perturbations=["A", "A+B"]),
     )  # fmt: skip
     assert (summary.n_predicted_genes, summary.n_filled_genes) == (len(genes), 2)
     vcc = read_vcc(tmp_path / "state.vcc")

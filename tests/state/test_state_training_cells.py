@@ -41,9 +41,10 @@ def test_state_trains_only_on_training_and_control_cells(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(state_train.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="state tx train failed"):
-        state_train.train_state_to_files(
-            processed, split, tmp_path / "state" / "run", tmp_path / "state" / "loss.tsv", {}, seed=0
+        files = state_train.StateTrainFiles(
+            processed, split, tmp_path / "state" / "run", tmp_path / "state" / "loss.tsv"
         )
+        state_train.train_state_to_files(files, {}, seed=0)
 
     command = seen["command"]
     assert command[1:5] == ["-m", "state", "tx", "train"]

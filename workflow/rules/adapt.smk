@@ -5,6 +5,10 @@
 # fold: adapt/{shift.safetensors, mmd.tsv, history.png, target_pred.h5ad,
 # target_pred_unadapted.h5ad, target_summary.tsv} and the Virtual Cell Challenge submissions
 # adapt/{ccfm,state}.vcc (`vcc_submission`; see `adapt_targets` and `vcc_targets` in common.smk).
+# One path for every model: these rules serve CCFM (params `method: ccfm`, `model`: its model.pt);
+# state.smk makes State's twins (adapt_state, predict_target_state, score_target_state) with
+# `use rule ... with:`, changing only inputs, outputs, log, benchmark, params and conda; the
+# scripts and the package path (ccfm.adapt.adaptable) are the same.
 
 
 rule adapt_mmd:
@@ -43,9 +47,13 @@ rule adapt_mmd:
         # Each step encodes two batches of controls through the model: GPU work at full size.
         gpu=1,
     params:
+        # which model the shift adapts to (ccfm.adapt.adaptable.ADAPTABLE_MODELS) and its file
+        method="ccfm",
+        model=lambda wc, input: input.model,
         settings=lambda wc: section(wc.ds, "adapt"),
         source_options=lambda wc: adapt_source_options(wc.ds),
         seed=config["seed"],
+        title=lambda wc: f"{wc.ds} fold {wc.fold}: target vs source controls",
     script:
         "../scripts/adapt_mmd.py"
 
@@ -73,6 +81,8 @@ rule predict_target:
         runtime=120,
         gpu=1,
     params:
+        method="ccfm",
+        model=lambda wc, input: input.model,
         generate=lambda wc: section(wc.ds, "generate"),
         # Empty: every observed target perturbation the model can embed. A CSV path: its
         # target_gene column, with its n_cells cells each.
@@ -108,8 +118,11 @@ rule score_target:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=60,
     params:
+        # names the model's rows: {method}_adapted, {method}_unadapted
+        method="ccfm",
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
-        score=lambda wc: section(wc.ds, "score"),
+        top_de=lambda wc: section(wc.ds, "score")["top_de"],
+        cell_eval_profile=lambda wc: section(wc.ds, "score")["profile"],
         seed=config["seed"],
     script:
         "../scripts/score_target.py"

@@ -6,7 +6,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from ccfm.config import dataset_config, dataset_section, predict_only, validate_config
-from ccfm.state.train import state_status
 
 validate_config(config)
 
@@ -14,9 +13,8 @@ DATASETS = list(config["datasets"])
 BASELINES = ["nochange", "additive", "meanpert"]
 MODEL_VARIANTS = ["ccfm", "ccfm_nolatent"]
 METHODS = BASELINES + MODEL_VARIANTS
-# Optional methods (workflow/rules/state.smk): scored where enabled and installed.
+# Optional methods (workflow/rules/state.smk): scored where enabled and installed (state_runs).
 OPTIONAL_METHODS = ["state"]
-STATE_STATUS = {ds: state_status(dataset_section(config, ds, "state")) for ds in DATASETS}
 ENV = "../../envs/ccfm.yaml"
 
 
@@ -162,7 +160,7 @@ VCC_METHODS = ["ccfm", "state"]
 
 def vcc_methods(ds):
     """Methods a dataset writes a challenge submission for: CCFM, and State where it runs."""
-    return ["ccfm"] + (["state"] if STATE_STATUS[ds][0] else [])
+    return ["ccfm"] + (["state"] if state_runs(ds) else [])
 
 
 def vcc_prediction(wc):
@@ -185,7 +183,28 @@ def vcc_targets(ds):
 
 def methods(ds):
     """The scored methods of a dataset: baselines, CCFM variants and `state` where it runs."""
-    return METHODS + (["state"] if STATE_STATUS[ds][0] else [])
+    return METHODS + (["state"] if state_runs(ds) else [])
+
+
+_STATE_STATUS = {}
+
+
+def state_status(ds):
+    """(runs, reason) of the optional `state` method for one dataset, worked out once.
+
+    The optional State add-on is imported here, on the first call, not at the top of the rule
+    files (ccfm.state.train reads arc-state's version from its metadata; it never imports it).
+    """
+    if ds not in _STATE_STATUS:
+        from ccfm.state.train import state_status as status_of_settings
+
+        _STATE_STATUS[ds] = status_of_settings(section(ds, "state"))
+    return _STATE_STATUS[ds]
+
+
+def state_runs(ds):
+    """Whether the `state` method (and State's adapter) runs for the dataset."""
+    return state_status(ds)[0]
 
 
 def ds_cfg(ds):
@@ -250,7 +269,7 @@ def adapt_targets(ds):
         "target_summary.tsv",
     )
     targets = [f"results/{ds}/fold{fold}/adapt/{name}" for fold in folds(ds) for name in names]
-    if STATE_STATUS[ds][0]:
+    if state_runs(ds):
         targets += [f"results/{ds}/fold{fold}/adapt_state/{name}" for fold in folds(ds) for name in names]
     return targets + vcc_targets(ds)
 

@@ -1,7 +1,7 @@
 # Arc Institute's State transition model as a scored method (`state`), and the MMD shift adapter
 # on a State run directory. Optional: needs the `[state]` extra (arc-state); `state.enabled:
 # auto` (default) runs it where arc-state is installed and skips it with one line otherwise
-# (STATE_STATUS in common.smk). State's fold predictions land where every method's do
+# (state_status in common.smk). State's fold predictions land where every method's do
 # (results/{ds}/fold{k}/state/pred.h5ad) and are scored by the shared `score` rule.
 
 
@@ -28,7 +28,7 @@ rule train_state:
     log:
         "logs/{ds}/fold{fold}/state/train_state.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/train_state.tsv"
+        "results/{ds}/benchmarks/fold{fold}/state/train_state.tsv"
     conda:
         "../../envs/state.yaml"
     threads: 2
@@ -59,7 +59,7 @@ rule predict_state:
     log:
         "logs/{ds}/fold{fold}/state/predict_state.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/predict_state.tsv"
+        "results/{ds}/benchmarks/fold{fold}/state/predict_state.tsv"
     conda:
         "../../envs/state.yaml"
     threads: 1
@@ -67,7 +67,7 @@ rule predict_state:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=60,
     params:
-        extra=lambda wc: list(ds_cfg(wc.ds)["predict"]),
+        extra_labels=lambda wc: list(ds_cfg(wc.ds)["predict"]),
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
         # The baselines' control draw (seed + fold): every method starts from the same cells.
         seed=lambda wc: config["seed"] + int(wc.fold),
@@ -75,7 +75,10 @@ rule predict_state:
         "../scripts/predict_state.py"
 
 
-rule adapt_state:
+# The MMD adapter on a State run directory: CCFM's rules (adapt.smk) and scripts with State's
+# model files, outputs under adapt_state/ and State's environment (ccfm.state.adapt implements the
+# adapter's interface, ccfm.adapt.adaptable).
+use rule adapt_mmd as adapt_state with:
     input:
         unpack(lambda wc: state_run_files(wc.ds, wc.fold)),
         processed="results/{ds}/processed.h5ad",
@@ -101,24 +104,16 @@ rule adapt_state:
     log:
         "logs/{ds}/fold{fold}/adapt_state/adapt_state.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/adapt_state.tsv"
+        "results/{ds}/benchmarks/fold{fold}/adapt_state/adapt_state.tsv"
     conda:
         "../../envs/state.yaml"
-    threads: 2
-    resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=60,
-        gpu=1,
     params:
-        run_dir=lambda wc: state_run_dir(wc.ds, wc.fold),
-        settings=lambda wc: section(wc.ds, "adapt"),
-        source_options=lambda wc: adapt_source_options(wc.ds),
-        seed=config["seed"],
-    script:
-        "../scripts/adapt_state.py"
+        method="state",
+        model=lambda wc: state_run_dir(wc.ds, wc.fold),
+        title=lambda wc: f"{wc.ds} fold {wc.fold}: State basal encoder, target vs source controls",
 
 
-rule predict_target_state:
+use rule predict_target as predict_target_state with:
     input:
         unpack(lambda wc: state_run_files(wc.ds, wc.fold)),
         target="results/{ds}/target_processed.h5ad",
@@ -132,23 +127,20 @@ rule predict_target_state:
     log:
         "logs/{ds}/fold{fold}/adapt_state/predict_target_state.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/predict_target_state.tsv"
+        "results/{ds}/benchmarks/fold{fold}/adapt_state/predict_target_state.tsv"
     conda:
         "../../envs/state.yaml"
+    # State predicts on the CPU, one cell set at a time.
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=60,
     params:
-        run_dir=lambda wc: state_run_dir(wc.ds, wc.fold),
-        requested=lambda wc: target_predict(wc.ds),
-        cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
-        seed=config["seed"],
-    script:
-        "../scripts/predict_target_state.py"
+        method="state",
+        model=lambda wc: state_run_dir(wc.ds, wc.fold),
 
 
-rule score_target_state:
+use rule score_target as score_target_state with:
     input:
         target="results/{ds}/target_processed.h5ad",
         processed="results/{ds}/processed.h5ad",
@@ -166,16 +158,6 @@ rule score_target_state:
     log:
         "logs/{ds}/fold{fold}/adapt_state/score_target_state.log",
     benchmark:
-        "results/{ds}/benchmarks/fold{fold}/score_target_state.tsv"
-    conda:
-        "../../envs/state.yaml"
-    threads: 2
-    resources:
-        mem_mb=lambda wc, input, attempt: int((4000 + 6 * input.size_mb) * attempt),
-        runtime=60,
+        "results/{ds}/benchmarks/fold{fold}/adapt_state/score_target_state.tsv"
     params:
-        cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
-        score=lambda wc: section(wc.ds, "score"),
-        seed=config["seed"],
-    script:
-        "../scripts/score_target_state.py"
+        method="state",

@@ -1,10 +1,10 @@
 # Input functions of the State rules (workflow/rules/state.smk) and the line that says when
-# `state` does not run. STATE_STATUS and methods() live in common.smk.
+# `state` does not run. state_status(), state_runs() and methods() live in common.smk.
 
 
 onstart:
     # The one line that says `state` does not run (never a trace): once per run, main process only.
-    for line in sorted({STATE_STATUS[ds][1] for ds in config["run"] if not STATE_STATUS[ds][0]}):
+    for line in sorted({state_status(ds)[1] for ds in config["run"] if not state_runs(ds)}):
         print(line, file=sys.stderr)
 
 

@@ -24,7 +24,7 @@ with predictions_on_all_genes(
         snakemake.input.real,
         pred,
         means,
-        extra_predict=snakemake.params.extra,
+        extra_labels=snakemake.params.extra_labels,
         cells_per_perturbation=snakemake.params.cells_per_perturbation,
         seed=snakemake.params.seed,
     )

@@ -1,19 +1,18 @@
-"""Rule predict_target: target perturbations from shifted and from unshifted target controls."""
+"""Rules predict_target (CCFM) and predict_target_state (State): target perturbations from shifted and
+from unshifted target controls."""
 
-from ccfm.adapt.target import predict_target_to_files
+from ccfm.adapt.adaptable import ModelSpec, load_adaptable
+from ccfm.adapt.target import TargetPredictionFiles, predict_target_to_files
 from ccfm.logs import setup_rule
-from ccfm.model.generation import prepare_generation
 
 setup_rule(snakemake.log[0], snakemake.threads)
-generation = prepare_generation(snakemake.input.model, snakemake.params.generate, threads=snakemake.threads)
 predict_target_to_files(
-    generation,
+    load_adaptable(ModelSpec(snakemake.params.method, snakemake.params.model, dict(snakemake.params.generate))),
     snakemake.input.target,
     snakemake.input.shift,
-    snakemake.output.pred,
-    snakemake.output.means,
-    snakemake.output.pred_unadapted,
-    snakemake.output.means_unadapted,
+    TargetPredictionFiles(
+        snakemake.output.pred, snakemake.output.means, snakemake.output.pred_unadapted, snakemake.output.means_unadapted
+    ),
     requested=snakemake.params.requested,
     seed=snakemake.params.seed,
 )

@@ -3,14 +3,13 @@
 from pathlib import Path
 
 from ccfm.logs import setup_rule
-from ccfm.state.train import train_state_to_files
+from ccfm.state.train import StateTrainFiles, train_state_to_files
 
 setup_rule(snakemake.log[0], snakemake.threads)
 train_state_to_files(
-    snakemake.input.processed,
-    snakemake.input.split,
-    Path(snakemake.output.config).parent,
-    snakemake.output.loss,
+    StateTrainFiles(
+        snakemake.input.processed, snakemake.input.split, Path(snakemake.output.config).parent, snakemake.output.loss
+    ),
     snakemake.params.settings,
     seed=snakemake.params.seed,
     threads=snakemake.threads,

@@ -1,4 +1,4 @@
-"""The adaptation files: the shift (safetensors), its MMD table and history, and the ``adapt_mmd`` rule."""
+"""The adaptation files: the shift (safetensors), its MMD table and history; rules ``adapt_mmd``/``adapt_state``."""
 
 from __future__ import annotations
 
@@ -6,26 +6,17 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ccfm import CONTROL_LABEL
-from ccfm.adapt.shift import (
-    SHIFT_TENSOR_NAME,
-    AdaptSettings,
-    Encoder,
-    ShiftResult,
-    learn_shift,
-    model_control_encoder,
-)
+from ccfm.adapt.adaptable import AdaptableModel
+from ccfm.adapt.shift import SHIFT_TENSOR_NAME, AdaptSettings, ShiftResult, learn_shift
 from ccfm.adapt.sources import read_source_controls
-from ccfm.distributed import pick_device
-from ccfm.io.h5ad import CHUNK_SIZE, LabelledRows, atomic_output, read_control_cells
-from ccfm.model.checkpoint import load_model
+from ccfm.io.h5ad import atomic_output, read_control_cells
 
 log = logging.getLogger(__name__)
 
@@ -128,128 +119,79 @@ def write_history(path: str | Path, result: ShiftResult) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-def check_same_genes(model_genes: Sequence[str], genes: Sequence[str], what: str, model_pt: str | Path) -> None:
-    if list(model_genes) != list(genes):
-        raise ValueError(
-            f"{what} has {len(genes)} genes that differ from the {len(model_genes)} genes {model_pt} was trained "
-            "on (or their order differs); the target must be preprocessed on the genes of processed.h5ad "
-            "(rule preprocess_target) and the model retrained after re-preprocessing"
-        )
+# Rule entry point 1 (adapt_mmd, adapt_state): learn the shift
+# --------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# Rule entry point 1: learn the shift
-# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdaptInputs:
+    """What the shift is learned from: the source controls of ``processed_h5ad`` plus those of
+    ``source_files`` (``adapt.source_files``, read with ``source_options``:
+    :func:`ccfm.adapt.sources.read_source_controls`), and the controls of ``target_h5ad``."""
+
+    processed_h5ad: str | Path
+    target_h5ad: str | Path
+    source_files: Sequence[str | Path] = ()
+    source_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShiftFiles:
+    """The adapter's outputs: the shift (safetensors), its MMD table and its history."""
+
+    shift: str | Path
+    mmd_tsv: str | Path
+    history_tsv: str | Path
 
 
 def adapt_to_files(
-    model_pt: str | Path,
-    processed_h5ad: str | Path,
-    target_h5ad: str | Path,
-    out_shift: str | Path,
-    out_mmd_tsv: str | Path,
-    out_history_tsv: str | Path,
-    settings: AdaptSettings,
-    *,
-    seed: int,
-    device: str | torch.device | None = None,
-    control_label: str = CONTROL_LABEL,
-    chunk_size: int = CHUNK_SIZE,
-    source_files: Sequence[str | Path] = (),
-    source_options: Mapping[str, Any] | None = None,
+    model: AdaptableModel, inputs: AdaptInputs, outputs: ShiftFiles, settings: AdaptSettings, *, seed: int
 ) -> ShiftResult:
-    """Learn the shift of the target controls towards the source controls and write it.
-
-    Source controls are the ``non-targeting`` cells of ``processed.h5ad`` plus those of the
-    ``source_files`` (``adapt.source_files``; :func:`ccfm.adapt.sources.read_source_controls` with
-    ``source_options``), target controls those of ``target_processed.h5ad``; all are read as CSR
-    in row chunks.
-    """
-    device = torch.device(device) if device is not None else pick_device()
-    loaded = load_model(model_pt, device)
-    source = read_source_controls(
-        processed_h5ad,
-        source_files,
-        processed_control_label=control_label,
-        chunk_size=chunk_size,
-        **dict(source_options or {}),
-    )
-    target = read_control_cells(target_h5ad, control_label=control_label, chunk_size=chunk_size)
-    check_same_genes(loaded.genes, source.genes, str(processed_h5ad), model_pt)
-    check_same_genes(loaded.genes, target.genes, str(target_h5ad), model_pt)
-    encoding = settings.encoding
+    """Learn the shift of the target controls towards the source controls through ``model``'s control
+    encoder and write it (all controls are read as CSR in row chunks)."""
+    source = read_source_controls(inputs.processed_h5ad, inputs.source_files, **dict(inputs.source_options))
+    target = read_control_cells(inputs.target_h5ad)
+    model.check_genes(source.genes, str(inputs.processed_h5ad))
+    model.check_genes(target.genes, str(inputs.target_h5ad))
+    encoder = model.encoder_provenance(settings)
     log.info(
-        "adapting %d target controls to %d source controls over %d genes (encoding %s, device %s)",
+        "adapting %d target controls to %d source controls over %d genes through %s (device %s)",
         target.matrix.shape[0],
         source.matrix.shape[0],
         len(target.genes),
-        encoding,
-        device,
+        encoder,
+        model.device,
     )
-    encode = model_control_encoder(loaded.denoiser.model, encoding=encoding)
-    return learn_shift_to_files(
-        encode,
-        source,
-        target,
-        out_shift,
-        out_mmd_tsv,
-        out_history_tsv,
-        settings,
-        seed=seed,
-        device=device,
-        provenance={
-            "encoding": encoding,
-            "model": str(model_pt),
-            "target": str(target_h5ad),
-            "source": str(processed_h5ad),
-            "source_files": [str(f) for f in source_files],
-        },
-    )
-
-
-def learn_shift_to_files(
-    encode: Encoder,
-    source: LabelledRows,
-    target: LabelledRows,
-    out_shift: str | Path,
-    out_mmd_tsv: str | Path,
-    out_history_tsv: str | Path,
-    settings: AdaptSettings,
-    *,
-    seed: int,
-    device: str | torch.device,
-    provenance: Mapping[str, Any],
-) -> ShiftResult:
-    """Learn the shift of ``target`` controls towards ``source`` controls under ``encode``; write
-    the shift (with ``provenance`` and the result in its metadata), the MMD table and the history.
-
-    Shared by every model the shift adapts to (CCFM's control encoder, State's basal encoder).
-    """
-    result = learn_shift(
-        encode,
-        target.matrix,
-        source.matrix,
-        seed=seed,
-        device=device,
-        steps=settings.steps,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        holdout_fraction=settings.holdout_fraction,
-        patience=settings.patience,
-        eval_every=settings.eval_every,
-        eval_cells=settings.eval_cells,
-    )
+    encode = model.control_encoder(settings)
+    result = learn_shift(encode, target.matrix, source.matrix, settings, seed=seed, device=model.device)
     metadata = {
         "seed": seed,
-        **provenance,
+        **encoder,
+        "target": str(inputs.target_h5ad),
+        "source": str(inputs.processed_h5ad),
+        "source_files": [str(f) for f in inputs.source_files],
         "settings": asdict(settings),
-        "mmd2_before": result.mmd_before,
-        "mmd2_after": result.mmd_after,
-        "best_step": result.best_step,
-        "bandwidths": list(result.bandwidths),
-        "n_cells": result.n_cells,
     }
-    save_shift(out_shift, result.shift, target.genes, metadata)
-    write_mmd_table(out_mmd_tsv, result)
-    write_history(out_history_tsv, result)
+    write_shift_files(outputs, result, target.genes, metadata)
     return result
+
+
+def write_shift_files(
+    outputs: ShiftFiles, result: ShiftResult, genes: Sequence[str], metadata: Mapping[str, Any]
+) -> None:
+    """The shift (``metadata`` plus the result's numbers in its header), the MMD table and the history."""
+    save_shift(
+        outputs.shift,
+        result.shift,
+        genes,
+        {
+            **metadata,
+            "mmd2_before": result.mmd_before,
+            "mmd2_after": result.mmd_after,
+            "best_step": result.best_step,
+            "bandwidths": list(result.bandwidths),
+            "n_cells": result.n_cells,
+        },
+    )
+    write_mmd_table(outputs.mmd_tsv, result)
+    write_history(outputs.history_tsv, result)

@@ -1,9 +1,11 @@
-"""Target scoring: the ``score_target`` rule, adapted vs unadapted predictions beside target-control baselines."""
+"""Target scoring (rules ``score_target``/``score_target_state``): adapted vs unadapted predictions beside
+target-control baselines."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # Rule entry point 3: score target predictions beside target-control baselines
 # --------------------------------------------------------------------------------------------
 
+# CCFM's rows; another model's are named after it (target_methods).
 TARGET_METHODS = ("ccfm_adapted", "ccfm_unadapted", "nochange", "additive", "cellmean")
 # The challenge's scaled scores are relative to this method's cell-eval metrics.
 CHALLENGE_BASELINE = "cellmean"
@@ -83,38 +86,72 @@ def _restrict(pred: ad.AnnData, labels: Sequence[str]) -> ad.AnnData:
     return pred
 
 
-def score_target_to_files(
-    target_h5ad: str | Path,
-    processed_h5ad: str | Path,
-    pred_adapted: str | Path,
-    pred_unadapted: str | Path,
-    out_metrics_tsv: str | Path,
-    out_summary_tsv: str | Path,
-    *,
-    n_cells: int,
-    seed: int,
-    top_de: int = TOP_DE,
-    cell_eval_profile: str | None = "full",
-    num_threads: int = 1,
-    chunk_size: int = CHUNK_SIZE,
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class TargetScoreFiles:
+    """Inputs (target and source data, the adapted and unadapted predictions) and outputs of the target scores."""
+
+    target_h5ad: str | Path
+    processed_h5ad: str | Path
+    pred_adapted: str | Path
+    pred_unadapted: str | Path
+    metrics_tsv: str | Path
+    summary_tsv: str | Path
+
+
+@dataclass(frozen=True)
+class TargetScoreSettings:
+    """How target predictions are scored.
+
+    ``method`` names the model's rows (``{method}_adapted``, ``{method}_unadapted``);
+    ``n_cells`` is the cells per perturbation of a baseline whose perturbation the adapted
+    prediction lacks; ``cell_eval_profile`` None leaves cell-eval (and the challenge score) out.
+    """
+
+    n_cells: int
+    seed: int
+    method: str = "ccfm"
+    top_de: int = TOP_DE
+    cell_eval_profile: str | None = "full"
+    num_threads: int = 1
+    chunk_size: int = CHUNK_SIZE
+
+
+def target_methods(method: str = "ccfm") -> tuple[str, ...]:
+    """The rows of a target summary: the model from shifted and unshifted controls, then the baselines."""
+    return (f"{method}_adapted", f"{method}_unadapted", *TARGET_METHODS[2:])
+
+
+def score_target_to_files(files: TargetScoreFiles, settings: TargetScoreSettings) -> pd.DataFrame:
     """Score adapted and unadapted predictions beside the target-control baselines.
 
-    Methods (:data:`TARGET_METHODS`): CCFM from shifted controls, CCFM from unshifted controls,
+    Methods (:func:`target_methods`): the model from shifted controls, from unshifted controls,
     the ``nochange``/``additive`` baselines built from the target controls, and the challenge's
     ``cellmean`` baseline (:func:`ccfm.evaluate.vcc.cell_mean_baseline` of the scored target
     perturbations). Every baseline predicts as many cells per perturbation as the adapted
-    prediction holds (e.g. a challenge CSV's ``n_cells``); ``n_cells`` is the fallback for a
-    perturbation it lacks. Scored on the target perturbations that were both predicted and
+    prediction holds (e.g. a challenge CSV's ``n_cells``); ``settings.n_cells`` is the fallback
+    for a perturbation it lacks. Scored on the target perturbations that were both predicted and
     observed, against the real target cells (controls + those perturbations, read in row
     chunks). Writes the compact metrics per perturbation (``method`` column) and a per-method
     summary: the compact means plus, with ``cell_eval_profile``, cell-eval's aggregate means
     (columns prefixed ``celleval_``) and the challenge score (``vcc_*`` columns:
     :func:`ccfm.evaluate.vcc.challenge_score` against ``cellmean``).
     """
-    predicted = read_expression_h5ad(pred_adapted)
+    predicted = read_expression_h5ad(files.pred_adapted)
+    real, scored = _scored_target(files.target_h5ad, predicted, settings)
+    predictions = _target_predictions(files, settings, predicted, real, scored)
+    metrics, summary = _score_predictions(predictions, real, scored, settings)
+    write_table_atomic(metrics, files.metrics_tsv, sep="\t", index=False)
+    write_table_atomic(summary, files.summary_tsv, sep="\t", index=False)
+    log.info("target scores (mean over %d perturbations):\n%s", len(scored), summary.to_string(index=False))
+    return summary
+
+
+def _scored_target(
+    target_h5ad: str | Path, predicted: ad.AnnData, settings: TargetScoreSettings
+) -> tuple[ad.AnnData, list[str]]:
+    """The real target cells of the predicted perturbations, and those of them that were observed (scored)."""
     labels = sorted(set(predicted.obs[PERT_COLUMN].astype(str)) - {CONTROL_LABEL})
-    real = _real_target_anndata(target_h5ad, labels, chunk_size)
+    real = _real_target_anndata(target_h5ad, labels, settings.chunk_size)
     scored = sorted(set(real.obs[PERT_COLUMN].astype(str)) - {CONTROL_LABEL})
     if not scored:
         raise ValueError(f"{target_h5ad}: none of the predicted target perturbations was observed; nothing to score")
@@ -125,31 +162,57 @@ def score_target_to_files(
             len(unscored),
             unscored[:10],
         )
-    if cell_eval_profile:
+    if settings.cell_eval_profile:
         # before any scoring: cell-eval would otherwise fail in its last metrics, after the others
-        check_enough_perturbations(len(scored), cell_eval_profile, str(target_h5ad), target=True)
+        check_enough_perturbations(len(scored), settings.cell_eval_profile, str(target_h5ad), target=True)
+    return real, scored
+
+
+def _target_predictions(
+    files: TargetScoreFiles,
+    settings: TargetScoreSettings,
+    predicted: ad.AnnData,
+    real: ad.AnnData,
+    scored: Sequence[str],
+) -> dict[str, ad.AnnData]:
+    """Every scored method's prediction, in :func:`target_methods` order."""
     genes = [str(g) for g in real.var_names]
     controls = real.X[np.flatnonzero(real.obs[PERT_COLUMN].astype(str).to_numpy() == CONTROL_LABEL)]
     counts = predicted.obs[PERT_COLUMN].astype(str).value_counts()
-    per_label = {label: int(counts.get(label, n_cells)) for label in scored}
-    predictions = {"ccfm_adapted": predicted, "ccfm_unadapted": read_expression_h5ad(pred_unadapted)}
+    per_label = {label: int(counts.get(label, settings.n_cells)) for label in scored}
+    adapted, unadapted, *_ = target_methods(settings.method)
+    predictions = {adapted: predicted, unadapted: read_expression_h5ad(files.pred_unadapted)}
     for method, cells in target_baselines(
-        processed_h5ad, controls, genes, scored, n_cells=per_label, seed=seed, chunk_size=chunk_size
+        files.processed_h5ad,
+        controls,
+        genes,
+        scored,
+        n_cells=per_label,
+        seed=settings.seed,
+        chunk_size=settings.chunk_size,
     ).items():
         predictions[method] = build_prediction_anndata(genes, cells, controls)
     predictions["cellmean"] = cell_mean_baseline(real, per_label)
+    return predictions
+
+
+def _score_predictions(
+    predictions: Mapping[str, ad.AnnData], real: ad.AnnData, scored: Sequence[str], settings: TargetScoreSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(compact metrics per perturbation and method, one summary row per method)."""
     frames, summaries, challenge_aggs = [], [], {}
+    profile = settings.cell_eval_profile
     for method, pred in predictions.items():
         pred = _restrict(pred, scored)
-        frame = compact_metrics(pred, real, CONTROL_LABEL, top_de, seed=seed)
+        frame = compact_metrics(pred, real, CONTROL_LABEL, settings.top_de, seed=settings.seed)
         frame.insert(0, "method", method)
         frames.append(frame)
         summary = frame.drop(columns=["method", "perturbation"]).mean().to_frame().T
-        if cell_eval_profile:
-            _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, cell_eval_profile, num_threads)
+        if profile:
+            _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, profile, settings.num_threads)
             summary = pd.concat([summary, _celleval_means(aggregate)], axis=1)
-            if cell_eval_profile not in PROFILES_WITH_VCC_METRICS:
-                _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, "vcc", num_threads)
+            if profile not in PROFILES_WITH_VCC_METRICS:
+                _, aggregate = run_cell_eval(pred, real, CONTROL_LABEL, "vcc", settings.num_threads)
             challenge_aggs[method] = aggregate
         summary.insert(0, "method", method)
         summaries.append(summary)
@@ -158,10 +221,7 @@ def score_target_to_files(
     summary.insert(1, "n_perturbations", len(scored))
     if challenge_aggs:
         summary = pd.concat([summary, challenge_table(challenge_aggs, list(predictions))], axis=1)
-    write_table_atomic(metrics, out_metrics_tsv, sep="\t", index=False)
-    write_table_atomic(summary, out_summary_tsv, sep="\t", index=False)
-    log.info("target scores (mean over %d perturbations):\n%s", len(scored), summary.to_string(index=False))
-    return summary
+    return metrics, summary
 
 
 def challenge_table(aggregates: Mapping[str, pd.DataFrame], methods: Sequence[str]) -> pd.DataFrame:

@@ -313,105 +313,135 @@ def _check_gene_counts(target: RowSource, source: RowSource) -> int:
     return n_genes
 
 
+@dataclass
+class _ShiftProblem:
+    """One fit's fixed parts: both sides' batchers and seeded parts, the batch draw, the kernel, the held-out blocks."""
+
+    encode: Encoder
+    target: _Batcher
+    source: _Batcher
+    target_parts: _Partition
+    source_parts: _Partition
+    draw: Callable[[np.ndarray], np.ndarray]
+    sigmas: tuple[float, ...] = ()
+    val_blocks: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    test_blocks: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+
+    def heldout_mmd(self, blocks: tuple[list[np.ndarray], list[np.ndarray]], shift: Tensor) -> float:
+        return _block_mmd(self.encode, self.target, self.source, *blocks, shift, self.sigmas)
+
+    def n_cells(self) -> dict[str, int]:
+        return {
+            f"{side}_{part}": len(getattr(parts, part))
+            for side, parts in (("target", self.target_parts), ("source", self.source_parts))
+            for part in ("train", "val", "test")
+        }
+
+
+def _shift_problem(
+    encode: Encoder,
+    target_controls: RowSource | sp.spmatrix | sp.sparray | np.ndarray,
+    source_controls: RowSource | sp.spmatrix | sp.sparray | np.ndarray,
+    settings: AdaptSettings,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> _ShiftProblem:
+    """Seeded train / validation / test parts of both sides, the kernel bandwidths and the held-out blocks."""
+    if settings.steps < 1 or settings.batch_size < 2 or settings.eval_every < 1 or settings.patience < 1:
+        raise ValueError("steps, eval_every and patience must be >= 1 and batch_size >= 2")
+    target_source, source_source = as_row_source(target_controls), as_row_source(source_controls)
+    _check_gene_counts(target_source, source_source)
+    target_parts = _partition_rows(target_source.shape[0], settings.holdout_fraction, rng, "target controls")
+    source_parts = _partition_rows(source_source.shape[0], settings.holdout_fraction, rng, "source controls")
+
+    def draw(rows: np.ndarray) -> np.ndarray:
+        # Without replacement within a batch when possible: duplicates add nothing to an MMD.
+        return rng.choice(rows, size=min(settings.batch_size, len(rows)), replace=False)
+
+    problem = _ShiftProblem(
+        encode, _Batcher(target_source, device), _Batcher(source_source, device), target_parts, source_parts, draw
+    )
+    problem.sigmas = _initial_bandwidths(
+        encode, problem.target, problem.source, draw(target_parts.train), draw(source_parts.train)
+    )
+    log.info("MMD bandwidths (pooled median x %s): %s", BANDWIDTH_SCALES, [f"{s:.4g}" for s in problem.sigmas])
+    cells, size = settings.eval_cells, settings.batch_size
+    problem.val_blocks = (_eval_blocks(target_parts.val, cells, size), _eval_blocks(source_parts.val, cells, size))
+    problem.test_blocks = (_eval_blocks(target_parts.test, cells, size), _eval_blocks(source_parts.test, cells, size))
+    return problem
+
+
+def _fit_shift(
+    problem: _ShiftProblem, settings: AdaptSettings, zero: Tensor, progress: bool
+) -> tuple[_EarlyStopping, list[dict[str, float]], int]:
+    """Adam on seeded mini-batches with early stopping on the validation blocks: (stopper, history, steps run)."""
+    shift = zero.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([shift], lr=settings.lr)
+    val_before = problem.heldout_mmd(problem.val_blocks, zero)
+    history: list[dict[str, float]] = [{"step": 0, "train_mmd": float("nan"), "val_mmd": val_before}]
+    # Step 0 (no shift) is a candidate too: a shift that never beats it is not kept.
+    stopper, step = _EarlyStopping(val_before, zero, settings.patience), 0
+    for step in tqdm(range(1, settings.steps + 1), desc="adapt shift", disable=not progress, mininterval=5):
+        x_target = problem.target(problem.draw(problem.target_parts.train))
+        with torch.no_grad():
+            z_source = problem.encode(problem.source(problem.draw(problem.source_parts.train)))
+        loss = mmd2_unbiased(problem.encode(_shifted(x_target, shift)), z_source, problem.sigmas)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % settings.eval_every != 0 and step != settings.steps:
+            continue
+        val = problem.heldout_mmd(problem.val_blocks, shift.detach())
+        history.append({"step": step, "train_mmd": float(loss.detach()), "val_mmd": val})
+        if stopper.update(val, step, shift):
+            log.info("early stop at step %d: no validation improvement in %d evaluations", step, settings.patience)
+            break
+    return stopper, history, step
+
+
 def learn_shift(
     encode: Encoder,
     target_controls: RowSource | sp.spmatrix | sp.sparray | np.ndarray,
     source_controls: RowSource | sp.spmatrix | sp.sparray | np.ndarray,
+    settings: AdaptSettings | None = None,
     *,
-    steps: int = 1000,
-    lr: float = 0.02,
-    batch_size: int = 128,
     seed: int = 0,
-    holdout_fraction: float = 0.2,
-    patience: int = 10,
-    eval_every: int = 25,
-    eval_cells: int = 1024,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> ShiftResult:
     """Learn a per-gene additive shift of target log1p expression that MMD-matches the source.
 
     Minimises ``MMD²(encode(max(X_tgt + s, 0)), encode(X_src))`` over ``s`` (G,) with Adam on
-    seeded mini-batches of ``batch_size`` cells per side. Every ``eval_every`` steps the MMD² on
-    the validation controls is computed; the best shift is kept and training stops after
-    ``patience`` evaluations without improvement. ``encode`` must be deterministic (eval mode).
+    seeded mini-batches of ``settings.batch_size`` cells per side. Every ``settings.eval_every``
+    steps the MMD² on the validation controls is computed; the best shift is kept and training
+    stops after ``settings.patience`` evaluations without improvement. ``encode`` must be
+    deterministic (eval mode). ``settings`` default to the config section ``adapt``'s defaults.
     """
-    if steps < 1 or batch_size < 2 or eval_every < 1 or patience < 1:
-        raise ValueError("steps, eval_every and patience must be >= 1 and batch_size >= 2")
+    settings = settings if settings is not None else AdaptSettings()
     device = torch.device(device)
-    target_source, source_source = as_row_source(target_controls), as_row_source(source_controls)
-    n_genes = _check_gene_counts(target_source, source_source)
-    rng = np.random.default_rng(seed)
-    target_parts = _partition_rows(target_source.shape[0], holdout_fraction, rng, "target controls")
-    source_parts = _partition_rows(source_source.shape[0], holdout_fraction, rng, "source controls")
-    target, source = _Batcher(target_source, device), _Batcher(source_source, device)
-
-    def draw(rows: np.ndarray) -> np.ndarray:
-        # Without replacement within a batch when possible: duplicates add nothing to an MMD.
-        return rng.choice(rows, size=min(batch_size, len(rows)), replace=False)
-
-    sigmas = _initial_bandwidths(encode, target, source, draw(target_parts.train), draw(source_parts.train))
-    log.info("MMD bandwidths (pooled median x %s): %s", BANDWIDTH_SCALES, [f"{s:.4g}" for s in sigmas])
-    val_blocks = (
-        _eval_blocks(target_parts.val, eval_cells, batch_size),
-        _eval_blocks(source_parts.val, eval_cells, batch_size),
-    )
-    test_blocks = (
-        _eval_blocks(target_parts.test, eval_cells, batch_size),
-        _eval_blocks(source_parts.test, eval_cells, batch_size),
-    )
-
-    shift = torch.zeros(n_genes, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([shift], lr=lr)
-    zero = torch.zeros(n_genes, device=device)
-    mmd_before = _block_mmd(encode, target, source, *test_blocks, zero, sigmas)
-    val_before = _block_mmd(encode, target, source, *val_blocks, zero, sigmas)
-    history: list[dict[str, float]] = [{"step": 0, "train_mmd": float("nan"), "val_mmd": val_before}]
-    # Step 0 (no shift) is a candidate too: a shift that never beats it is not kept.
-    stopper, step = _EarlyStopping(val_before, zero, patience), 0
-
-    for step in tqdm(range(1, steps + 1), desc="adapt shift", disable=not progress, mininterval=5):
-        x_target = target(draw(target_parts.train))
-        with torch.no_grad():
-            z_source = encode(source(draw(source_parts.train)))
-        loss = mmd2_unbiased(encode(_shifted(x_target, shift)), z_source, sigmas)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % eval_every != 0 and step != steps:
-            continue
-        val = _block_mmd(encode, target, source, *val_blocks, shift.detach(), sigmas)
-        history.append({"step": step, "train_mmd": float(loss.detach()), "val_mmd": val})
-        if stopper.update(val, step, shift):
-            log.info("early stop at step %d: no validation improvement in %d evaluations", step, patience)
-            break
-
-    mmd_after = _block_mmd(encode, target, source, *test_blocks, stopper.best_shift, sigmas)
+    problem = _shift_problem(encode, target_controls, source_controls, settings, np.random.default_rng(seed), device)
+    zero = torch.zeros(problem.target.source.shape[1], device=device)
+    mmd_before = problem.heldout_mmd(problem.test_blocks, zero)
+    stopper, history, steps_run = _fit_shift(problem, settings, zero, progress)
+    mmd_after = problem.heldout_mmd(problem.test_blocks, stopper.best_shift)
     log.info(
         "held-out (test) MMD²: before %.5g, after %.5g (best step %d of %d run)",
         mmd_before,
         mmd_after,
         stopper.best_step,
-        step,
+        steps_run,
     )
     return ShiftResult(
         shift=stopper.best_shift.cpu(),
         history=history,
         mmd_before=mmd_before,
         mmd_after=mmd_after,
-        val_mmd_before=val_before,
+        val_mmd_before=history[0]["val_mmd"],
         val_mmd_after=stopper.best_value,
         best_step=stopper.best_step,
-        steps_run=step,
-        bandwidths=tuple(sigmas),
-        n_cells={
-            "target_train": len(target_parts.train),
-            "target_val": len(target_parts.val),
-            "target_test": len(target_parts.test),
-            "source_train": len(source_parts.train),
-            "source_val": len(source_parts.val),
-            "source_test": len(source_parts.test),
-        },
+        steps_run=steps_run,
+        bandwidths=tuple(problem.sigmas),
+        n_cells=problem.n_cells(),
     )
 
 

@@ -216,44 +216,59 @@ def run_cell_eval_prep(adata: ad.AnnData, genes: Sequence[str], out_vcc: str | P
             raise RuntimeError(f"cell-eval prep wrote {members} for {out_vcc}, expected {list(VCC_MEMBERS)}")
 
 
-def write_vcc_submission(
-    pred_h5ad: str | Path,
-    target_raw: str | Path,
-    target_processed: str | Path,
-    out_vcc: str | Path,
-    out_summary_tsv: str | Path,
-    *,
-    method: str,
-    seed: int,
-    perturbations: Sequence[str] = (),
-    input_scale: str = "auto",
-    target_sum: float = 10000.0,
-    chunk_size: int = CHUNK_SIZE,
-) -> SubmissionSummary:
-    """Write ``{method}.vcc`` from an adapted target prediction and its one-row summary (module docstring).
+@dataclass(frozen=True)
+class SubmissionFiles:
+    """The adapted target prediction, the raw and the processed target files, and the two outputs."""
 
-    ``perturbations``: those the submission holds (``target.predict``); empty: every predicted one.
-    """
-    pred = read_expression_h5ad(pred_h5ad)
+    pred_h5ad: str | Path
+    target_raw: str | Path
+    target_processed: str | Path
+    vcc: str | Path
+    summary_tsv: str | Path
+
+
+@dataclass(frozen=True)
+class SubmissionSettings:
+    """``method`` names the submission; ``perturbations`` (``target.predict``) are those it holds (empty:
+    every predicted one); ``input_scale``/``target_sum``/``chunk_size`` read the raw target as
+    ``preprocess_target`` does."""
+
+    method: str
+    seed: int
+    perturbations: Sequence[str] = ()
+    input_scale: str = "auto"
+    target_sum: float = 10000.0
+    chunk_size: int = CHUNK_SIZE
+
+
+def write_vcc_submission(files: SubmissionFiles, settings: SubmissionSettings) -> SubmissionSummary:
+    """Write ``{method}.vcc`` from an adapted target prediction and its one-row summary (module docstring)."""
+    pred = read_expression_h5ad(files.pred_h5ad)
     controls, genes = target_controls_all_genes(
-        target_raw, target_processed, input_scale=input_scale, target_sum=target_sum, chunk_size=chunk_size
+        files.target_raw,
+        files.target_processed,
+        input_scale=settings.input_scale,
+        target_sum=settings.target_sum,
+        chunk_size=settings.chunk_size,
     )
-    adata, n_predicted = submission_anndata(pred, controls, genes, seed=seed, perturbations=perturbations)
+    adata, n_predicted = submission_anndata(
+        pred, controls, genes, seed=settings.seed, perturbations=settings.perturbations
+    )
     labels = adata.obs[PERT_COLUMN].astype(str)
     summary = SubmissionSummary(
-        method=method,
+        method=settings.method,
         n_target_genes=len(genes),
         n_predicted_genes=n_predicted,
         n_filled_genes=len(genes) - n_predicted,
         n_perturbations=int(labels[labels != CONTROL_LABEL].nunique()),
         n_predicted_cells=int((labels != CONTROL_LABEL).sum()),
         n_control_cells=int(controls.shape[0]),
-        vcc=str(out_vcc),
+        vcc=str(files.vcc),
     )
     log.info(
         "%s: %d target genes, %d predicted by the model, %d filled with the target controls' expression; "
         "%d perturbations (%d cells) + %d control cells",
-        out_vcc,
+        files.vcc,
         summary.n_target_genes,
         summary.n_predicted_genes,
         summary.n_filled_genes,
@@ -261,8 +276,8 @@ def write_vcc_submission(
         summary.n_predicted_cells,
         summary.n_control_cells,
     )
-    run_cell_eval_prep(adata, genes, out_vcc)
-    write_table_atomic(pd.DataFrame([asdict(summary)]), out_summary_tsv, sep="\t", index=False)
+    run_cell_eval_prep(adata, genes, files.vcc)
+    write_table_atomic(pd.DataFrame([asdict(summary)]), files.summary_tsv, sep="\t", index=False)
     return summary
 
 

@@ -7,7 +7,8 @@
 * :mod:`ccfm.state.train` — the pipeline method ``state``: training through arc-state's own
   ``state tx train`` entry point on a fold's training cells;
 * :mod:`ccfm.state.predict` — fold predictions in the pipeline's prediction format;
-* :mod:`ccfm.state.adapt` — the MMD shift adapter on a State run directory.
+* :mod:`ccfm.state.adapt` — a State run directory as the adapter's model (:class:`~ccfm.state.adapt.StateAdaptable`,
+  the :mod:`ccfm.adapt.adaptable` interface): the MMD shift adapter's one path runs on it.
 
 Only :mod:`ccfm.state.model` (when a model is built) imports arc-state; everything else works
 without it.

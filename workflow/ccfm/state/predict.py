@@ -52,13 +52,13 @@ def predict_state_to_files(
     out_h5ad: str | Path,
     out_means_csv: str | Path,
     *,
-    extra_predict: Sequence[str] = (),
+    extra_labels: Sequence[str] = (),
     cells_per_perturbation: int = 128,
     seed: int = 0,
 ) -> list[str]:
-    """Predict the fold's held-out (and ``extra_predict``) perturbations with State and write them."""
+    """Predict the fold's held-out (and ``extra_labels``) perturbations with State and write them."""
     split = read_split(split_json)
-    conditions = conditions_to_predict(split["test"], extra_predict)
+    conditions = conditions_to_predict(split["test"], extra_labels)
     control_rows = read_control_cells(real_h5ad)
     genes, controls = control_rows.genes, control_rows.matrix
     run = load_state_run(run_dir)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -199,29 +200,33 @@ def write_loss_table(run_dir: Path, out_tsv: str | Path) -> pd.DataFrame:
     return frame
 
 
+@dataclass(frozen=True)
+class StateTrainFiles:
+    """The fold's data (``processed.h5ad``, its split) and what training writes: the State run directory
+    (``output_dir/name`` in arc-state's terms; the training h5ad and TOML go beside it, in its
+    parent) and ``loss.tsv``."""
+
+    processed_h5ad: str | Path
+    split_json: str | Path
+    run_dir: str | Path
+    loss_tsv: str | Path
+
+
 def train_state_to_files(
-    processed_h5ad: str | Path,
-    split_json: str | Path,
-    run_dir: str | Path,
-    out_loss_tsv: str | Path,
+    files: StateTrainFiles,
     settings: Mapping[str, Any],
     *,
     seed: int,
     threads: int = 1,
     log_path: str | Path | None = None,
-    chunk_size: int = CHUNK_SIZE,
 ) -> Path:
-    """Train State on the fold's training cells with ``state tx train``; return the run directory.
-
-    ``run_dir`` is the State run directory to create (``output_dir/name`` in arc-state's terms);
-    the training h5ad and TOML are written beside it, in its parent.
-    """
+    """Train State on the fold's training cells with ``state tx train``; return the run directory."""
     merged = {**STATE_DEFAULTS, **dict(settings)}
-    run_dir = Path(run_dir)
+    run_dir = Path(files.run_dir)
     work = run_dir.parent
     work.mkdir(parents=True, exist_ok=True)
     train_h5ad, toml_path = work / "train_cells.h5ad", work / "cell_load.toml"
-    write_training_cells(processed_h5ad, split_json, train_h5ad, chunk_size=chunk_size)
+    write_training_cells(files.processed_h5ad, files.split_json, train_h5ad)
     write_cell_load_toml(toml_path, train_h5ad)
     command = [
         sys.executable,
@@ -256,6 +261,6 @@ def train_state_to_files(
     from ccfm.state.model import load_state_run
 
     load_state_run(run_dir)
-    write_loss_table(run_dir, out_loss_tsv)
+    write_loss_table(run_dir, files.loss_tsv)
     train_h5ad.unlink(missing_ok=True)
     return run_dir
