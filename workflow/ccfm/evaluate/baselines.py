@@ -34,8 +34,9 @@ import scipy.sparse as sp
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.conditions import conditions_to_predict, parse_condition
+from ccfm.io.atomic import write_table_atomic
 from ccfm.io.h5ad import CHUNK_SIZE, backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
-from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
+from ccfm.io.predictions import build_prediction_anndata, prediction_means
 from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
 

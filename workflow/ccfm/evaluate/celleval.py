@@ -25,7 +25,8 @@ import scipy.sparse as sp
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.validation import CELL_EVAL_PROFILES, scoring_profile
 from ccfm.evaluate.metrics import TOP_DE, compact_metrics, training_cells
-from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
+from ccfm.io.atomic import write_table_atomic
+from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ from sklearn.decomposition import PCA
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.config import section_defaults
 from ccfm.evaluate.cells import CELL_COLUMNS, cell_metrics
-from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
+from ccfm.io.atomic import write_table_atomic
+from ccfm.io.predictions import align_prediction_to_real
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
 from ccfm.evaluate.metrics import pearson  # noqa: E402
-from ccfm.io.h5ad import atomic_output  # noqa: E402
+from ccfm.io.atomic import atomic_output  # noqa: E402
 
 log = logging.getLogger(__name__)
 

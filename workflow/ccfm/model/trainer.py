@@ -11,6 +11,7 @@ Everything is loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,9 +32,8 @@ from ccfm import CONTROL_LABEL
 from ccfm.config import section_defaults, settings_from
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_binary_atomic, write_table_atomic
 from ccfm.model.batches import Batch, LatentTargets, PerturbationBatchSampler
-from ccfm.model.checkpoint import atomic_torch_save
 from ccfm.model.denoiser import BatchShard, CascadedDenoiser
 from ccfm.model.expression import ExpressionData
 from ccfm.model.fingerprint import mismatch_reason
@@ -181,7 +181,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes (all ranks hold the same state); the others wait until it is in place."""
         if self.dist.is_main:
-            atomic_torch_save(self._state(), self.resume_path)
+            write_binary_atomic(self.resume_path, functools.partial(torch.save, self._state()))
             log.info("checkpoint at step %d -> %s", self.step, self.resume_path)
         self.dist.barrier()
 
@@ -358,5 +358,4 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
     """Loss log, columns :data:`LOSS_COLUMNS`, written atomically."""
     frame = pd.DataFrame([list(row) for row in history], columns=list(LOSS_COLUMNS))
     frame["step"] = frame["step"].astype(int)
-    with atomic_output(path) as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    write_table_atomic(frame, path, sep="\t", index=False, float_format="%.6g")

@@ -10,6 +10,7 @@ so the result does not depend on how the stream is cut into batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.moments import RunningMoments
-from ccfm.io.h5ad import atomic_output, backed_matrix, read_obs_labels, read_var
+from ccfm.io.atomic import write_binary_atomic
+from ccfm.io.h5ad import backed_matrix, read_obs_labels, read_var
 from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,7 @@ class LatentStats:
             "target_std": float(self.target_std),
             "metadata_json": json.dumps(self.metadata, sort_keys=True),
         }
-        with atomic_output(path) as tmp:
-            torch.save(payload, tmp)
+        write_binary_atomic(path, functools.partial(torch.save, payload))
 
     @classmethod
     def load(cls, path: str | Path) -> LatentStats:
