@@ -77,7 +77,8 @@ def gene_symbols(n_genes: int) -> list[str]:
 
 def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed: int, chunk: int = 10000) -> None:
     """Sparse raw counts written chunk by chunk (generation memory is one chunk)."""
-    from ccfm.io.h5ad import CSRH5adWriter, atomic_output
+    from ccfm.io.atomic import atomic_output
+    from ccfm.io.h5ad import CSRH5adWriter
 
     rng = np.random.default_rng(seed)
     genes = gene_symbols(n_genes)

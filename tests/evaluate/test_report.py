@@ -1,6 +1,6 @@
 """Report figures draw what they claim, and the report checker catches broken reports.
 
-The checker (ccfm.evaluate.report_check) is exercised on a real Snakemake report built from
+The checker (tests/report_check.py, test tooling, not package code) is exercised on a real Snakemake report built from
 a two-rule workflow in a scratch directory, and, when Debian's chromium is installed, in a real
 headless browser.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate import report_check
+import report_check
 from ccfm.evaluate.plots import (
     choose_perturbations,
     plot_delta_scatter,
