@@ -105,7 +105,7 @@ def time_training(size: Size, latent_dim: int, steps: int) -> float:
 def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     """Seconds to extract scGPT features of one training batch (on the fly), and D."""
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 
     model_dir = build_tiny_checkpoint(
         workdir / f"scgpt_{size.name}",
@@ -117,7 +117,9 @@ def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     )
     rng = np.random.default_rng(0)
     vocab_ids = rng.choice(60000, size=size.n_genes, replace=False).astype(np.int64)
-    extractor = ScGPTFeatureExtractor(model_dir, vocab_ids, "cpu", 1200, seed=0)
+    extractor = ScGPTFeatureExtractor(
+        model_dir, vocab_ids, "cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=0)
+    )
     expr = np.zeros((cells, size.n_genes), dtype=np.float32)
     for row in expr:
         row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(

@@ -146,7 +146,7 @@ def teacher_forced(
     """Stage 2 of the cascade from the real held-out cells' latents (``mode`` "true" or "shuffled")."""
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import LatentStats
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     setup = prepare_generation(model_pt, {**DEMO, "cells_per_perturbation": cells}, device="cpu")
@@ -157,9 +157,11 @@ def teacher_forced(
         latent["scgpt_dir"],
         vocab_id_array(mapping),
         "cpu",
-        quality.LATENT["max_tokens_per_cell"],
-        seed,
-        zero_tokens=quality.LATENT["zero_tokens"],
+        settings=ExtractorSettings(
+            max_tokens_per_cell=quality.LATENT["max_tokens_per_cell"],
+            seed=seed,
+            zero_tokens=quality.LATENT["zero_tokens"],
+        ),
     )
     stats = LatentStats.load(latent["latent_stats"])
     controls = read_control_cells(fold.processed)

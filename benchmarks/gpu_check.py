@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -455,18 +456,14 @@ def build_scgpt(root: Path, sizes: Mapping[str, int], seed: int) -> Path:
 
 
 def make_extractor(scgpt_dir: Path, data: Dataset, latent: Mapping[str, Any], device: str, seed: int, **extra: Any):
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     return ScGPTFeatureExtractor(
         scgpt_dir,
         vocab_id_array(read_gene_vocab(data.gene_vocab)),
         device,
-        latent["max_tokens_per_cell"],
-        seed,
-        batching=latent.get("batching", "auto"),
-        zero_tokens=bool(latent["zero_tokens"]),
-        **extra,
+        settings=dataclasses.replace(ExtractorSettings.from_latent(latent, seed), **extra),
     )
 
 

@@ -126,7 +126,7 @@ def _calibration(work: Path) -> None:
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import calibrate, training_cell_indices
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 
     model_dir = work.parent / "tiny_scgpt"
     if not (model_dir / "best_model.pt").exists():
@@ -134,7 +134,9 @@ def _calibration(work: Path) -> None:
     vocab = read_vocab(model_dir / "vocab.json")
     genes = list(read_var(work / "processed.h5ad").index.astype(str))
     ids = np.array([vocab.get(g, -1) for g in genes], dtype=np.int64)
-    extractor = ScGPTFeatureExtractor(model_dir, ids, device="cpu", max_tokens_per_cell=1200, seed=SEED)
+    extractor = ScGPTFeatureExtractor(
+        model_dir, ids, device="cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=SEED)
+    )
     cells = training_cell_indices(work / "processed.h5ad", work / "split.json")
     stats = calibrate(extractor, work / "processed.h5ad", cells, batch_size=32, max_cells=2000, seed=SEED, genes=genes)
     stats.save(work / "latent_stats.pt")

@@ -53,7 +53,7 @@ def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import calibrate, training_cell_indices
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     scgpt_dir = work / "scgpt_tiny"
@@ -65,9 +65,9 @@ def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
         scgpt_dir,
         vocab_id_array(mapping),
         "cpu",
-        LATENT["max_tokens_per_cell"],
-        seed,
-        zero_tokens=LATENT["zero_tokens"],
+        settings=ExtractorSettings(
+            max_tokens_per_cell=LATENT["max_tokens_per_cell"], seed=seed, zero_tokens=LATENT["zero_tokens"]
+        ),
     )
     stats = calibrate(
         extractor,

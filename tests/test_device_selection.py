@@ -96,8 +96,10 @@ def test_bf16_autocast_is_off_on_cpu_and_changes_nothing(tmp_path, monkeypatch) 
 
 
 def test_scgpt_bf16_autocast_is_cuda_only(tiny_scgpt_checkpoint) -> None:
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from scgpt_test_data import random_vocab_ids
 
-    extractor = ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=2), random_vocab_ids(12, seed=3), autocast_bf16=True)
+    extractor = ScGPTFeatureExtractor(
+        tiny_scgpt_checkpoint(seed=2), random_vocab_ids(12, seed=3), settings=ExtractorSettings(autocast_bf16=True)
+    )
     assert extractor.device.type == "cpu" and extractor.autocast_bf16 is False

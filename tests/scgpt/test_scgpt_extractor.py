@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor, quantile_bin, tie_break_draws
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor, quantile_bin, tie_break_draws
 from scgpt_test_data import copy_checkpoint, random_vocab_ids
 
 G = 120
@@ -34,7 +34,7 @@ def _cells(n: int, seed: int) -> torch.Tensor:
 
 
 def test_round_trip_shape_and_zeros_where_not_covered(tiny_dir, vocab_ids):
-    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3)
+    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=3))
     expr = _cells(5, 1)
     expr[:, 3] = 2.0  # expressed but unmapped
     features = extractor.extract(expr)
@@ -47,7 +47,7 @@ def test_round_trip_shape_and_zeros_where_not_covered(tiny_dir, vocab_ids):
 
 
 def test_all_zero_cell_gets_all_zero_features(tiny_dir, vocab_ids):
-    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, batching="padded")
+    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(batching="padded"))
     expr = _cells(3, 2)
     expr[1] = 0
     features = extractor.extract(expr)
@@ -58,8 +58,10 @@ def test_all_zero_cell_gets_all_zero_features(tiny_dir, vocab_ids):
 def test_permuting_gene_columns_permutes_the_output(tiny_dir, vocab_ids):
     perm = np.random.default_rng(5).permutation(G)
     expr = _cells(4, 3)
-    base = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=9).extract(expr)
-    permuted = ScGPTFeatureExtractor(tiny_dir, vocab_ids[perm], seed=9).extract(expr[:, perm])
+    base = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=9)).extract(expr)
+    permuted = ScGPTFeatureExtractor(tiny_dir, vocab_ids[perm], settings=ExtractorSettings(seed=9)).extract(
+        expr[:, perm]
+    )
     torch.testing.assert_close(permuted, base[:, perm], rtol=0, atol=1e-5)
 
 
@@ -68,22 +70,26 @@ def test_features_of_a_cell_do_not_depend_on_the_batch(tiny_dir, vocab_ids, batc
     expr = _cells(9, 4)
     lengths = ((expr > 0) & torch.from_numpy(vocab_ids >= 0)).sum(1)
     assert lengths.max() > 2 * lengths.min()  # padding really happens
-    alone = ScGPTFeatureExtractor(tiny_dir, vocab_ids, batching="single").extract(expr)
-    batched = ScGPTFeatureExtractor(tiny_dir, vocab_ids, batching=batching, micro_batch_size=4).extract(expr)
+    alone = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(batching="single")).extract(expr)
+    batched = ScGPTFeatureExtractor(
+        tiny_dir, vocab_ids, settings=ExtractorSettings(batching=batching, micro_batch_size=4)
+    ).extract(expr)
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
     # the same cell in another batch composition
-    mixed = ScGPTFeatureExtractor(tiny_dir, vocab_ids, batching=batching).extract(torch.cat([_cells(5, 99), expr[2:3]]))
+    mixed = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(batching=batching)).extract(
+        torch.cat([_cells(5, 99), expr[2:3]])
+    )
     torch.testing.assert_close(mixed[-1], alone[2], rtol=0, atol=1e-5)
 
 
 def test_binning_ties_are_seeded_and_values_follow_args(tiny_dir, vocab_ids):
-    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=1)
+    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=1))
     row = np.zeros(G, dtype=np.float32)
     row[vocab_ids >= 0] = np.log1p(np.arange(G)[vocab_ids >= 0] % 3 + 1)  # heavy ties: 3 distinct values
     cell = extractor.tokenize(row)
     assert cell.values.min() >= 1 and cell.values.max() <= 50
     assert np.array_equal(cell.values, extractor.tokenize(row).values)  # same seed, same bins
-    other = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=2).tokenize(row)
+    other = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=2)).tokenize(row)
     assert not np.array_equal(cell.values, other.values)  # ties broken by the seed
     # bins are monotone in expression: a higher value never gets a lower bin
     x = row[cell.positions]
@@ -112,7 +118,7 @@ def test_continuous_input_style_passes_expression_through(tmp_path, tiny_dir, vo
 
 def test_token_cap_keeps_the_highest_expressed_genes(tiny_dir, vocab_ids, caplog):
     expr = _cells(3, 7)
-    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, max_tokens_per_cell=6)
+    extractor = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(max_tokens_per_cell=6))
     with caplog.at_level("WARNING"):
         features = extractor.extract(expr)
     assert "truncated" in caplog.text
@@ -135,8 +141,8 @@ def test_bad_inputs_are_clear_errors(tiny_dir, vocab_ids):
 
 def test_zero_tokens_give_every_mapped_gene_a_contextual_feature(tiny_dir, vocab_ids):
     """Stage 2 cannot read "unexpressed" from exact zeros: unexpressed mapped genes get features too."""
-    plain = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3)
-    dense = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3, zero_tokens=True)
+    plain = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=3))
+    dense = ScGPTFeatureExtractor(tiny_dir, vocab_ids, settings=ExtractorSettings(seed=3, zero_tokens=True))
     expr = _cells(4, 2)
     mapped = torch.from_numpy(vocab_ids >= 0)
     features = dense.extract(expr)
@@ -151,7 +157,9 @@ def test_zero_tokens_give_every_mapped_gene_a_contextual_feature(tiny_dir, vocab
     if gene is not None:
         assert not torch.allclose(features[0, gene], features[1, gene])
     # The cap keeps the expressed genes first.
-    capped = ScGPTFeatureExtractor(tiny_dir, vocab_ids, seed=3, zero_tokens=True, max_tokens_per_cell=40)
+    capped = ScGPTFeatureExtractor(
+        tiny_dir, vocab_ids, settings=ExtractorSettings(seed=3, zero_tokens=True, max_tokens_per_cell=40)
+    )
     mask = capped.covered_mask(expr)
     assert torch.all(mask.sum(dim=1) == 40)
     expressed = (expr > 0) & mapped

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ccfm import CONTROL_LABEL
-from ccfm.config import settings_from
+from ccfm.config import section_defaults, settings_from
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.data.validation import check_batch_size
 from ccfm.distributed import DistContext, pick_device
@@ -93,13 +93,18 @@ def build_denoiser(
     latent_dim: int,
     vocab: PerturbationVocab,
     seed: int,
+    *,
+    mean_settings: MeanModelSettings | None = None,
 ) -> CascadedDenoiser:
     """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent).
 
     ``model.anchor: additive`` (the default) makes the expression flow start from the anchored
     control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
+    ``mean_settings``: the run's mean-model settings when the caller has built them already.
     """
-    anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
+    if mean_settings is None:
+        mean_settings = MeanModelSettings.from_sections(model_section, train_section)
+    anchored = mean_settings.anchor == "additive"
     config = settings_from(
         ModelConfig,
         "model",
@@ -186,8 +191,10 @@ def train_from_files(
             request, data, train_labels, device, draws=settings.steps * settings.batch_size, dist=dist
         )
     seed = request.seed
-    denoiser = build_denoiser(data.n_genes, request.model_section, request.train_section, latent_dim, vocab, seed)
     mean_settings = MeanModelSettings.from_sections(request.model_section, request.train_section)
+    denoiser = build_denoiser(
+        data.n_genes, request.model_section, request.train_section, latent_dim, vocab, seed, mean_settings=mean_settings
+    )
     mean_model = fit_mean_model(data, train_labels, mean_settings, seed) if mean_settings.anchor == "additive" else None
     n_params = sum(p.numel() for p in denoiser.parameters())
     log.info(
@@ -240,7 +247,7 @@ def _training_device(
         return dist.device
     if device is not None:
         return torch.device(device)
-    return pick_device(int(train_section.get("gpus", 1)))
+    return pick_device(int({**section_defaults("train"), **train_section}["gpus"]))
 
 
 def _perturbation_vocab(

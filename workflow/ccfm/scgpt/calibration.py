@@ -241,20 +241,13 @@ def calibrate_to_files(
     ``scgpt_model`` is the checkpoint's ``best_model.pt``; ``latent`` the dataset's ``latent`` section.
     """
     from ccfm.distributed import pick_device
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     torch.set_num_threads(int(threads))
     mapping = read_gene_vocab(gene_vocab_tsv)
-    extractor = ScGPTFeatureExtractor(
-        Path(scgpt_model).parent,
-        vocab_id_array(mapping),
-        device=str(pick_device()),
-        max_tokens_per_cell=latent["max_tokens_per_cell"],
-        seed=seed,
-        batching=latent.get("batching", "auto"),
-        zero_tokens=bool(latent["zero_tokens"]),
-    )
+    settings = ExtractorSettings.from_latent(latent, seed)
+    extractor = ScGPTFeatureExtractor(Path(scgpt_model).parent, vocab_id_array(mapping), str(pick_device()), settings)
     cells = training_cell_indices(processed_h5ad, split_json)
     log.info("%s: %d training cells (training perturbations + controls)", split_json, len(cells))
     stats = calibrate(
