@@ -94,9 +94,8 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
 
     mapping = map_genes(symbols, vocab)
     write_gene_vocab(mapping, root / "gene_vocab.tsv")
-    extractor = ScGPTFeatureExtractor(
-        scgpt_dir, vocab_id_array(mapping), "cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=1)
-    )
+    # The schema's latent settings, as a training run whose latent section leaves them out reads them.
+    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", ExtractorSettings.from_latent({}, 1))
     train_rows = np.flatnonzero(adata.obs["target_gene"].isin(info["train"]).to_numpy())
     stats = calibrate(extractor, processed, train_rows, batch_size=32, max_cells=100, seed=1, genes=symbols)
     stats.save(root / "latent_stats.pt")

@@ -164,3 +164,19 @@ def test_zero_tokens_give_every_mapped_gene_a_contextual_feature(tiny_dir, vocab
     assert torch.all(mask.sum(dim=1) == 40)
     expressed = (expr > 0) & mapped
     assert torch.all(mask[expressed.sum(dim=1) >= 40] <= expressed[expressed.sum(dim=1) >= 40])
+
+
+def test_settings_from_the_latent_section_take_the_schema_defaults():
+    """One home for latent defaults: keys the section leaves out come from the schema (zero_tokens: true)."""
+    from ccfm.config import section_defaults
+
+    schema = section_defaults("latent")
+    settings = ExtractorSettings.from_latent({}, seed=4)
+    assert settings.zero_tokens is True and schema["zero_tokens"] is True
+    assert (settings.max_tokens_per_cell, settings.batching, settings.seed) == (
+        schema["max_tokens_per_cell"],
+        schema["batching"],
+        4,
+    )
+    given = ExtractorSettings.from_latent({"zero_tokens": False, "max_tokens_per_cell": 7, "batching": "padded"}, 1)
+    assert (given.zero_tokens, given.max_tokens_per_cell, given.batching) == (False, 7, "padded")
