@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import quality  # noqa: E402  (the screen, its fold and the tiny scGPT set-up)
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
-from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline  # noqa: E402
 from ccfm.evaluate.cells import CELL_COLUMNS  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics, training_cells  # noqa: E402
 from ccfm.io.predictions import write_predictions  # noqa: E402
@@ -232,7 +232,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
         out = work / f"{method}.h5ad"
         run_baseline(
             method, fold.processed, fold.split_json, fold.real, out, out.with_suffix(".csv"),
-            cells_per_perturbation=args.cells, seed=seed,
+            BaselineOptions(cells_per_perturbation=args.cells, seed=seed),
         )  # fmt: skip
         for section in args.sections:
             if section != "steps":

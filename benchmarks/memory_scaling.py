@@ -143,7 +143,7 @@ def _calibration(work: Path) -> None:
 
 
 def _baseline(work: Path) -> None:
-    from ccfm.evaluate.baselines import run_baseline
+    from ccfm.evaluate.baselines import BaselineOptions, run_baseline
 
     run_baseline(
         "additive",
@@ -152,9 +152,7 @@ def _baseline(work: Path) -> None:
         work / "real.h5ad",
         work / "pred.h5ad",
         work / "pred_means.csv",
-        cells_per_perturbation=128,
-        seed=SEED,
-        chunk_size=10000,
+        BaselineOptions(cells_per_perturbation=128, seed=SEED, chunk_size=10000),
     )
 
 

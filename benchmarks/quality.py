@@ -42,7 +42,7 @@ from ccfm import CONTROL_LABEL  # noqa: E402
 from ccfm.data.preprocess import preprocess_dataset  # noqa: E402
 from ccfm.data.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
 from ccfm.data.splits import split_for_processed, write_real, write_split  # noqa: E402
-from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics  # noqa: E402
 from ccfm.model.generation import predict_to_files, prepare_generation  # noqa: E402
 from ccfm.model.training import TrainRequest, train_from_files  # noqa: E402
@@ -237,8 +237,7 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
             fold.real,
             out,
             work / f"{method}.csv",
-            cells_per_perturbation=cells,
-            seed=seed,
+            BaselineOptions(cells_per_perturbation=cells, seed=seed),
         )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
@@ -370,8 +369,7 @@ def run_real_seed(
             real_path,
             out,
             work / f"{method}.csv",
-            cells_per_perturbation=cells,
-            seed=seed,
+            BaselineOptions(cells_per_perturbation=cells, seed=seed),
         )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
