@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccfm.model.denoiser import CascadedDenoiser, FlowSettings
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, FlowStart, Integration
 from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 
@@ -142,9 +142,9 @@ def time_inference(size: Size, latent_dim: int) -> dict[str, float]:
     pert = torch.randint(0, size.n_genes, (b, 2), generator=gen)
     evaluations = 4 * ((size.latent_steps - 1 if latent_dim else 0) + size.expr_steps - 1)
     if size.full_generation:
-        den.generate(gene_ids[:2], source[:2], pert[:2], 2, 2, "rk4", gen)  # warm-up
+        den.generate(gene_ids[:2], source[:2], pert[:2], Integration(2, 2, "rk4"), FlowStart(gen))  # warm-up
         started = time.perf_counter()
-        den.generate(gene_ids, source, pert, size.latent_steps, size.expr_steps, "rk4", gen)
+        den.generate(gene_ids, source, pert, Integration(size.latent_steps, size.expr_steps, "rk4"), FlowStart(gen))
         seconds = time.perf_counter() - started
         return {"cells_per_s": b / seconds, "seconds_per_batch": seconds, "measured": 1.0, "evaluations": evaluations}
     x = torch.randn(b, size.n_genes, generator=gen)

@@ -62,6 +62,7 @@ from ccfm.evaluate.baselines import BaselineOptions, run_baseline  # noqa: E402
 from ccfm.evaluate.cells import CELL_COLUMNS  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics, training_cells  # noqa: E402
 from ccfm.io.predictions import write_predictions  # noqa: E402
+from ccfm.model.denoiser import FlowStart, Integration  # noqa: E402
 from ccfm.model.generation import (  # noqa: E402
     controls_mean,
     label_seed,
@@ -190,11 +191,9 @@ def teacher_forced(
             genes.expand(n, -1),
             source,
             model.vocab.batch_ids([label]).expand(n, -1),
-            expr_steps=DEMO["expr_steps"],
-            method=DEMO["method"],
-            generator=generator,
+            Integration(expr_steps=DEMO["expr_steps"], method=DEMO["method"]),
+            FlowStart(generator, x_start=x_start),
             latent=z,
-            x_start=x_start,
         )
         predicted[label] = match_mean(cells_out.numpy(), reference + shift.numpy())
     write_predictions(out, out.with_suffix(".csv"), controls.genes, predicted, controls.matrix, CONTROL_LABEL)

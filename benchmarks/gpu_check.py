@@ -601,7 +601,7 @@ def make_trainer(
 ):
     """A Trainer built as ``train_from_files`` builds it, with the given latent-target callable."""
     from ccfm.data.perturbations import PerturbationVocab
-    from ccfm.model.training import Trainer, TrainSettings, build_denoiser, run_fingerprint
+    from ccfm.model.training import ResumePoint, Trainer, TrainingSet, TrainSettings, build_denoiser, run_fingerprint
 
     train_section = {**plan.train, "bf16": bf16}
     settings = TrainSettings.from_train_section(train_section)
@@ -610,16 +610,11 @@ def make_trainer(
     denoiser = build_denoiser(expression.n_genes, plan.model, train_section, latent_dim, vocab, seed)
     return Trainer(
         denoiser,
-        expression,
-        data.train_labels,
-        vocab,
+        TrainingSet(expression, data.train_labels, vocab, latent_targets=targets, mean_model=mean_model),
         settings,
+        ResumePoint(resume, fingerprint=run_fingerprint(settings, denoiser, vocab, data.train_labels, seed)),
         seed=seed,
-        resume_dir=resume,
-        latent_targets=targets,
         device=plan.device,
-        run_fingerprint=run_fingerprint(settings, denoiser, vocab, data.train_labels, seed),
-        mean_model=mean_model,
     )
 
 

@@ -20,7 +20,9 @@ from ccfm.model.generation import GenerateSettings, predict_to_files, prepare_ge
 from ccfm.model.training import (
     LOSS_COLUMNS,
     PerturbationBatchSampler,
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainRequest,
     TrainSettings,
     build_denoiser,
@@ -58,14 +60,10 @@ def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim:
     den = build_denoiser(data.n_genes, MODEL, train_section, latent_dim, vocab, seed=7)
     return Trainer(
         den,
-        data,
-        labels,
-        vocab,
+        TrainingSet(data, labels, vocab, latent_targets=FakeLatent(latent_dim) if latent_dim else None),
         settings,
+        ResumePoint(resume, fingerprint=run_fingerprint(settings, den, vocab, labels, 7)),
         seed=7,
-        resume_dir=resume,
-        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
-        run_fingerprint=run_fingerprint(settings, den, vocab, labels, 7),
     )
 
 

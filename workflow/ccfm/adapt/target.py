@@ -21,7 +21,7 @@ from ccfm.io.h5ad import CHUNK_SIZE, read_control_cells, read_obs
 from ccfm.io.predictions import write_predictions
 from ccfm.model.checkpoint import LoadedModel
 from ccfm.model.expression import ExpressionData
-from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, generate_labels
+from ccfm.model.generation import ControlCells, GenerateSettings, GenerationSetup, controls_mean, generate_labels
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def predict_target_cells(
     raw = ShiftedExpression(controls, list(model.genes), np.full(controls.shape[0], CONTROL_LABEL), shift=None)
     reference = controls_mean(raw, control_rows)
     return generate_labels(
-        model, data, control_rows, labels, settings, seed, device, reference, progress=f"predict target ({what})",
-        n_cells=n_cells,
+        GenerationSetup(model, device, settings), ControlCells(data, control_rows, reference), labels, seed,
+        progress=f"predict target ({what})", n_cells=n_cells,
     )  # fmt: skip
 
 

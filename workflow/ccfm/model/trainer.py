@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,27 +85,45 @@ class TrainResult:
     extract_seconds: float  # time inside the latent-target callable (scGPT)
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the loop learns from: the cells, the perturbations trained on, their vocabulary, the
+    latent targets (scGPT features) of a latent run and the mean model of an anchored flow."""
+
+    data: ExpressionData
+    train_labels: Sequence[str]
+    vocab: PerturbationVocab
+    latent_targets: LatentTargets | None = None
+    mean_model: MeanModel | None = None
+    control_label: str = CONTROL_LABEL
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where the run checkpoints (``resume_dir/checkpoint.pt``) and which run a checkpoint must
+    belong to: its fingerprint and the per-part hashes that name what changed
+    (:func:`ccfm.model.fingerprint.part_hashes`)."""
+
+    resume_dir: str | Path
+    fingerprint: str = ""
+    fingerprint_parts: Mapping[str, str] = field(default_factory=dict)
+
+
 class Trainer:
     """Runs (and resumes) the loop for one model; see the module docstring."""
 
     def __init__(
         self,
         denoiser: CascadedDenoiser,
-        data: ExpressionData,
-        train_labels: Sequence[str],
-        vocab: PerturbationVocab,
+        training: TrainingSet,
         settings: TrainSettings,
+        resume: ResumePoint,
         *,
         seed: int,
-        resume_dir: str | Path,
-        latent_targets: LatentTargets | None = None,
         device: str | torch.device = "cpu",
-        run_fingerprint: str = "",
-        control_label: str = CONTROL_LABEL,
         dist: DistContext | None = None,
-        fingerprint_parts: Mapping[str, str] | None = None,
-        mean_model: MeanModel | None = None,
     ) -> None:
+        data, latent_targets = training.data, training.latent_targets
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
         self.dist = dist or DistContext(device=torch.device(device))
@@ -121,28 +139,28 @@ class Trainer:
                 self.denoiser, device_ids=[device] if torch.device(device).type == "cuda" else None
             )
         self.data = data
-        self.vocab = vocab
+        self.vocab = training.vocab
         self.settings = settings
         self.seed = seed
         self.device = torch.device(device)
-        self.resume_path = Path(resume_dir) / CHECKPOINT_NAME
+        self.resume_path = Path(resume.resume_dir) / CHECKPOINT_NAME
         self.latent_targets = latent_targets if denoiser.latent_enabled else None
-        self.run_fingerprint = run_fingerprint
+        self.run_fingerprint = resume.fingerprint
         # Per-part hashes (:func:`ccfm.model.fingerprint.part_hashes`): saved so a later mismatch names what changed.
-        self.fingerprint_parts = dict(fingerprint_parts or {})
+        self.fingerprint_parts = dict(resume.fingerprint_parts)
         # Anchored flow: each label's predicted mean shift (fixed during training), cached.
-        self.mean_model = mean_model
+        self.mean_model = training.mean_model
         self._anchor_cache: dict[str, np.ndarray | None] = {}
         self.np_rng = np.random.default_rng(seed)
         flow = denoiser.settings
         anchored = flow.source == "control"
         self.sampler = PerturbationBatchSampler(
             data,
-            train_labels,
+            training.train_labels,
             settings.batch_size,
             settings.infer_top_gene,
             self.np_rng,
-            control_label,
+            training.control_label,
             separate_starts=anchored and flow.condition_cell == "separate",
         )
         self.ot_coupling = anchored and flow.coupling == "ot"

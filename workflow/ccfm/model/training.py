@@ -48,7 +48,9 @@ from ccfm.model.request import TrainRequest
 from ccfm.model.trainer import (
     CHECKPOINT_NAME,
     LOSS_COLUMNS,
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainResult,
     TrainSettings,
     warmup_cosine,
@@ -62,10 +64,12 @@ __all__ = [
     "Batch",
     "LatentTargets",
     "PerturbationBatchSampler",
+    "ResumePoint",
     "TrainRequest",
     "TrainResult",
     "TrainSettings",
     "Trainer",
+    "TrainingSet",
     "build_denoiser",
     "fingerprint",
     "fit_mean_model",
@@ -206,18 +210,12 @@ def train_from_files(
     )
     trainer = Trainer(
         denoiser,
-        data,
-        train_labels,
-        vocab,
+        TrainingSet(data, train_labels, vocab, latent_targets, mean_model),
         settings,
+        ResumePoint(request.resume_dir, fingerprint(parts), part_hashes(parts)),
         seed=seed,
-        resume_dir=request.resume_dir,
-        latent_targets=latent_targets,
         device=device,
-        run_fingerprint=fingerprint(parts),
         dist=dist,
-        fingerprint_parts=part_hashes(parts),
-        mean_model=mean_model,
     )
     result = trainer.run(progress=progress)
     _log_result(result, trainer)
