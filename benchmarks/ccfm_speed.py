@@ -118,7 +118,7 @@ def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     rng = np.random.default_rng(0)
     vocab_ids = rng.choice(60000, size=size.n_genes, replace=False).astype(np.int64)
     extractor = ScGPTFeatureExtractor(
-        model_dir, vocab_ids, "cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=0)
+        model_dir, vocab_ids, "cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=0, zero_tokens=False)
     )
     expr = np.zeros((cells, size.n_genes), dtype=np.float32)
     for row in expr:

@@ -78,7 +78,13 @@ def time_strategies(model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, a
             model_dir,
             vocab_ids,
             device=device,
-            settings=ExtractorSettings(batching=strategy, micro_batch_size=args.micro_batch, autocast_bf16=args.bf16),
+            settings=ExtractorSettings(
+                batching=strategy,
+                micro_batch_size=args.micro_batch,
+                autocast_bf16=args.bf16,
+                max_tokens_per_cell=None,
+                zero_tokens=False,
+            ),
         )
         extractor.extract(expr[: min(4, len(expr))])  # warm-up (allocations, kernels)
         outputs = []
@@ -117,7 +123,10 @@ def time_training_features(
         var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
     ).write_h5ad(h5ad)
     extractor = ScGPTFeatureExtractor(
-        model_dir, vocab_ids, device=device, settings=ExtractorSettings(autocast_bf16=args.bf16)
+        model_dir,
+        vocab_ids,
+        device=device,
+        settings=ExtractorSettings(autocast_bf16=args.bf16, max_tokens_per_cell=None, zero_tokens=False),
     )
     all_cells = np.arange(len(cells))
     start = time.perf_counter()

@@ -135,7 +135,7 @@ def _calibration(work: Path) -> None:
     genes = list(read_var(work / "processed.h5ad").index.astype(str))
     ids = np.array([vocab.get(g, -1) for g in genes], dtype=np.int64)
     extractor = ScGPTFeatureExtractor(
-        model_dir, ids, device="cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=SEED)
+        model_dir, ids, device="cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=SEED, zero_tokens=False)
     )
     cells = training_cell_indices(work / "processed.h5ad", work / "split.json")
     stats = calibrate(extractor, work / "processed.h5ad", cells, batch_size=32, max_cells=2000, seed=SEED, genes=genes)

@@ -102,6 +102,8 @@ def test_scgpt_bf16_autocast_is_cuda_only(tiny_scgpt_checkpoint) -> None:
     from scgpt_test_data import random_vocab_ids
 
     extractor = ScGPTFeatureExtractor(
-        tiny_scgpt_checkpoint(seed=2), random_vocab_ids(12, seed=3), settings=ExtractorSettings(autocast_bf16=True)
+        tiny_scgpt_checkpoint(seed=2),
+        random_vocab_ids(12, seed=3),
+        settings=ExtractorSettings(autocast_bf16=True, max_tokens_per_cell=None, zero_tokens=False),
     )
     assert extractor.device.type == "cpu" and extractor.autocast_bf16 is False

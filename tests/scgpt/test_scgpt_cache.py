@@ -39,7 +39,9 @@ def processed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
     return ScGPTFeatureExtractor(
-        tiny_scgpt_checkpoint(seed=2), random_vocab_ids(G, seed=3, unmapped=[0, 7]), settings=ExtractorSettings(seed=1)
+        tiny_scgpt_checkpoint(seed=2),
+        random_vocab_ids(G, seed=3, unmapped=[0, 7]),
+        settings=ExtractorSettings(seed=1, max_tokens_per_cell=None, zero_tokens=False),
     )
 
 

@@ -38,7 +38,7 @@ def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
     return ScGPTFeatureExtractor(
         tiny_scgpt_checkpoint(seed=5),
         random_vocab_ids(G, seed=1, unmapped=range(4)),
-        settings=ExtractorSettings(seed=4),
+        settings=ExtractorSettings(seed=4, max_tokens_per_cell=None, zero_tokens=False),
     )
 
 

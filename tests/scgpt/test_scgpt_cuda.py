@@ -54,10 +54,13 @@ def test_bf16_autocast_features_stay_close(checkpoint) -> None:
     ids = random_vocab_ids(G, seed=4)
     expr = np.log1p(_counts(24, 5))
     fp32 = ScGPTFeatureExtractor(
-        checkpoint, ids, "cuda", settings=ExtractorSettings(max_tokens_per_cell=None, seed=1)
+        checkpoint, ids, "cuda", settings=ExtractorSettings(max_tokens_per_cell=None, seed=1, zero_tokens=False)
     ).extract(expr)
     bf16 = ScGPTFeatureExtractor(
-        checkpoint, ids, "cuda", settings=ExtractorSettings(max_tokens_per_cell=None, seed=1, autocast_bf16=True)
+        checkpoint,
+        ids,
+        "cuda",
+        settings=ExtractorSettings(max_tokens_per_cell=None, seed=1, autocast_bf16=True, zero_tokens=False),
     ).extract(expr)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     relative = (bf16 - fp32).norm() / fp32.norm()

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Batching = Literal["auto", "single", "padded", "sorted"]
 BATCHING_CHOICES = ("auto", "single", "padded", "sorted")
 
+_LATENT = section_defaults("latent")
+
 
 @dataclass(frozen=True)
 class TokenizedCell:
@@ -108,9 +110,9 @@ def default_batching(device: torch.device) -> str:
 class ExtractorSettings:
     """How the extractor tokenises and batches cells.
 
-    The defaults are a bare extractor's (every expressed mapped gene, no zero tokens, no cap);
-    the pipeline builds its settings from the merged ``latent`` config section with
-    :meth:`from_latent`, whose defaults are the schema's.
+    The config-backed fields default to the schema's ``latent`` defaults (one home for them);
+    the pipeline builds its settings from the dataset's merged ``latent`` section with
+    :meth:`from_latent`. ``max_tokens_per_cell=None`` keeps every token.
 
     Attributes:
         max_tokens_per_cell: keep at most this many genes per cell (highest expressed first).
@@ -123,17 +125,17 @@ class ExtractorSettings:
         autocast_bf16: run the transformer under bf16 autocast (CUDA only; off by default).
     """
 
-    max_tokens_per_cell: int | None = None
-    zero_tokens: bool = False
+    max_tokens_per_cell: int | None = _LATENT["max_tokens_per_cell"]
+    zero_tokens: bool = _LATENT["zero_tokens"]
     seed: int = 0
-    batching: Batching = "auto"
+    batching: Batching = _LATENT["batching"]
     micro_batch_size: int = 16
     autocast_bf16: bool = False
 
     @classmethod
     def from_latent(cls, latent: Mapping[str, Any], seed: int) -> ExtractorSettings:
         """Settings of the merged ``latent`` section (schema defaults under the given keys)."""
-        merged = {**section_defaults("latent"), **latent}
+        merged = {**_LATENT, **latent}
         return cls(
             max_tokens_per_cell=merged["max_tokens_per_cell"],
             zero_tokens=bool(merged["zero_tokens"]),
