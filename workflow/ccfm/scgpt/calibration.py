@@ -25,12 +25,16 @@ import torch
 from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.moments import RunningMoments
 from ccfm.io.atomic import write_binary_atomic
 from ccfm.io.h5ad import backed_matrix, read_obs_labels, read_var
 from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
+
+# The schema's `latent.target_std` default (one home for it).
+TARGET_STD: float = section_defaults("latent")["target_std"]
 
 NORM_EPS = 1e-6
 
@@ -52,7 +56,7 @@ class LatentStats:
 
     mean: torch.Tensor  # (D,)
     var: torch.Tensor  # (D,)
-    target_std: float = 1.0
+    target_std: float = TARGET_STD
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -166,7 +170,7 @@ def calibrate(
     batch_size: int,
     max_cells: int | None,
     seed: int,
-    target_std: float = 1.0,
+    target_std: float = TARGET_STD,
     genes: Sequence[str] | None = None,
 ) -> LatentStats:
     """Stream (a seeded subsample of) ``cell_indices`` through ``extractor``; return the stats."""
