@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccfm.model.denoiser import CascadedDenoiser, FlowSettings
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, FlowStart, Integration
 from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 
@@ -105,7 +105,7 @@ def time_training(size: Size, latent_dim: int, steps: int) -> float:
 def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     """Seconds to extract scGPT features of one training batch (on the fly), and D."""
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 
     model_dir = build_tiny_checkpoint(
         workdir / f"scgpt_{size.name}",
@@ -117,7 +117,9 @@ def time_extraction(size: Size, workdir: Path, cells: int) -> tuple[float, int]:
     )
     rng = np.random.default_rng(0)
     vocab_ids = rng.choice(60000, size=size.n_genes, replace=False).astype(np.int64)
-    extractor = ScGPTFeatureExtractor(model_dir, vocab_ids, "cpu", 1200, seed=0)
+    extractor = ScGPTFeatureExtractor(
+        model_dir, vocab_ids, "cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=0, zero_tokens=False)
+    )
     expr = np.zeros((cells, size.n_genes), dtype=np.float32)
     for row in expr:
         row[rng.choice(size.n_genes, size.expressed_per_cell, replace=False)] = rng.gamma(
@@ -140,9 +142,9 @@ def time_inference(size: Size, latent_dim: int) -> dict[str, float]:
     pert = torch.randint(0, size.n_genes, (b, 2), generator=gen)
     evaluations = 4 * ((size.latent_steps - 1 if latent_dim else 0) + size.expr_steps - 1)
     if size.full_generation:
-        den.generate(gene_ids[:2], source[:2], pert[:2], 2, 2, "rk4", gen)  # warm-up
+        den.generate(gene_ids[:2], source[:2], pert[:2], Integration(2, 2, "rk4"), FlowStart(gen))  # warm-up
         started = time.perf_counter()
-        den.generate(gene_ids, source, pert, size.latent_steps, size.expr_steps, "rk4", gen)
+        den.generate(gene_ids, source, pert, Integration(size.latent_steps, size.expr_steps, "rk4"), FlowStart(gen))
         seconds = time.perf_counter() - started
         return {"cells_per_s": b / seconds, "seconds_per_batch": seconds, "measured": 1.0, "evaluations": evaluations}
     x = torch.randn(b, size.n_genes, generator=gen)

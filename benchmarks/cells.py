@@ -58,10 +58,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import quality  # noqa: E402  (the screen, its fold and the tiny scGPT set-up)
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
-from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline  # noqa: E402
 from ccfm.evaluate.cells import CELL_COLUMNS  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics, training_cells  # noqa: E402
 from ccfm.io.predictions import write_predictions  # noqa: E402
+from ccfm.model.denoiser import FlowStart, Integration  # noqa: E402
 from ccfm.model.generation import (  # noqa: E402
     controls_mean,
     label_seed,
@@ -146,7 +147,7 @@ def teacher_forced(
     """Stage 2 of the cascade from the real held-out cells' latents (``mode`` "true" or "shuffled")."""
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import LatentStats
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     setup = prepare_generation(model_pt, {**DEMO, "cells_per_perturbation": cells}, device="cpu")
@@ -157,9 +158,11 @@ def teacher_forced(
         latent["scgpt_dir"],
         vocab_id_array(mapping),
         "cpu",
-        quality.LATENT["max_tokens_per_cell"],
-        seed,
-        zero_tokens=quality.LATENT["zero_tokens"],
+        settings=ExtractorSettings(
+            max_tokens_per_cell=quality.LATENT["max_tokens_per_cell"],
+            seed=seed,
+            zero_tokens=quality.LATENT["zero_tokens"],
+        ),
     )
     stats = LatentStats.load(latent["latent_stats"])
     controls = read_control_cells(fold.processed)
@@ -188,11 +191,9 @@ def teacher_forced(
             genes.expand(n, -1),
             source,
             model.vocab.batch_ids([label]).expand(n, -1),
-            expr_steps=DEMO["expr_steps"],
-            method=DEMO["method"],
-            generator=generator,
+            Integration(expr_steps=DEMO["expr_steps"], method=DEMO["method"]),
+            FlowStart(generator, x_start=x_start),
             latent=z,
-            x_start=x_start,
         )
         predicted[label] = match_mean(cells_out.numpy(), reference + shift.numpy())
     write_predictions(out, out.with_suffix(".csv"), controls.genes, predicted, controls.matrix, CONTROL_LABEL)
@@ -230,7 +231,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
         out = work / f"{method}.h5ad"
         run_baseline(
             method, fold.processed, fold.split_json, fold.real, out, out.with_suffix(".csv"),
-            cells_per_perturbation=args.cells, seed=seed,
+            BaselineOptions(cells_per_perturbation=args.cells, seed=seed),
         )  # fmt: skip
         for section in args.sections:
             if section != "steps":

@@ -44,7 +44,7 @@ import scipy.sparse as sp
 import torch
 
 from ccfm.scgpt.checkpoint import build_tiny_checkpoint
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 from ccfm.scgpt.feature_cache import make_latent_source
 
 FULL_SIZE = {"embsize": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
@@ -78,9 +78,13 @@ def time_strategies(model_dir: Path, vocab_ids: np.ndarray, cells: np.ndarray, a
             model_dir,
             vocab_ids,
             device=device,
-            batching=strategy,
-            micro_batch_size=args.micro_batch,
-            autocast_bf16=args.bf16,
+            settings=ExtractorSettings(
+                batching=strategy,
+                micro_batch_size=args.micro_batch,
+                autocast_bf16=args.bf16,
+                max_tokens_per_cell=None,
+                zero_tokens=False,
+            ),
         )
         extractor.extract(expr[: min(4, len(expr))])  # warm-up (allocations, kernels)
         outputs = []
@@ -118,7 +122,12 @@ def time_training_features(
         obs=pd.DataFrame({"target_gene": ["A"] * len(cells)}, index=[f"c{i}" for i in range(len(cells))]),
         var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
     ).write_h5ad(h5ad)
-    extractor = ScGPTFeatureExtractor(model_dir, vocab_ids, device=device, autocast_bf16=args.bf16)
+    extractor = ScGPTFeatureExtractor(
+        model_dir,
+        vocab_ids,
+        device=device,
+        settings=ExtractorSettings(autocast_bf16=args.bf16, max_tokens_per_cell=None, zero_tokens=False),
+    )
     all_cells = np.arange(len(cells))
     start = time.perf_counter()
     cached = make_latent_source("on", extractor, h5ad, all_cells, workdir / "cache", max_gb=100)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -457,18 +458,14 @@ def build_scgpt(root: Path, sizes: Mapping[str, int], seed: int) -> Path:
 
 
 def make_extractor(scgpt_dir: Path, data: Dataset, latent: Mapping[str, Any], device: str, seed: int, **extra: Any):
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     return ScGPTFeatureExtractor(
         scgpt_dir,
         vocab_id_array(read_gene_vocab(data.gene_vocab)),
         device,
-        latent["max_tokens_per_cell"],
-        seed,
-        batching=latent.get("batching", "auto"),
-        zero_tokens=bool(latent["zero_tokens"]),
-        **extra,
+        settings=dataclasses.replace(ExtractorSettings.from_latent(latent, seed), **extra),
     )
 
 
@@ -606,7 +603,7 @@ def make_trainer(
 ):
     """A Trainer built as ``train_from_files`` builds it, with the given latent-target callable."""
     from ccfm.data.perturbations import PerturbationVocab
-    from ccfm.model.training import Trainer, TrainSettings, build_denoiser, run_fingerprint
+    from ccfm.model.training import ResumePoint, Trainer, TrainingSet, TrainSettings, build_denoiser, run_fingerprint
 
     train_section = {**plan.train, "bf16": bf16}
     settings = TrainSettings.from_train_section(train_section)
@@ -615,16 +612,11 @@ def make_trainer(
     denoiser = build_denoiser(expression.n_genes, plan.model, train_section, latent_dim, vocab, seed)
     return Trainer(
         denoiser,
-        expression,
-        data.train_labels,
-        vocab,
+        TrainingSet(expression, data.train_labels, vocab, latent_targets=targets, mean_model=mean_model),
         settings,
+        ResumePoint(resume, fingerprint=run_fingerprint(settings, denoiser, vocab, data.train_labels, seed)),
         seed=seed,
-        resume_dir=resume,
-        latent_targets=targets,
         device=plan.device,
-        run_fingerprint=run_fingerprint(settings, denoiser, vocab, data.train_labels, seed),
-        mean_model=mean_model,
     )
 
 

@@ -77,7 +77,8 @@ def gene_symbols(n_genes: int) -> list[str]:
 
 def write_synthetic(path: Path, n_cells: int, n_genes: int, density: float, seed: int, chunk: int = 10000) -> None:
     """Sparse raw counts written chunk by chunk (generation memory is one chunk)."""
-    from ccfm.io.h5ad import CSRH5adWriter, atomic_output
+    from ccfm.io.atomic import atomic_output
+    from ccfm.io.h5ad import CSRH5adWriter
 
     rng = np.random.default_rng(seed)
     genes = gene_symbols(n_genes)
@@ -132,7 +133,7 @@ def _calibration(work: Path) -> None:
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import calibrate, training_cell_indices
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 
     model_dir = work.parent / "tiny_scgpt"
     if not (model_dir / "best_model.pt").exists():
@@ -140,14 +141,16 @@ def _calibration(work: Path) -> None:
     vocab = read_vocab(model_dir / "vocab.json")
     genes = list(read_var(work / "processed.h5ad").index.astype(str))
     ids = np.array([vocab.get(g, -1) for g in genes], dtype=np.int64)
-    extractor = ScGPTFeatureExtractor(model_dir, ids, device="cpu", max_tokens_per_cell=1200, seed=SEED)
+    extractor = ScGPTFeatureExtractor(
+        model_dir, ids, device="cpu", settings=ExtractorSettings(max_tokens_per_cell=1200, seed=SEED, zero_tokens=False)
+    )
     cells = training_cell_indices(work / "processed.h5ad", work / "split.json")
     stats = calibrate(extractor, work / "processed.h5ad", cells, batch_size=32, max_cells=2000, seed=SEED, genes=genes)
     stats.save(work / "latent_stats.pt")
 
 
 def _baseline(work: Path) -> None:
-    from ccfm.evaluate.baselines import run_baseline
+    from ccfm.evaluate.baselines import BaselineOptions, run_baseline
 
     run_baseline(
         "additive",
@@ -156,9 +159,7 @@ def _baseline(work: Path) -> None:
         work / "real.h5ad",
         work / "pred.h5ad",
         work / "pred_means.csv",
-        cells_per_perturbation=128,
-        seed=SEED,
-        chunk_size=10000,
+        BaselineOptions(cells_per_perturbation=128, seed=SEED, chunk_size=10000),
     )
 
 

@@ -42,7 +42,7 @@ from ccfm import CONTROL_LABEL  # noqa: E402
 from ccfm.data.preprocess import PreprocessSettings, preprocess_dataset  # noqa: E402
 from ccfm.data.simulate import SimulationSizes, build_world, expected_log1p_mean, simulate_demo  # noqa: E402
 from ccfm.data.splits import split_for_processed, write_real, write_split  # noqa: E402
-from ccfm.evaluate.baselines import run_baseline  # noqa: E402
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline  # noqa: E402
 from ccfm.evaluate.metrics import compact_metrics  # noqa: E402
 from ccfm.model.generation import predict_to_files, prepare_generation  # noqa: E402
 from ccfm.model.training import TrainRequest, train_from_files  # noqa: E402
@@ -53,7 +53,7 @@ def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
     from ccfm.io.h5ad import read_var
     from ccfm.scgpt.calibration import calibrate, training_cell_indices
     from ccfm.scgpt.checkpoint import build_tiny_checkpoint, read_vocab
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     scgpt_dir = work / "scgpt_tiny"
@@ -65,9 +65,9 @@ def latent_inputs(work: Path, fold: Fold, seed: int) -> dict[str, Path]:
         scgpt_dir,
         vocab_id_array(mapping),
         "cpu",
-        LATENT["max_tokens_per_cell"],
-        seed,
-        zero_tokens=LATENT["zero_tokens"],
+        settings=ExtractorSettings(
+            max_tokens_per_cell=LATENT["max_tokens_per_cell"], seed=seed, zero_tokens=LATENT["zero_tokens"]
+        ),
     )
     stats = calibrate(
         extractor,
@@ -241,8 +241,7 @@ def run_seed(seed: int, steps: int, cells: int, variants: list[str], work: Path)
             fold.real,
             out,
             work / f"{method}.csv",
-            cells_per_perturbation=cells,
-            seed=seed,
+            BaselineOptions(cells_per_perturbation=cells, seed=seed),
         )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}
@@ -372,8 +371,7 @@ def run_real_seed(
             real_path,
             out,
             work / f"{method}.csv",
-            cells_per_perturbation=cells,
-            seed=seed,
+            BaselineOptions(cells_per_perturbation=cells, seed=seed),
         )
         rows += pseudobulk_rows(ad.read_h5ad(out), real, fold, method, seed)
     speed = {}

@@ -75,7 +75,7 @@ def _record_autocast(monkeypatch) -> list[dict]:
 def test_bf16_autocast_is_off_on_cpu_and_changes_nothing(tmp_path, monkeypatch) -> None:
     from ccfm.data.perturbations import PerturbationVocab
     from ccfm.model.expression import load_expression
-    from ccfm.model.training import Trainer, TrainSettings, build_denoiser
+    from ccfm.model.training import ResumePoint, Trainer, TrainingSet, TrainSettings, build_denoiser
     from training_data import MODEL, SINGLES, write_dataset
 
     processed, _ = write_dataset(tmp_path)
@@ -87,7 +87,9 @@ def test_bf16_autocast_is_off_on_cpu_and_changes_nothing(tmp_path, monkeypatch) 
         section = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "bf16": bf16, "log_every": 1}
         settings = TrainSettings.from_train_section(section)
         denoiser = build_denoiser(data.n_genes, MODEL, section, 0, vocab, seed=3)
-        trainer = Trainer(denoiser, data, SINGLES, vocab, settings, seed=3, resume_dir=tmp_path / f"r{bf16}")
+        trainer = Trainer(
+            denoiser, TrainingSet(data, SINGLES, vocab), settings, ResumePoint(tmp_path / f"r{bf16}"), seed=3
+        )
         losses[bf16] = [trainer.train_step()["total"] for _ in range(3)]
     # bf16: true asks for bfloat16 autocast, which is enabled on CUDA only.
     assert calls and all(c["device_type"] == "cpu" and c["dtype"] == torch.bfloat16 for c in calls)
@@ -96,8 +98,12 @@ def test_bf16_autocast_is_off_on_cpu_and_changes_nothing(tmp_path, monkeypatch) 
 
 
 def test_scgpt_bf16_autocast_is_cuda_only(tiny_scgpt_checkpoint) -> None:
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from scgpt_test_data import random_vocab_ids
 
-    extractor = ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=2), random_vocab_ids(12, seed=3), autocast_bf16=True)
+    extractor = ScGPTFeatureExtractor(
+        tiny_scgpt_checkpoint(seed=2),
+        random_vocab_ids(12, seed=3),
+        settings=ExtractorSettings(autocast_bf16=True, max_tokens_per_cell=None, zero_tokens=False),
+    )
     assert extractor.device.type == "cpu" and extractor.autocast_bf16 is False

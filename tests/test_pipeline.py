@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ccfm.evaluate import report_check
+import report_check
 from pipeline_utils import FAST_DEMO_OVERRIDES, copy_pipeline, describe_failure, snakemake
 
 pytestmark = pytest.mark.slow

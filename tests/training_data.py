@@ -71,7 +71,7 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
     keyword arguments of ``train_from_files``."""
     from ccfm.scgpt.calibration import calibrate
     from ccfm.scgpt.checkpoint import census_vocab_with_specials
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import map_genes, vocab_id_array, write_gene_vocab
 
     processed, split = write_dataset(root)
@@ -94,7 +94,8 @@ def tiny_scgpt_inputs(root: Path, scgpt_dir: Path) -> dict[str, Any]:
 
     mapping = map_genes(symbols, vocab)
     write_gene_vocab(mapping, root / "gene_vocab.tsv")
-    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", 1200, seed=1)
+    # The schema's latent settings, as a training run whose latent section leaves them out reads them.
+    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_id_array(mapping), "cpu", ExtractorSettings.from_latent({}, 1))
     train_rows = np.flatnonzero(adata.obs["target_gene"].isin(info["train"]).to_numpy())
     stats = calibrate(extractor, processed, train_rows, batch_size=32, max_cells=100, seed=1, genes=symbols)
     stats.save(root / "latent_stats.pt")

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from ccfm.data.splits import FoldChecks, check_fold_usable, split_for_processed
 from ccfm.data.validation import BatchSizeError, TooFewPerturbationsError, check_enough_perturbations
-from ccfm.evaluate.celleval import score_prediction
+from ccfm.evaluate.celleval import ScoreOptions, score_prediction
 from ccfm.model.training import TrainRequest, train_from_files
 from training_data import MODEL, write_dataset
 
@@ -73,9 +73,9 @@ def test_score_falls_back_when_the_profile_cannot_score_the_fold(tmp_path: Path,
 
     monkeypatch.setattr(celleval, "run_cell_eval", fake_cell_eval)
     with caplog.at_level(logging.WARNING, logger="ccfm.evaluate.celleval"):
-        score_prediction(real, real, profile="full")  # the real cells as their own prediction
+        score_prediction(real, real, ScoreOptions(cell_eval_profile="full"))  # the real cells as their own prediction
     assert used == ["minimal"] and "real.h5ad: 2 held-out perturbation(s)" in caplog.text
-    score_prediction(real, real, profile="vcc")
+    score_prediction(real, real, ScoreOptions(cell_eval_profile="vcc"))
     assert used == ["minimal", "vcc"]
     check_enough_perturbations(3, "full", "x")
     check_enough_perturbations(1, "de", "x")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate.baselines import condition_means, run_baseline, sample_control_rows
+from ccfm.evaluate.baselines import BaselineOptions, condition_means, run_baseline, sample_control_rows
 from ccfm.io.predictions import read_expression_h5ad, read_prediction_means
 from ccfm.model.mean_model import match_mean
 
@@ -58,10 +58,7 @@ def _run(fold_dir, method, extra=(), n_cells=4):
         fold_dir / "real.h5ad",
         out / "pred.h5ad",
         out / "pred_means.csv",
-        extra_predict=extra,
-        cells_per_perturbation=n_cells,
-        seed=3,
-        chunk_size=2,
+        BaselineOptions(extra_labels=extra, cells_per_perturbation=n_cells, seed=3, chunk_size=2),
     )
     return result, read_expression_h5ad(out / "pred.h5ad"), read_prediction_means(out / "pred_means.csv")
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate.baselines import run_baseline
-from ccfm.evaluate.celleval import score_prediction, write_score_tables
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline
+from ccfm.evaluate.celleval import ScoreOptions, score_prediction, write_score_tables
 from ccfm.io.predictions import PredictionError, write_predictions
 
 
@@ -52,7 +52,11 @@ def synthetic_pair(tmp_path_factory):
 
 
 def test_cell_eval_full_profile_runs_and_agrees_with_compact_metrics(synthetic_pair):
-    tables = score_prediction(synthetic_pair / "pred.h5ad", synthetic_pair / "real.h5ad", profile="full", num_threads=1)
+    tables = score_prediction(
+        synthetic_pair / "pred.h5ad",
+        synthetic_pair / "real.h5ad",
+        ScoreOptions(cell_eval_profile="full", num_threads=1),
+    )
     # cell-eval scored exactly the real perturbations (the unmeasured C+D was dropped first).
     assert sorted(tables.results["perturbation"]) == ["A", "A+B", "B"]
     for metric in ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mae"):
@@ -76,12 +80,14 @@ def test_missing_perturbation_stops_scoring(synthetic_pair, tmp_path):
     pred = ad.read_h5ad(synthetic_pair / "pred.h5ad")
     pred[pred.obs["target_gene"] != "B"].copy().write_h5ad(tmp_path / "pred.h5ad")
     with pytest.raises(PredictionError, match=r"not predicted: \['B'\]"):
-        score_prediction(tmp_path / "pred.h5ad", synthetic_pair / "real.h5ad", profile="vcc")
+        score_prediction(tmp_path / "pred.h5ad", synthetic_pair / "real.h5ad", ScoreOptions(cell_eval_profile="vcc"))
 
 
 def test_unknown_profile_is_rejected(synthetic_pair):
     with pytest.raises(ValueError, match="score.profile"):
-        score_prediction(synthetic_pair / "pred.h5ad", synthetic_pair / "real.h5ad", profile="fast")
+        score_prediction(
+            synthetic_pair / "pred.h5ad", synthetic_pair / "real.h5ad", ScoreOptions(cell_eval_profile="fast")
+        )
 
 
 def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
@@ -115,10 +121,11 @@ def test_cell_eval_on_papalexi_baselines(papalexi_h5ad, tmp_path):
             tmp_path / "real.h5ad",
             tmp_path / method / "pred.h5ad",
             tmp_path / method / "pred_means.csv",
-            cells_per_perturbation=64,
-            seed=1,
+            BaselineOptions(cells_per_perturbation=64, seed=1),
         )
-        scores[method] = score_prediction(tmp_path / method / "pred.h5ad", tmp_path / "real.h5ad", profile="minimal")
+        scores[method] = score_prediction(
+            tmp_path / method / "pred.h5ad", tmp_path / "real.h5ad", ScoreOptions(cell_eval_profile="minimal")
+        )
     for tables in scores.values():
         assert sorted(tables.results["perturbation"]) == test
         assert tables.results["mae"].notna().all()

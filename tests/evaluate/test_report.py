@@ -1,6 +1,6 @@
 """Report figures draw what they claim, and the report checker catches broken reports.
 
-The checker (ccfm.evaluate.report_check) is exercised on a real Snakemake report built from
+The checker (tests/report_check.py, test tooling, not package code) is exercised on a real Snakemake report built from
 a two-rule workflow in a scratch directory, and, when Debian's chromium is installed, in a real
 headless browser.
 """
@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from ccfm.evaluate import report_check
+import report_check
 from ccfm.evaluate.plots import (
+    PcaPanels,
     choose_perturbations,
     plot_delta_scatter,
     plot_gene_vocab_coverage,
@@ -126,7 +127,7 @@ def test_figures_are_drawn(tmp_path, toy_real, monkeypatch):
 
     pred = toy_real[toy_real.obs["target_gene"].isin(["non-targeting", "A+B", "C+D", "E+F"])].copy()
     pred.X = sp.csr_matrix(pred.X.toarray() + 0.5 * (pred.obs["target_gene"] != "non-targeting").to_numpy()[:, None])
-    plot_prediction_pca(pred, toy_real, tmp_path / "pca.png", "additive", n_perturbations=3)
+    plot_prediction_pca(pred, toy_real, tmp_path / "pca.png", "additive", PcaPanels(n_perturbations=3))
     _assert_png_has_content(tmp_path / "pca.png")
     pca_axes = [ax for ax in drawn["pca.png"].axes if ax.collections]
     assert [ax.get_title() for ax in pca_axes] == ["A+B", "C+D", "E+F"]

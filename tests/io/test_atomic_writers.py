@@ -1,6 +1,6 @@
 """Result writers: outputs get the usual umask permissions, and a failed write leaves no file behind.
 
-Each writer goes through ``ccfm.io.h5ad.atomic_output``. Under umask 022 an output must be 0644
+Each writer goes through ``ccfm.io.atomic.atomic_output``. Under umask 022 an output must be 0644
 (group-readable: results folders are shared on clusters). A write that fails midway is simulated
 by making the serialiser write part of its file and then raise; the previous output must stay as
 it was and no temporary file may remain.
@@ -8,6 +8,7 @@ it was and no temporary file may remain.
 
 from __future__ import annotations
 
+import functools
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from ccfm.evaluate.plots import plt, save_figure
-from ccfm.io.predictions import write_predictions, write_table_atomic
+from ccfm.io.atomic import write_binary_atomic, write_table_atomic, write_text_atomic
+from ccfm.io.predictions import write_predictions
 from ccfm.scgpt.vocab import map_genes, write_coverage_table, write_gene_vocab
 
 GENES = ["A", "B", "C"]
@@ -91,7 +93,7 @@ def test_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(
 
 def test_temporaries_of_a_killed_writer_are_removed_before_the_output_is_written(tmp_path: Path) -> None:
     """SIGKILL skips atomic_output's cleanup: the next write of that output removes the leftovers."""
-    from ccfm.io.h5ad import atomic_output, stale_temporaries
+    from ccfm.io.atomic import atomic_output, stale_temporaries
 
     out = tmp_path / "processed.h5ad"
     # names atomic_output gives its temporaries, as a killed job (or two SLURM attempts) left them
@@ -121,7 +123,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """The next atomic_output in ``tmp_path`` writes its temporary file onto /dev/full."""
     if not FULL.exists():
         pytest.skip("/dev/full is not available")
-    import ccfm.io.h5ad as h5io
+    import ccfm.io.atomic as h5io
 
     class _FixedUUID:
         hex = "0123456789abcdef"
@@ -150,19 +152,18 @@ def _assert_disk_full_message(error: BaseException, path: Path) -> None:
 def test_checkpoint_on_a_full_disk_names_device_and_file(full_disk: Path) -> None:
     import torch
 
-    from ccfm.io.h5ad import OutputWriteError
-    from ccfm.model.checkpoint import atomic_torch_save
+    from ccfm.io.atomic import OutputWriteError
 
     out = full_disk / "resume" / "checkpoint.pt"
     with pytest.raises(OutputWriteError) as info:
-        atomic_torch_save({"weights": torch.zeros(50_000)}, out)
+        write_binary_atomic(out, functools.partial(torch.save, {"weights": torch.zeros(50_000)}))
     _assert_disk_full_message(info.value, out)
     assert info.value.errno == 28
     assert not out.exists() and list(out.parent.iterdir()) == []  # nothing half-written, link removed
 
 
 def test_h5ad_and_table_on_a_full_disk_name_device_and_file(full_disk: Path) -> None:
-    from ccfm.io.h5ad import OutputWriteError
+    from ccfm.io.h5ad import OutputWriteError  # the name the data, adapt and state modules import
 
     out = full_disk / "pred.h5ad"
     predicted = {"A": np.ones((2, 3), dtype=np.float32)}
@@ -173,9 +174,28 @@ def test_h5ad_and_table_on_a_full_disk_name_device_and_file(full_disk: Path) -> 
 
 
 def test_other_errors_are_not_taken_for_a_full_disk(tmp_path: Path) -> None:
-    from ccfm.io.h5ad import atomic_output
+    from ccfm.io.atomic import atomic_output
 
     with pytest.raises(FileNotFoundError):
         with atomic_output(tmp_path / "x.tsv"):
             open(tmp_path / "missing-input.tsv").close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["text", "binary"])
+def test_text_and_binary_writers_replace_the_output_only_on_success(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "out.json"
+    if kind == "text":
+        assert write_text_atomic(out, '{"a": 1}') == out
+    else:
+        assert write_binary_atomic(out, lambda handle: handle.write(b'{"a": 1}')) == out
+    assert out.read_text() == '{"a": 1}'
+
+    def fail(handle) -> None:
+        handle.write(b"half a file")
+        raise OSError("simulated: disk full")
+
+    with pytest.raises(OSError, match="simulated"):
+        write_binary_atomic(out, fail)
+    assert out.read_text() == '{"a": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

@@ -21,7 +21,9 @@ from ccfm.model.checkpoint import load_model, save_model
 from ccfm.model.expression import load_expression
 from ccfm.model.generation import GenerateSettings, predict_label, read_control_cells
 from ccfm.model.training import (
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainRequest,
     TrainSettings,
     build_denoiser,
@@ -53,13 +55,10 @@ def _trainer(processed: Path, split: Path, resume: Path, *, latent_dim: int, bf1
     denoiser = build_denoiser(data.n_genes, MODEL, section, latent_dim, vocab, seed=5)
     return Trainer(
         denoiser,
-        data,
-        labels,
-        vocab,
+        TrainingSet(data, labels, vocab, latent_targets=FakeLatent(latent_dim) if latent_dim else None),
         TrainSettings.from_train_section(section),
+        ResumePoint(resume),
         seed=5,
-        resume_dir=resume,
-        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
         device=device,
     )
 

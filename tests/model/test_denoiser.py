@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, weighted_mean
+from ccfm.model.denoiser import CascadedDenoiser, FlowSettings, FlowStart, Integration, weighted_mean
 from ccfm.model.mmd import multiscale_rbf_mmd
 from ccfm.model.model import CascadedFlowModel, ModelConfig
 
@@ -124,17 +124,15 @@ def test_training_mmd_separates_distributions() -> None:
 def test_generate_shapes_nonnegative_and_reproducible() -> None:
     den = _denoiser().eval()
     gene_ids, source, _, pert, _ = _batch()
-    x, z = den.generate(
-        gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0)
-    )
+    x, z = den.generate(gene_ids, source, pert, Integration(3, 3), FlowStart(torch.Generator().manual_seed(0)))
     assert x.shape == (B, G) and z is not None and z.shape == (B, G, D)
     assert (x >= 0).all() and (x == 0).any()  # clamped at 0 (Gaussian start gives negatives)
-    x2, _ = den.generate(
-        gene_ids, source, pert, latent_steps=3, expr_steps=3, generator=torch.Generator().manual_seed(0)
-    )
+    x2, _ = den.generate(gene_ids, source, pert, Integration(3, 3), FlowStart(torch.Generator().manual_seed(0)))
     torch.testing.assert_close(x, x2)
     x_nl, z_nl = (
-        _denoiser(latent_dim=0).eval().generate(gene_ids, source, pert, 3, 3, "euler", torch.Generator().manual_seed(0))
+        _denoiser(latent_dim=0)
+        .eval()
+        .generate(gene_ids, source, pert, Integration(3, 3, "euler"), FlowStart(torch.Generator().manual_seed(0)))
     )
     assert x_nl.shape == (B, G) and z_nl is None
 
@@ -142,17 +140,17 @@ def test_generate_shapes_nonnegative_and_reproducible() -> None:
 def test_stage2_uses_the_stage1_latent() -> None:
     den = _denoiser().eval()
     gene_ids, source, _, pert, z = _batch()
-    common = dict(latent_steps=2, expr_steps=3, method="euler")
-    x_a, z_a = den.generate(gene_ids, source, pert, generator=torch.Generator().manual_seed(0), latent=z, **common)
-    x_b, _ = den.generate(gene_ids, source, pert, generator=torch.Generator().manual_seed(0), latent=z + 3.0, **common)
+    steps = Integration(latent_steps=2, expr_steps=3, method="euler")
+    x_a, z_a = den.generate(gene_ids, source, pert, steps, FlowStart(torch.Generator().manual_seed(0)), latent=z)
+    x_b, _ = den.generate(gene_ids, source, pert, steps, FlowStart(torch.Generator().manual_seed(0)), latent=z + 3.0)
     assert z_a is z
     assert (x_a - x_b).abs().max().item() > 1e-3  # same noise, different latent -> different cells
     # and stage 1 feeds stage 2: generate() == stage 1 then stage 2 on its output
     gen = torch.Generator().manual_seed(7)
-    x_full, z_full = den.generate(gene_ids, source, pert, generator=gen, **common)
-    gen = torch.Generator().manual_seed(7)
-    z_stage1 = den.generate_latent(gene_ids, source, pert, 2, "euler", gen)
-    x_stage2 = den.generate_expression(gene_ids, source, pert, z_stage1, 3, "euler", gen).clamp(min=0)
+    x_full, z_full = den.generate(gene_ids, source, pert, steps, FlowStart(gen))
+    start = FlowStart(torch.Generator().manual_seed(7))
+    z_stage1 = den.generate_latent(gene_ids, source, pert, steps, start)
+    x_stage2 = den.generate_expression(gene_ids, source, pert, z_stage1, steps, start).clamp(min=0)
     torch.testing.assert_close(z_full, z_stage1)
     torch.testing.assert_close(x_full, x_stage2)
 
@@ -171,4 +169,4 @@ def test_bad_settings_fail_clearly() -> None:
     den = _denoiser()
     gene_ids, source, _, pert, _ = _batch()
     with pytest.raises(ValueError, match="generate.method"):
-        den.generate(gene_ids, source, pert, 2, 2, method="leapfrog")
+        den.generate(gene_ids, source, pert, Integration(2, 2, method="leapfrog"))

@@ -19,7 +19,9 @@ from ccfm.distributed import DistContext, shard_bounds, torchrun_command
 from ccfm.model.checkpoint import load_model
 from ccfm.model.expression import load_expression
 from ccfm.model.training import (
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainRequest,
     TrainSettings,
     build_denoiser,
@@ -83,13 +85,10 @@ def _trainer(processed: Path, split: Path, resume: Path, latent_dim: int, contex
     denoiser = build_denoiser(data.n_genes, MODEL, TRAIN, latent_dim, vocab, seed=11)
     trainer = Trainer(
         denoiser,
-        data,
-        labels,
-        vocab,
+        TrainingSet(data, labels, vocab, latent_targets=FakeLatent(latent_dim) if latent_dim else None),
         TrainSettings.from_train_section(TRAIN),
+        ResumePoint(resume),
         seed=11,
-        resume_dir=resume,
-        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
         dist=context,
     )
     trainer.rows_seen = []

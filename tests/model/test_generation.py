@@ -21,7 +21,7 @@ from ccfm.model.generation import (
     prepare_generation,
     read_control_cells,
 )
-from ccfm.model.training import Trainer, TrainSettings, build_denoiser
+from ccfm.model.training import ResumePoint, Trainer, TrainingSet, TrainSettings, build_denoiser
 from training_data import MODEL, write_dataset
 
 SETTINGS = GenerateSettings(cells_per_perturbation=7, method="euler", latent_steps=2, expr_steps=2, batch_size=4)
@@ -36,7 +36,11 @@ def trained(tmp_path: Path) -> tuple[Path, Path, Path]:
     train = {"steps": 5, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "infer_top_gene": 12, "checkpoint_every": 5}
     denoiser = build_denoiser(data.n_genes, MODEL, train, 0, vocab, seed=1)
     trainer = Trainer(
-        denoiser, data, labels, vocab, TrainSettings.from_train_section(train), seed=1, resume_dir=tmp_path / "resume"
+        denoiser,
+        TrainingSet(data, labels, vocab),
+        TrainSettings.from_train_section(train),
+        ResumePoint(tmp_path / "resume"),
+        seed=1,
     )
     trainer.run(progress=False)
     model_pt = tmp_path / "model.pt"

@@ -20,7 +20,9 @@ from ccfm.model.generation import GenerateSettings, predict_to_files, prepare_ge
 from ccfm.model.training import (
     LOSS_COLUMNS,
     PerturbationBatchSampler,
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainRequest,
     TrainSettings,
     build_denoiser,
@@ -58,14 +60,10 @@ def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim:
     den = build_denoiser(data.n_genes, MODEL, train_section, latent_dim, vocab, seed=7)
     return Trainer(
         den,
-        data,
-        labels,
-        vocab,
+        TrainingSet(data, labels, vocab, latent_targets=FakeLatent(latent_dim) if latent_dim else None),
         settings,
+        ResumePoint(resume, fingerprint=run_fingerprint(settings, den, vocab, labels, 7)),
         seed=7,
-        resume_dir=resume,
-        latent_targets=FakeLatent(latent_dim) if latent_dim else None,
-        run_fingerprint=run_fingerprint(settings, den, vocab, labels, 7),
     )
 
 
@@ -316,3 +314,74 @@ def test_training_reads_only_training_and_control_cells(dataset) -> None:
     assert kept.rows_of("G1").size == 0
     with pytest.raises(IndexError, match="not loaded"):
         kept.dense_rows(full.rows_of("G1")[:2])
+
+
+def test_latent_targets_take_zero_tokens_from_the_schema(tmp_path, tiny_scgpt_checkpoint) -> None:
+    """A latent section without ``zero_tokens`` runs with the schema's default (true), as calibration does."""
+    from ccfm.config import section_defaults
+    from ccfm.model.latent_targets import scgpt_targets
+    from ccfm.scgpt.calibration import LatentStats
+
+    inputs = tiny_scgpt_inputs(tmp_path, tiny_scgpt_checkpoint(seed=0, **SMALL_SCGPT_SIZES))
+    assert section_defaults("latent")["zero_tokens"] is True
+    calibrated = LatentStats.load(inputs["latent_stats"])
+    assert calibrated.metadata["zero_tokens"] is True  # calibrated with the schema's settings
+    without = tmp_path / "latent_stats_without_zero_tokens.pt"
+    LatentStats(
+        calibrated.mean, calibrated.var, calibrated.target_std, {**calibrated.metadata, "zero_tokens": False}
+    ).save(without)
+    data = load_expression(inputs["processed_h5ad"])
+
+    def targets(latent_section, latent_stats):
+        request = TrainRequest(
+            **{key: inputs[key] for key in ("processed_h5ad", "split_json", "scgpt_dir", "gene_vocab_tsv")},
+            out_model=tmp_path / "model.pt",
+            out_loss=tmp_path / "loss.tsv",
+            resume_dir=tmp_path / "resume",
+            model_section=MODEL,
+            train_section={},
+            latent_section={"cache": "off", **latent_section},
+            seed=5,
+            use_latent=True,
+            latent_stats=latent_stats,
+        )
+        return scgpt_targets(request, data, SINGLES, torch.device("cpu"), draws=1)
+
+    assert targets({}, inputs["latent_stats"])[1] == SMALL_SCGPT_SIZES["embsize"]
+    with pytest.raises(ValueError, match="calibrated with latent.zero_tokens=False, training runs with True"):
+        targets({}, without)
+    assert targets({"zero_tokens": False}, without)[1] == SMALL_SCGPT_SIZES["embsize"]
+
+
+def test_a_run_builds_its_mean_model_settings_once(dataset, tmp_path, monkeypatch) -> None:
+    """The denoiser's anchor and the mean model come from one MeanModelSettings of the run."""
+    from ccfm.model import mean_model, training
+
+    built = []
+    original = mean_model.MeanModelSettings.from_sections.__func__
+
+    def counting(cls, model, train):
+        built.append((dict(model), dict(train)))
+        return original(cls, model, train)
+
+    monkeypatch.setattr(training.MeanModelSettings, "from_sections", classmethod(counting))
+    processed, split = dataset
+    train = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "infer_top_gene": 10, "checkpoint_every": 5}
+    result = train_from_files(
+        TrainRequest(
+            processed_h5ad=processed,
+            split_json=split,
+            out_model=tmp_path / "model.pt",
+            out_loss=tmp_path / "loss.tsv",
+            resume_dir=tmp_path / "resume",
+            model_section=MODEL,
+            train_section=train,
+            latent_section={},
+            seed=3,
+            use_latent=False,
+        ),
+        device="cpu",
+        progress=False,
+    )
+    assert result.steps_run == 2 and built == [(MODEL, train)]
+    assert load_model(tmp_path / "model.pt").metadata["anchor"] == "additive"

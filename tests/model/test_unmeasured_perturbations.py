@@ -26,8 +26,8 @@ from ccfm.data.perturbations import PerturbationEncoder, PerturbationVocab, Unem
 from ccfm.data.preprocess import PreprocessSettings, TargetSettings, preprocess_dataset, preprocess_target
 from ccfm.data.splits import make_split, split_for_processed, write_real, write_split
 from ccfm.data.validation import UnknownPerturbationError
-from ccfm.evaluate.baselines import BASELINE_METHODS, run_baseline
-from ccfm.evaluate.celleval import score_prediction
+from ccfm.evaluate.baselines import BASELINE_METHODS, BaselineOptions, run_baseline
+from ccfm.evaluate.celleval import ScoreOptions, score_prediction
 from ccfm.evaluate.metrics import compact_metrics
 from ccfm.io.predictions import read_expression_h5ad
 from ccfm.model.checkpoint import load_model, save_model
@@ -126,10 +126,7 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
             real,
             outputs[method],
             tmp_path / method / "means.csv",
-            extra_predict=predict,
-            cells_per_perturbation=24,
-            seed=0,
-            chunk_size=200,
+            BaselineOptions(extra_labels=predict, cells_per_perturbation=24, seed=0, chunk_size=200),
         )
 
     real_cells = read_expression_h5ad(real)
@@ -148,7 +145,7 @@ def test_public_like_dataset_runs_end_to_end(tmp_path: Path) -> None:
         )
     scores = pd.DataFrame(rows).set_index("method")
     # the score rule's entry point (cell-eval beside the compact metrics) on the model's file
-    tables = score_prediction(outputs["ccfm"], real, profile="minimal", top_de=10, seed=0)
+    tables = score_prediction(outputs["ccfm"], real, ScoreOptions(cell_eval_profile="minimal", top_de=10, seed=0))
     assert set(tables.results["perturbation"].astype(str)) == set(split["test"]) and len(tables.compact) == len(
         split["test"]
     )

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ccfm.scgpt import feature_cache
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 from ccfm.scgpt.feature_cache import (
     CACHE_FILES,
     MANIFEST,
@@ -38,7 +38,11 @@ def processed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
-    return ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=2), random_vocab_ids(G, seed=3, unmapped=[0, 7]), seed=1)
+    return ScGPTFeatureExtractor(
+        tiny_scgpt_checkpoint(seed=2),
+        random_vocab_ids(G, seed=3, unmapped=[0, 7]),
+        settings=ExtractorSettings(seed=1, max_tokens_per_cell=None, zero_tokens=False),
+    )
 
 
 @pytest.fixture(scope="module")

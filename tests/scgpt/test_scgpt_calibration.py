@@ -18,7 +18,7 @@ from ccfm.scgpt.calibration import (
     choose_calibration_cells,
     training_cell_indices,
 )
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
 G, N = 60, 40
@@ -35,7 +35,11 @@ def processed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def extractor(tiny_scgpt_checkpoint) -> ScGPTFeatureExtractor:
-    return ScGPTFeatureExtractor(tiny_scgpt_checkpoint(seed=5), random_vocab_ids(G, seed=1, unmapped=range(4)), seed=4)
+    return ScGPTFeatureExtractor(
+        tiny_scgpt_checkpoint(seed=5),
+        random_vocab_ids(G, seed=1, unmapped=range(4)),
+        settings=ExtractorSettings(seed=4, max_tokens_per_cell=None, zero_tokens=False),
+    )
 
 
 def test_running_stats_match_all_at_once_and_ignore_batching():

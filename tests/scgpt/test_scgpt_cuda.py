@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 from ccfm.scgpt.feature_cache import CachedSource, make_latent_source
 from scgpt_test_data import random_vocab_ids, write_log1p_h5ad
 
@@ -34,8 +34,15 @@ def checkpoint(tiny_scgpt_checkpoint):
 def test_cuda_features_match_the_cpu(checkpoint, zero_tokens) -> None:
     ids = random_vocab_ids(G, seed=2, unmapped=[5, 40])
     expr = np.log1p(_counts(40, 3))
-    cpu = ScGPTFeatureExtractor(checkpoint, ids, "cpu", 64, seed=1, zero_tokens=zero_tokens)
-    cuda = ScGPTFeatureExtractor(checkpoint, ids, "cuda", 64, seed=1, zero_tokens=zero_tokens, micro_batch_size=8)
+    cpu = ScGPTFeatureExtractor(
+        checkpoint, ids, "cpu", settings=ExtractorSettings(max_tokens_per_cell=64, seed=1, zero_tokens=zero_tokens)
+    )
+    cuda = ScGPTFeatureExtractor(
+        checkpoint,
+        ids,
+        "cuda",
+        settings=ExtractorSettings(max_tokens_per_cell=64, seed=1, zero_tokens=zero_tokens, micro_batch_size=8),
+    )
     assert cpu.batching == "single" and cuda.batching == "sorted"  # the per-device defaults
     on_cuda = cuda.extract(expr)
     assert on_cuda.device.type == "cuda" and on_cuda.dtype == torch.float32
@@ -46,8 +53,15 @@ def test_cuda_features_match_the_cpu(checkpoint, zero_tokens) -> None:
 def test_bf16_autocast_features_stay_close(checkpoint) -> None:
     ids = random_vocab_ids(G, seed=4)
     expr = np.log1p(_counts(24, 5))
-    fp32 = ScGPTFeatureExtractor(checkpoint, ids, "cuda", None, seed=1).extract(expr)
-    bf16 = ScGPTFeatureExtractor(checkpoint, ids, "cuda", None, seed=1, autocast_bf16=True).extract(expr)
+    fp32 = ScGPTFeatureExtractor(
+        checkpoint, ids, "cuda", settings=ExtractorSettings(max_tokens_per_cell=None, seed=1, zero_tokens=False)
+    ).extract(expr)
+    bf16 = ScGPTFeatureExtractor(
+        checkpoint,
+        ids,
+        "cuda",
+        settings=ExtractorSettings(max_tokens_per_cell=None, seed=1, autocast_bf16=True, zero_tokens=False),
+    ).extract(expr)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     relative = (bf16 - fp32).norm() / fp32.norm()
     assert 0 < relative.item() < 0.05  # bf16 was used (not bit-identical) and stays close
@@ -57,7 +71,9 @@ def test_feature_cache_built_on_cuda_reads_back_what_was_extracted(checkpoint, t
     ids = random_vocab_ids(G, seed=6, unmapped=[1])
     counts = _counts(30, 7)
     processed = write_log1p_h5ad(tmp_path / "processed.h5ad", counts, ["non-targeting"] * 30)
-    extractor = ScGPTFeatureExtractor(checkpoint, ids, "cuda", 64, seed=1, zero_tokens=True)
+    extractor = ScGPTFeatureExtractor(
+        checkpoint, ids, "cuda", settings=ExtractorSettings(max_tokens_per_cell=64, seed=1, zero_tokens=True)
+    )
     rows = np.arange(0, 30, 2)
     source = make_latent_source("on", extractor, processed, rows, tmp_path / "cache", max_gb=1.0)
     assert isinstance(source, CachedSource)

@@ -52,7 +52,7 @@ rule train_ccfm:
         latent=lambda wc: section(wc.ds, "latent"),
         use_latent=uses_latent,
         perturbation_type=lambda wc: ds_cfg(wc.ds)["perturbation_type"],
-        extra=lambda wc: list(ds_cfg(wc.ds)["predict"]),
+        extra_labels=lambda wc: list(ds_cfg(wc.ds)["predict"]),
         # Undeclared on purpose: checkpoints survive a killed job so a rerun resumes.
         resume_dir=lambda wc: f"results/{wc.ds}/fold{wc.fold}/{wc.variant}/resume",
         seed=config["seed"],
@@ -87,7 +87,7 @@ rule predict:
         gpu=1,
     params:
         generate=lambda wc: section(wc.ds, "generate"),
-        extra=lambda wc: list(ds_cfg(wc.ds)["predict"]),
+        extra_labels=lambda wc: list(ds_cfg(wc.ds)["predict"]),
         seed=config["seed"],
     script:
         "../scripts/predict.py"

@@ -29,7 +29,7 @@ rule baseline:
         mem_mb=lambda wc, input, attempt: int((2000 + input.size_mb) * attempt),
         runtime=60,
     params:
-        predict=lambda wc: ds_cfg(wc.ds)["predict"],
+        extra_labels=lambda wc: list(ds_cfg(wc.ds)["predict"]),
         cells_per_perturbation=lambda wc: section(wc.ds, "generate")["cells_per_perturbation"],
         # One draw of control cells per fold, shared by all baselines (seed + fold).
         seed=lambda wc: config["seed"] + int(wc.fold),
@@ -83,7 +83,7 @@ rule score:
         methods=METHODS,
         control_label=CONTROL_LABEL,
         pert_col=PERT_COLUMN,
-        profile=lambda wc: section(wc.ds, "score")["profile"],
+        cell_eval_profile=lambda wc: section(wc.ds, "score")["profile"],
         top_de=lambda wc: section(wc.ds, "score")["top_de"],
         seed=config["seed"],
     script:

@@ -4,7 +4,7 @@ The baseline predicts the modelled genes; the outputs carry every gene of the in
 """
 
 from ccfm.data.gene_fill import predictions_on_all_genes
-from ccfm.evaluate.baselines import run_baseline
+from ccfm.evaluate.baselines import BaselineOptions, run_baseline
 from ccfm.logs import setup_rule
 
 setup_rule(snakemake.log[0], snakemake.threads)
@@ -17,14 +17,16 @@ with predictions_on_all_genes(
     seed=snakemake.params.seed,
 ) as (pred, means):
     run_baseline(
-        method=snakemake.wildcards.method,
-        processed_h5ad=snakemake.input.processed,
-        split_json=snakemake.input.split,
-        real_h5ad=snakemake.input.real,
-        out_h5ad=pred,
-        out_means_csv=means,
-        extra_predict=snakemake.params.predict,
-        cells_per_perturbation=snakemake.params.cells_per_perturbation,
-        seed=snakemake.params.seed,
-        chunk_size=snakemake.params.chunk_size,
+        snakemake.wildcards.method,
+        snakemake.input.processed,
+        snakemake.input.split,
+        snakemake.input.real,
+        pred,
+        means,
+        BaselineOptions(
+            extra_labels=snakemake.params.extra_labels,
+            cells_per_perturbation=snakemake.params.cells_per_perturbation,
+            seed=snakemake.params.seed,
+            chunk_size=snakemake.params.chunk_size,
+        ),
     )

@@ -21,7 +21,7 @@ with predictions_on_all_genes(
         generation,
         snakemake.input.processed,
         snakemake.input.split,
-        snakemake.params.extra,
+        snakemake.params.extra_labels,
         pred,
         means,
         seed=snakemake.params.seed,

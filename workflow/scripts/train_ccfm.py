@@ -22,7 +22,7 @@ request = TrainRequest(
     seed=snakemake.params.seed,
     use_latent=snakemake.params.use_latent,
     perturbation_type=snakemake.params.perturbation_type,
-    extra_labels=list(snakemake.params.extra),
+    extra_labels=list(snakemake.params.extra_labels),
     # scgpt_model is the checkpoint's best_model.pt: its directory is the scGPT model of a latent run
     scgpt_dir=str(Path(snakemake.input.scgpt_model).parent) if use_latent else None,
     gene_vocab_tsv=snakemake.input.gene_vocab if use_latent else None,

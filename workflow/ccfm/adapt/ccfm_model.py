@@ -20,7 +20,7 @@ from ccfm.data.perturbations import PerturbationVocab
 from ccfm.distributed import pick_device
 from ccfm.model.checkpoint import LoadedModel, load_model
 from ccfm.model.expression import ExpressionData
-from ccfm.model.generation import GenerateSettings, GenerationSetup, controls_mean, generate_labels
+from ccfm.model.generation import ControlCells, GenerateSettings, GenerationSetup, controls_mean, generate_labels
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,6 @@ class CCFMAdaptable:
         reference = controls_mean(ShiftedExpression(controls, genes, control_labels, shift=None), control_rows)
         progress = f"predict target ({'adapted' if shift is not None else 'unadapted'})"
         return generate_labels(
-            self.model, data, control_rows, labels, self.generate, seed, self.device, reference, progress,
-            n_cells=n_cells,
+            GenerationSetup(self.model, self.device, self.generate), ControlCells(data, control_rows, reference),
+            labels, seed, progress=progress, n_cells=n_cells,
         )  # fmt: skip

@@ -33,15 +33,31 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import COMBO_SEPARATOR, CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.conditions import conditions_to_predict, parse_condition
+from ccfm.io.atomic import write_table_atomic
 from ccfm.io.h5ad import CHUNK_SIZE, backed_matrix, read_control_cells, read_obs_labels, read_var, write_h5ad_atomic
-from ccfm.io.predictions import build_prediction_anndata, prediction_means, write_table_atomic
+from ccfm.io.predictions import build_prediction_anndata, prediction_means
 from ccfm.io.splits import read_split
 from ccfm.model.mean_model import match_mean
 
 log = logging.getLogger(__name__)
 
 BASELINE_METHODS = ("nochange", "additive", "meanpert")
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """What a baseline predicts beyond the fold's held-out perturbations, and how many cells each.
+
+    ``extra_labels``: the dataset's ``predict:`` labels; ``seed`` draws the control cells that are
+    shifted (one draw per fold, shared by all baselines); ``chunk_size`` rows per streamed block.
+    """
+
+    extra_labels: Sequence[str] = ()
+    cells_per_perturbation: int = section_defaults("generate")["cells_per_perturbation"]
+    seed: int = 0
+    chunk_size: int = CHUNK_SIZE
 
 
 @dataclass
@@ -213,23 +229,21 @@ def run_baseline(
     real_h5ad: str | Path,
     out_h5ad: str | Path,
     out_means_csv: str | Path,
-    extra_predict: Sequence[str] = (),
-    cells_per_perturbation: int = 128,
-    seed: int = 0,
-    chunk_size: int = CHUNK_SIZE,
+    options: BaselineOptions = BaselineOptions(),
 ) -> BaselineResult:
-    """Predict a fold's held-out perturbations (and ``extra_predict``) with one baseline and write them.
+    """Predict a fold's held-out perturbations (and ``options.extra_labels``) with one baseline and write them.
 
     The control cells that are shifted, and carried in the prediction file, are the real control
     cells of ``real_h5ad``; means come from ``processed_h5ad`` restricted to the split's train list.
     """
+    cells_per_perturbation, seed = options.cells_per_perturbation, options.seed
     split = read_split(split_json)
-    conditions = conditions_to_predict(split["test"], extra_predict)
+    conditions = conditions_to_predict(split["test"], options.extra_labels)
     training = [t for t in split["train"] if t != CONTROL_LABEL]
     controls = read_control_cells(real_h5ad)  # the modelled genes of real.h5ad's control cells
     genes, controls = controls.genes, controls.matrix
     means = condition_means(
-        processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=chunk_size
+        processed_h5ad, training_conditions_needed(method, training, conditions), chunk_size=options.chunk_size
     )
     if means.genes != genes:
         raise ValueError(

@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -23,11 +22,28 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.validation import CELL_EVAL_PROFILES, scoring_profile
 from ccfm.evaluate.metrics import TOP_DE, compact_metrics, training_cells
-from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad, write_table_atomic
+from ccfm.io.atomic import write_table_atomic
+from ccfm.io.predictions import align_prediction_to_real, read_expression_h5ad
 
 log = logging.getLogger(__name__)
+
+# The schema's `score.profile` default (one home for it).
+CELL_EVAL_PROFILE: str = section_defaults("score")["profile"]
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How a fold is scored: the ``score`` rule's params (config ``score.profile``, ``score.top_de``, ``seed``)."""
+
+    cell_eval_profile: str = CELL_EVAL_PROFILE
+    top_de: int = TOP_DE
+    seed: int = 0
+    num_threads: int = 1
+    control_label: str = CONTROL_LABEL
+    pert_col: str = PERT_COLUMN
 
 
 @dataclass
@@ -50,7 +66,7 @@ def run_cell_eval(
     pred: ad.AnnData,
     real: ad.AnnData,
     control_label: str = CONTROL_LABEL,
-    profile: str = "full",
+    cell_eval_profile: str = CELL_EVAL_PROFILE,
     num_threads: int = 1,
     pert_col: str = PERT_COLUMN,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -59,9 +75,9 @@ def run_cell_eval(
     cell-eval writes its DE tables into an output directory; a temporary one is used and
     discarded, since only the metric tables are part of the pipeline's contract.
     """
-    if profile not in CELL_EVAL_PROFILES:
+    if cell_eval_profile not in CELL_EVAL_PROFILES:
         raise ValueError(
-            f"unknown cell-eval profile {profile!r}; config score.profile must be one of {CELL_EVAL_PROFILES}"
+            f"unknown cell-eval profile {cell_eval_profile!r}; config score.profile must be one of {CELL_EVAL_PROFILES}"
         )
     # Imported here: cell-eval pulls in polars, numba and pdex, which the rest of the package
     # does not need at import time.
@@ -76,19 +92,14 @@ def run_cell_eval(
             num_threads=max(1, int(num_threads)),
             outdir=outdir,
         )
-        results, aggregate = evaluator.compute(profile=profile, write_csv=False, break_on_error=True)
+        results, aggregate = evaluator.compute(profile=cell_eval_profile, write_csv=False, break_on_error=True)
     return results.to_pandas(), aggregate.to_pandas()
 
 
 def score_prediction(
     pred_h5ad: str | Path,
     real_h5ad: str | Path,
-    control_label: str = CONTROL_LABEL,
-    profile: str = "full",
-    num_threads: int = 1,
-    top_de: int = TOP_DE,
-    seed: int = 0,
-    pert_col: str = PERT_COLUMN,
+    options: ScoreOptions = ScoreOptions(),
     pca_reference: ad.AnnData | None = None,
 ) -> ScoreTables:
     """Score one prediction file against the fold's real cells with cell-eval and the compact metrics.
@@ -96,18 +107,20 @@ def score_prediction(
     ``pca_reference``: real training cells the cell-level metrics' PCA space is fitted on
     (:func:`ccfm.evaluate.metrics.training_cells`); without it, the fold's real cells.
     """
+    control_label, pert_col = options.control_label, options.pert_col
     real = read_expression_h5ad(real_h5ad, pert_col)
     pred = read_expression_h5ad(pred_h5ad, pert_col)
     pred = align_prediction_to_real(pred, real, control_label, pert_col, source=str(pred_h5ad))
     # Also checked by the split rule; again here for a profile changed after the split was made.
     labels = real.obs[pert_col].astype(str)
-    profile, note = scoring_profile(int(labels[labels != control_label].nunique()), profile, str(real_h5ad))
+    n_perturbations = int(labels[labels != control_label].nunique())
+    cell_eval_profile, note = scoring_profile(n_perturbations, options.cell_eval_profile, str(real_h5ad))
     if note:  # the split file records the same fallback for the report
         log.warning("%s", note)
     compact = compact_metrics(
-        pred, real, control_label, top_de, pert_col=pert_col, seed=seed, pca_reference=pca_reference
+        pred, real, control_label, options.top_de, pert_col=pert_col, seed=options.seed, pca_reference=pca_reference
     )
-    results, aggregate = run_cell_eval(pred, real, control_label, profile, num_threads, pert_col)
+    results, aggregate = run_cell_eval(pred, real, control_label, cell_eval_profile, options.num_threads, pert_col)
     log.info("scored %s: %d perturbations, %d cell-eval metrics", pred_h5ad, len(results), results.shape[1] - 1)
     return ScoreTables(results=results, aggregate=aggregate, compact=compact)
 
@@ -116,9 +129,9 @@ def score_methods_to_files(
     preds: Mapping[str, str | Path],
     real_h5ad: str | Path,
     outputs: Mapping[str, tuple[str | Path, str | Path, str | Path]],
+    options: ScoreOptions = ScoreOptions(),
     processed_h5ad: str | Path | None = None,
     split_json: str | Path | None = None,
-    **score_options: Any,
 ) -> None:
     """Score several methods' predictions of one fold in one process.
 
@@ -136,11 +149,11 @@ def score_methods_to_files(
         reference = training_cells(
             str(processed_h5ad),
             str(split_json),
-            seed=int(score_options.get("seed", 0)),
-            pert_col=score_options.get("pert_col", PERT_COLUMN),
+            seed=int(options.seed),
+            pert_col=options.pert_col,
         )
     for method, pred_h5ad in preds.items():
-        tables = score_prediction(pred_h5ad, real_h5ad, pca_reference=reference, **score_options)
+        tables = score_prediction(pred_h5ad, real_h5ad, options, pca_reference=reference)
         write_score_tables(tables, *outputs[method])
 
 

@@ -41,7 +41,8 @@ from sklearn.decomposition import PCA
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.config import section_defaults
 from ccfm.evaluate.cells import CELL_COLUMNS, cell_metrics
-from ccfm.io.predictions import align_prediction_to_real, write_table_atomic
+from ccfm.io.atomic import write_table_atomic
+from ccfm.io.predictions import align_prediction_to_real
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,15 @@ def training_cells(
         backed.file.close()
 
 
+@dataclass(frozen=True)
+class MetricSizes:
+    """Sizes of the compact metrics' PCA space and cell samples (method constants, not config)."""
+
+    n_pcs: int = 50  # PCA components of the cell-level space
+    max_cells: int = 500  # cells per side and perturbation for the distances (seeded subsample)
+    pca_cells: int = 5000  # cells the PCA is fitted on (seeded subsample)
+
+
 def compact_metrics(
     pred: ad.AnnData,
     real: ad.AnnData,
@@ -191,17 +201,15 @@ def compact_metrics(
     top_de: int = TOP_DE,
     *,
     pert_col: str = PERT_COLUMN,
-    n_pcs: int = 50,
-    max_cells: int = 500,
-    pca_cells: int = 5000,
     seed: int = 0,
     pca_reference: ad.AnnData | None = None,
+    sizes: MetricSizes = MetricSizes(),
 ) -> pd.DataFrame:
     """Per-perturbation compact metrics (columns :data:`COMPACT_COLUMNS`), one row per real perturbation.
 
     ``pred`` must predict every perturbation of ``real`` (otherwise :class:`PredictionError`);
     predicted perturbations without real cells are ignored. Cells are subsampled (seeded) to at
-    most ``max_cells`` per side for the distances. ``pca_reference`` holds the real training
+    most ``sizes.max_cells`` per side for the distances. ``pca_reference`` holds the real training
     cells the PCA space is fitted on (:func:`training_cells`, same genes as ``real``); without
     it the space is fitted on ``real``.
     """
@@ -211,7 +219,8 @@ def compact_metrics(
     control = mean_var(real.X[np.flatnonzero(real_labels == control_label)])
     if pca_reference is not None and list(pca_reference.var_names) != list(real.var_names):
         raise ValueError("the PCA reference cells must have the genes of the real cells, in the same order")
-    pca = fit_real_pca(real if pca_reference is None else pca_reference, n_pcs, pca_cells, seed)
+    pca = fit_real_pca(real if pca_reference is None else pca_reference, sizes.n_pcs, sizes.pca_cells, seed)
+    max_cells = sizes.max_cells
     rng = np.random.default_rng(seed)
     rows = []
     for pert in sorted(set(real_labels) - {control_label}):

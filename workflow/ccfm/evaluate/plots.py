@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +24,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN  # noqa: E402
 from ccfm.evaluate.metrics import pearson  # noqa: E402
-from ccfm.io.h5ad import atomic_output  # noqa: E402
+from ccfm.io.atomic import atomic_output  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,20 @@ def _dense_sample(adata: ad.AnnData, mask: np.ndarray, max_cells: int, rng: np.r
     return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class PcaPanels:
+    """Size of the PCA figure: panels (perturbations shown) and cells drawn per group and panel."""
+
+    n_perturbations: int = 6
+    max_cells: int = 300
+
+
 def plot_prediction_pca(
     pred: ad.AnnData,
     real: ad.AnnData,
     out_png: str | Path,
     method: str,
-    n_perturbations: int = 6,
-    max_cells: int = 300,
+    panels: PcaPanels = PcaPanels(),
     seed: int = 0,
     control_label: str = CONTROL_LABEL,
     pert_col: str = PERT_COLUMN,
@@ -171,8 +179,10 @@ def plot_prediction_pca(
     rng = np.random.default_rng(seed)
     real_labels = real.obs[pert_col].astype(str).to_numpy()
     pred_labels = pred.obs[pert_col].astype(str).to_numpy()
+    max_cells = panels.max_cells
     controls = _dense_sample(real, real_labels == control_label, max_cells, rng)
-    perts = [p for p in choose_perturbations(real, n_perturbations, control_label, pert_col) if p in set(pred_labels)]
+    chosen = choose_perturbations(real, panels.n_perturbations, control_label, pert_col)
+    perts = [p for p in chosen if p in set(pred_labels)]
     fig, axes = _panel_grid(len(perts), 3.3, 3.1)
     for ax, pert in zip(axes, perts):
         real_cells = _dense_sample(real, real_labels == pert, max_cells, rng)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_table_atomic
 
 RUNTIME_COLUMNS = ("job", "rule", "seconds", "cpu_seconds", "max_rss_mb")
 
@@ -50,7 +50,7 @@ def write_runtime_report(
     table = read_benchmarks(benchmark_dirs)
     total_row = ("total", "all", table["seconds"].sum(), table["cpu_seconds"].sum(), table["max_rss_mb"].max())
     total = pd.DataFrame([total_row], columns=list(RUNTIME_COLUMNS))
-    with atomic_output(out_tsv) as tmp:
-        pd.concat([table, total], ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.2f")
+    full = pd.concat([table, total], ignore_index=True)
+    write_table_atomic(full, out_tsv, sep="\t", index=False, float_format="%.2f")
     plot_runtime(table, out_png, dataset)
     return table

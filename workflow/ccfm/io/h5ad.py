@@ -4,17 +4,13 @@ Real inputs are large (the Virtual Cell Challenge H1 file is 221k cells x 18k ge
 here ever materialises a whole expression matrix: readers yield row chunks, and
 :class:`CSRH5adWriter` appends row chunks to resizable HDF5 datasets in the on-disk layout
 AnnData reads (``encoding-type: csr_matrix``). Files are produced through
-:func:`atomic_output`, so an interrupted job leaves no file that looks complete.
+:func:`ccfm.io.atomic.atomic_output`, so an interrupted job leaves no file that looks complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
-import re
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +24,15 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.config import section_defaults
+from ccfm.io.atomic import (  # noqa: F401  (re-exported: the data, adapt and state modules import them from here)
+    WRITE_FAULT_ERRNOS,
+    OutputWriteError,
+    atomic_output,
+    describe_write_fault,
+    device_of,
+    is_write_fault,
+    stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,95 +47,6 @@ class H5adFormatError(ValueError):
     """An h5ad file lacks an element or stores it in a layout this module cannot stream."""
 
 
-# Errors of the storage, not of the data: translated into "no space left on <device> while writing <file>".
-WRITE_FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
-
-
-class OutputWriteError(OSError):
-    """Writing an output failed for a reason of the storage (disk full, quota, read-only, I/O error).
-
-    The message names the device (and its mount point) and the file; nothing was renamed into place.
-    """
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = code
-
-
-def is_write_fault(error: OSError) -> bool:
-    """Whether ``error`` comes from the storage (by errno, or by h5py's "errno = 28" text)."""
-    if error.errno in WRITE_FAULT_ERRNOS:
-        return True
-    found = re.search(r"errno = (\d+)", str(error))
-    return found is not None and int(found.group(1)) in WRITE_FAULT_ERRNOS
-
-
-def device_of(path: str | Path) -> str:
-    """``<device> (mounted at <mount point>)`` of the filesystem holding ``path`` (from /proc/mounts)."""
-    folder = Path(path).resolve().parent
-    best: tuple[str, str] | None = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 2:
-                continue
-            device, mount = fields[0], fields[1].replace("\\040", " ")
-            if (folder == Path(mount) or Path(mount) in folder.parents) and (best is None or len(mount) > len(best[1])):
-                best = (device, mount)
-    if best is None:
-        return f"the device holding {folder}"
-    return f"{best[0]} (mounted at {best[1]})"
-
-
-def describe_write_fault(error: OSError, path: str | Path) -> str:
-    """Plain words for a storage error while writing ``path``: device, file, free space and the fix."""
-    path = Path(path)
-    code = error.errno
-    if code is None:
-        found = re.search(r"errno = (\d+)", str(error))
-        code = int(found.group(1)) if found else None
-    device = device_of(path)
-    free = ""
-    with contextlib.suppress(OSError):
-        free = f" ({os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize / 2**30:.2f} GiB free now)"
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        what = "no space left" if code == errno.ENOSPC else "disk quota exceeded"
-        return (
-            f"{what} on {device} while writing {path}{free}; nothing was written to {path.name}. "
-            f"Fix: free space there (or point the results to a larger disk) and rerun."
-        )
-    reason = os.strerror(code) if code is not None else str(error)
-    return f"{reason} on {device} while writing {path}{free}; nothing was written to {path.name}."
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary file lives in the same directory so :func:`os.replace` is an atomic rename;
-    on an exception it is deleted and ``path`` is left untouched. A SIGKILL skips that cleanup, so
-    temporaries of ``path`` left by an earlier (killed) writer are removed first: Snakemake runs
-    one job per output at a time, so no live writer owns them, and SLURM retries would otherwise
-    pile up multi-GB hidden files.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temporaries(path):
-        log.warning("removing %s, a temporary file a killed job left behind", stale)
-        stale.unlink(missing_ok=True)
-    # A unique name that is not created here: the writer creates it with the usual permissions.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{suffix if suffix is not None else '.tmp' + path.suffix}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as error:
-        if isinstance(error, OutputWriteError) or not is_write_fault(error):
-            raise
-        raise OutputWriteError(describe_write_fault(error, path), error.errno) from error
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def file_identity(path: str | Path) -> str:
     """``name:size:mtime_ns`` of a file: cheap to compute for multi-GB inputs.
 
@@ -140,16 +56,6 @@ def file_identity(path: str | Path) -> str:
     """
     stat = Path(path).stat()
     return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def stale_temporaries(path: str | Path) -> list[Path]:
-    """Hidden temporary files :func:`atomic_output` left beside ``path`` (a killed writer's)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    # Names are ``.<name>.<12 hex>.<suffix>``; the hex part keeps other files out of the match.
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.[0-9a-f]{{12}}(\..*)?$")
-    return sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
 
 
 def _require(file: h5py.File, key: str, path: Path) -> Any:

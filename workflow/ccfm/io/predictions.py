@@ -7,7 +7,7 @@ against each file's own controls, so the prediction must carry the real ones). B
 ``pred_means.csv`` holds one row per predicted perturbation (mean log1p expression per gene), the
 small file figures and quick checks read without loading cells.
 
-Writers are atomic (:func:`ccfm.io.h5ad.atomic_output`) so an interrupted job never leaves a
+Writers are atomic (:mod:`ccfm.io.atomic`) so an interrupted job never leaves a
 truncated file that Snakemake would take as finished.
 """
 
@@ -23,7 +23,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
-from ccfm.io.h5ad import atomic_output, modelled_mask, write_h5ad_atomic
+from ccfm.io.atomic import write_table_atomic
+from ccfm.io.h5ad import modelled_mask, write_h5ad_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ def _check_matrix(name: str, matrix: np.ndarray | sp.spmatrix, n_genes: int) -> 
             f"{name}: maximum {values.max():.4g} is not a log1p-normalised value (cell-eval "
             f"requires < {CELL_EVAL_MAX_LOG1P}); predict on the log1p scale of processed.h5ad"
         )
-
-
-def write_table_atomic(frame: pd.DataFrame, path: str | Path, sep: str = ",", index: bool = True) -> None:
-    """Write a CSV/TSV through :func:`ccfm.io.h5ad.atomic_output`."""
-    with atomic_output(path) as tmp:
-        frame.to_csv(tmp, sep=sep, index=index)
 
 
 def build_prediction_anndata(

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_text_atomic
 
 
 class SplitLeakError(ValueError):
@@ -15,9 +15,7 @@ class SplitLeakError(ValueError):
 
 def write_split(split: dict[str, Any], path: str | Path) -> Path:
     """Write a split dict as JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(split, indent=2) + "\n")
-    return Path(path)
+    return write_text_atomic(path, json.dumps(split, indent=2) + "\n")
 
 
 def read_split(path: str | Path) -> dict[str, Any]:

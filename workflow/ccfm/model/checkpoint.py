@@ -5,6 +5,7 @@ Written by :func:`save_model`, read by :func:`load_model` with ``weights_only=Tr
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,19 +15,12 @@ from typing import Any
 import torch
 
 from ccfm.data.perturbations import PerturbationVocab
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_binary_atomic
 from ccfm.model.denoiser import CascadedDenoiser, FlowSettings
 from ccfm.model.mean_model import MeanModel
 from ccfm.model.model import CascadedFlowModel, ModelConfig
 
 MODEL_FORMAT = "ccfm-model-v1"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    # Through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_output
-    # names with device and file, instead of torch's "unexpected pos" from its own writer.
-    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
 
 
 def save_model(
@@ -48,7 +42,7 @@ def save_model(
     }
     if mean_model is not None:
         payload["mean_model"] = mean_model.to_payload()
-    atomic_torch_save(payload, Path(path))
+    write_binary_atomic(path, functools.partial(torch.save, payload))
 
 
 @dataclass

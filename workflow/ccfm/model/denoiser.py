@@ -43,6 +43,28 @@ COUPLINGS = ("independent", "ot")
 
 
 _TRAIN = section_defaults("train")
+_GENERATE = section_defaults("generate")
+
+
+@dataclass(frozen=True)
+class Integration:
+    """How the sampler integrates: steps of each stage's ODE and the solver (config ``generate.*``)."""
+
+    latent_steps: int = _GENERATE["latent_steps"]
+    expr_steps: int = _GENERATE["expr_steps"]
+    method: str = _GENERATE["method"]
+
+
+@dataclass(frozen=True)
+class FlowStart:
+    """Where the flows start. ``z_noise`` / ``x_noise``: the latent and (Gaussian-source) expression
+    starting noise, drawn from ``generator`` when not given; ``x_start``: where a control-anchored
+    expression flow starts (default: the control cells themselves)."""
+
+    generator: torch.Generator | None = None
+    x_start: Tensor | None = None
+    z_noise: Tensor | None = None
+    x_noise: Tensor | None = None
 
 
 @dataclass
@@ -312,28 +334,22 @@ class CascadedDenoiser(nn.Module):
         gene_ids: Tensor,
         source: Tensor,
         pert_ids: Tensor,
-        steps: int = 20,
-        method: str = "rk4",
-        generator: torch.Generator | None = None,
-        x_start: Tensor | None = None,
-        z_noise: Tensor | None = None,
-        x_noise: Tensor | None = None,
+        steps: Integration = Integration(),
+        start: FlowStart = FlowStart(),
     ) -> Tensor:
         """Stage 1: integrate the latent ODE from Gaussian noise with ``t_expr = 0``.
 
         The expression input is the expression flow's starting point, as in training: noise, or
-        the (anchored) control cells for a control-anchored flow. ``z_noise`` / ``x_noise``: the
-        starting noise, drawn from ``generator`` when not given.
+        the (anchored) control cells for a control-anchored flow. ``start``: the starting noise,
+        drawn from ``start.generator`` when not given.
         """
         batch, n_genes = source.shape
         dim = self.model.config.latent_dim
         device = source.device
+        z_noise = start.z_noise
         if z_noise is None:
-            z_noise = torch.randn((batch, n_genes, dim), generator=generator, device=device)
-        if self.settings.source == "control":
-            x_noise = source.float() if x_start is None else x_start.float()
-        elif x_noise is None:
-            x_noise = torch.randn(source.shape, generator=generator, device=device)
+            z_noise = torch.randn((batch, n_genes, dim), generator=start.generator, device=device)
+        x_noise = self._expression_start(source, start)
         t_expr = torch.zeros(batch, device=device)
 
         def latent_field(t: Tensor, z_t: Tensor) -> Tensor:
@@ -341,7 +357,7 @@ class CascadedDenoiser(nn.Module):
             assert v_latent is not None
             return v_latent.float()
 
-        return self._integrate(latent_field, z_noise, steps, method)
+        return self._integrate(latent_field, z_noise, steps.latent_steps, steps.method)
 
     @torch.no_grad()
     def generate_expression(
@@ -350,31 +366,32 @@ class CascadedDenoiser(nn.Module):
         source: Tensor,
         pert_ids: Tensor,
         latent: Tensor | None,
-        steps: int = 20,
-        method: str = "rk4",
-        generator: torch.Generator | None = None,
-        x_start: Tensor | None = None,
-        x_noise: Tensor | None = None,
+        steps: Integration = Integration(),
+        start: FlowStart = FlowStart(),
     ) -> Tensor:
         """Stage 2: integrate the expression ODE with ``latent`` held clean (``t_latent = 1``).
 
-        The ODE starts from Gaussian noise (``x_noise``, drawn from ``generator`` when not
-        given), or from ``x_start`` (default: the control cells themselves) for a
+        The ODE starts from Gaussian noise (``start.x_noise``, drawn from ``start.generator`` when
+        not given), or from ``start.x_start`` (default: the control cells themselves) for a
         control-anchored flow.
         """
         batch = source.shape[0]
-        device = source.device
-        if self.settings.source == "control":
-            x_noise = source.float() if x_start is None else x_start.float()
-        elif x_noise is None:
-            x_noise = torch.randn(source.shape, generator=generator, device=device)
-        t_latent = torch.ones(batch, device=device)
+        x_noise = self._expression_start(source, start)
+        t_latent = torch.ones(batch, device=source.device)
 
         def expr_field(t: Tensor, x_t: Tensor) -> Tensor:
             v_expr, _ = self.velocities(gene_ids, source, x_t, latent, t.expand(batch), t_latent, pert_ids)
             return v_expr.float()
 
-        return self._integrate(expr_field, x_noise, steps, method)
+        return self._integrate(expr_field, x_noise, steps.expr_steps, steps.method)
+
+    def _expression_start(self, source: Tensor, start: FlowStart) -> Tensor:
+        """Where the expression flow starts: the (anchored) control cells, or Gaussian noise."""
+        if self.settings.source == "control":
+            return source.float() if start.x_start is None else start.x_start.float()
+        if start.x_noise is not None:
+            return start.x_noise
+        return torch.randn(source.shape, generator=start.generator, device=source.device)
 
     @torch.no_grad()
     def generate(
@@ -382,29 +399,18 @@ class CascadedDenoiser(nn.Module):
         gene_ids: Tensor,
         source: Tensor,
         pert_ids: Tensor,
-        latent_steps: int = 20,
-        expr_steps: int = 20,
-        method: str = "rk4",
-        generator: torch.Generator | None = None,
+        steps: Integration = Integration(),
+        start: FlowStart = FlowStart(),
         latent: Tensor | None = None,
-        x_start: Tensor | None = None,
-        z_noise: Tensor | None = None,
-        x_noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Two-stage cascaded generation -> (expression ≥ 0 (B, G), latent (B, G, D) or None).
 
-        ``latent`` may be given to skip stage 1 (used to test that stage 2 reads it);
-        ``x_start`` is where a control-anchored expression flow starts (see :meth:`generate_expression`);
-        ``z_noise`` / ``x_noise`` are the latent and (Gaussian-source) expression starting noise,
-        drawn from ``generator`` when not given.
+        ``latent`` may be given to skip stage 1 (used to test that stage 2 reads it); ``start``
+        holds where the flows start (see :class:`FlowStart`), shared by both stages.
         """
         if self.latent_enabled and latent is None:
-            latent = self.generate_latent(
-                gene_ids, source, pert_ids, latent_steps, method, generator, x_start, z_noise, x_noise
-            )
+            latent = self.generate_latent(gene_ids, source, pert_ids, steps, start)
         if not self.latent_enabled:
             latent = None
-        expression = self.generate_expression(
-            gene_ids, source, pert_ids, latent, expr_steps, method, generator, x_start, x_noise
-        )
+        expression = self.generate_expression(gene_ids, source, pert_ids, latent, steps, start)
         return expression.clamp(min=0.0), latent

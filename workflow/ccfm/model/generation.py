@@ -33,6 +33,7 @@ from ccfm.io.h5ad import read_control_cells as read_h5ad_controls
 from ccfm.io.predictions import write_predictions
 from ccfm.io.splits import read_split
 from ccfm.model.checkpoint import LoadedModel, load_model
+from ccfm.model.denoiser import FlowStart, Integration
 from ccfm.model.expression import ExpressionData, row_moments
 from ccfm.model.mean_model import match_mean
 
@@ -58,15 +59,30 @@ class GenerateSettings:
     def from_section(cls, section: Mapping[str, Any]) -> GenerateSettings:
         return settings_from(cls, "generate", section)
 
+    @property
+    def integration(self) -> Integration:
+        """The ODE part of the settings, as the denoiser takes it."""
+        return Integration(self.latent_steps, self.expr_steps, self.method)
+
 
 @dataclass
 class GenerationSetup:
     """A trained model loaded on its device with the sampler settings: what every prediction rule starts from."""
 
-    model_pt: Path
     model: LoadedModel
     device: torch.device
     settings: GenerateSettings
+    model_pt: Path | None = None  # the file it was loaded from (for messages)
+
+
+@dataclass(frozen=True)
+class ControlCells:
+    """The control cells generation starts from: the ``rows`` of ``data`` cells are drawn from, and
+    the mean profile (G,) a recentred label is centred on (computed from those rows when not given)."""
+
+    data: ExpressionData
+    rows: np.ndarray
+    mean: np.ndarray | None = None
 
 
 def prepare_generation(
@@ -87,7 +103,7 @@ def prepare_generation(
     if not isinstance(settings, GenerateSettings):
         settings = GenerateSettings.from_section(settings)
     log.info("generating on %s with %d CPU thread(s): %s", device, torch.get_num_threads(), settings)
-    return GenerationSetup(Path(model_pt), load_model(model_pt, device), device, settings)
+    return GenerationSetup(load_model(model_pt, device), device, settings, model_pt=Path(model_pt))
 
 
 def label_seed(seed: int, label: str) -> list[int]:
@@ -114,14 +130,7 @@ class _Block:
 
 
 def _label_blocks(
-    model: LoadedModel,
-    data: ExpressionData,
-    control_rows: np.ndarray,
-    label: str,
-    settings: GenerateSettings,
-    seed: int,
-    device: torch.device,
-    n_cells: int | None = None,
+    generation: GenerationSetup, controls: ControlCells, label: str, seed: int, n_cells: int | None = None
 ) -> list[_Block]:
     """One label's draws (``n_cells``, default ``settings.cells_per_perturbation``), from
     generators seeded by the run seed and the label alone.
@@ -130,6 +139,8 @@ def _label_blocks(
     label's own generator, so a label's cells do not depend on which other labels are generated
     with it, nor on how the blocks are packed into network batches.
     """
+    model, settings, device = generation.model, generation.settings, generation.device
+    data, control_rows = controls.data, controls.rows
     rng = np.random.default_rng(label_seed(seed, label))
     n_cells = settings.cells_per_perturbation if n_cells is None else int(n_cells)
     starts = rng.choice(control_rows, size=n_cells, replace=control_rows.size < n_cells)
@@ -178,10 +189,9 @@ def _packed(blocks: Iterable[_Block], batch_size: int) -> Iterator[list[_Block]]
         yield group
 
 
-def _generate_group(
-    model: LoadedModel, data: ExpressionData, group: list[_Block], settings: GenerateSettings, device: torch.device
-) -> list[np.ndarray]:
+def _generate_group(generation: GenerationSetup, data: ExpressionData, group: list[_Block]) -> list[np.ndarray]:
     """Run one network batch made of several labels' blocks; return each block's cells."""
+    model, settings, device = generation.model, generation.settings, generation.device
     starts = torch.from_numpy(data.dense_rows(np.concatenate([b.starts for b in group]))).to(device)
     sources = torch.from_numpy(data.dense_rows(np.concatenate([b.conditions for b in group]))).to(device)
     sizes = [len(b.starts) for b in group]
@@ -195,26 +205,19 @@ def _generate_group(
         torch.arange(data.n_genes, device=device).expand(batch, -1),
         sources,
         pert_ids,
-        latent_steps=settings.latent_steps,
-        expr_steps=settings.expr_steps,
-        method=settings.method,
-        x_start=x_start,
-        z_noise=z_noise,
-        x_noise=x_noise,
+        settings.integration,
+        FlowStart(x_start=x_start, z_noise=z_noise, x_noise=x_noise),
     )
     cells = expression.float().cpu().numpy()
     return np.split(cells, np.cumsum(sizes)[:-1])
 
 
 def generate_labels(
-    model: LoadedModel,
-    data: ExpressionData,
-    control_rows: np.ndarray,
+    generation: GenerationSetup,
+    controls: ControlCells,
     labels: Sequence[str],
-    settings: GenerateSettings,
     seed: int,
-    device: torch.device,
-    control_mean: np.ndarray | None = None,
+    *,
     progress: str | None = None,
     sources: dict[str, np.ndarray] | None = None,
     n_cells: Mapping[str, int] | None = None,
@@ -225,21 +228,21 @@ def generate_labels(
     model's predicted shift; the network's control-cell input is that same cell or, for models
     trained with ``condition_cell: separate``, an independent draw (as in training). With
     ``settings.recenter`` each label's cells are then re-centred on the mean of the controls
-    they start from (``control_mean``, computed from ``control_rows`` when not given) plus that
+    they start from (``controls.mean``, computed from ``controls.rows`` when not given) plus that
     shift: in another cell context (adaptation) the shift applies to that context's controls.
     Without it the flow's own mean stands. Labels the mean model cannot anchor (unseen singles)
     start at the control cell unmoved.
 
+    ``generation`` is the loaded model, its device and the sampler settings (``settings`` above).
     The cells of several labels share network batches of ``settings.batch_size`` (a label's
     draws are its own: see :func:`_label_blocks`); ``progress`` names a progress bar over them.
     ``sources``, when given, receives each label's starting control rows; ``n_cells``
     overrides ``settings.cells_per_perturbation`` per label (e.g. a challenge CSV's counts).
     """
+    model, settings = generation.model, generation.settings
     counts = dict(n_cells or {})
     blocks = [
-        block
-        for label in labels
-        for block in _label_blocks(model, data, control_rows, label, settings, seed, device, counts.get(label))
+        block for label in labels for block in _label_blocks(generation, controls, label, seed, counts.get(label))
     ]
     if sources is not None:  # each label's starting control rows, for the caller's records
         for label in labels:
@@ -247,12 +250,12 @@ def generate_labels(
     pieces: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     groups = list(_packed(blocks, settings.batch_size))
     for group in tqdm(groups, desc=progress, mininterval=5.0, disable=progress is None):
-        for block, cells in zip(group, _generate_group(model, data, group, settings, device)):
+        for block, cells in zip(group, _generate_group(generation, controls.data, group)):
             pieces[block.label].append(cells)
     predicted = {label: np.concatenate(parts, axis=0) for label, parts in pieces.items()}
     anchored = model.denoiser.settings.source == "control" and model.mean_model is not None
     if anchored and settings.recenter:
-        reference = controls_mean(data, control_rows) if control_mean is None else control_mean
+        reference = controls_mean(controls.data, controls.rows) if controls.mean is None else controls.mean
         for label in labels:
             shift = model.mean_model.delta(label)
             if shift is not None:
@@ -271,7 +274,8 @@ def predict_label(
     control_mean: np.ndarray | None = None,
 ) -> np.ndarray:
     """The cells of one label (:func:`generate_labels`; the same cells as when generated with others)."""
-    return generate_labels(model, data, control_rows, [label], settings, seed, device, control_mean)[label]
+    generation = GenerationSetup(model, device, settings)
+    return generate_labels(generation, ControlCells(data, control_rows, control_mean), [label], seed)[label]
 
 
 def read_control_cells(
@@ -297,7 +301,7 @@ def predict_to_files(
 
     Returns timing numbers (``seconds``, ``cells``, ``cells_per_second``) for the log/benchmark.
     """
-    model, device, settings = generation.model, generation.device, generation.settings
+    model = generation.model
     controls = read_control_cells(processed_h5ad, control_label)
     if controls.genes != model.genes:
         raise ValueError(
@@ -315,7 +319,7 @@ def predict_to_files(
     reference = controls_mean(controls, control_rows)
     sources: dict[str, np.ndarray] = {}
     predicted = generate_labels(
-        model, controls, control_rows, labels, settings, seed, device, reference, progress="predict", sources=sources
+        generation, ControlCells(controls, control_rows, reference), labels, seed, progress="predict", sources=sources
     )
     seconds = time.perf_counter() - started
     n_cells = sum(cells.shape[0] for cells in predicted.values())

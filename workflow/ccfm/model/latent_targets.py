@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ccfm.config import section_defaults
 from ccfm.distributed import DistContext
 from ccfm.model.batches import LatentTargets
 from ccfm.model.expression import ExpressionData
 from ccfm.scgpt.calibration import LatentStats, genes_hash
-from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
 from ccfm.scgpt.feature_cache import make_latent_source
 from ccfm.scgpt.vocab import check_gene_order, read_gene_vocab, vocab_id_array
 
@@ -61,12 +62,8 @@ def scgpt_targets(
 ) -> tuple[LatentTargets, int, dict[str, Any]]:
     """Frozen scGPT extractor + feature source + fold statistics -> the latent-target callable."""
     scgpt_dir, gene_vocab_tsv, latent_stats = request.scgpt_dir, request.gene_vocab_tsv, request.latent_stats
-    latent_section, processed_h5ad, resume_dir, seed = (
-        request.latent_section,
-        request.processed_h5ad,
-        request.resume_dir,
-        request.seed,
-    )
+    # The merged section: the schema's defaults under what the request gives (one home for them).
+    latent = {**section_defaults("latent"), **request.latent_section}
     if scgpt_dir is None or gene_vocab_tsv is None or latent_stats is None:
         raise ValueError(
             "the latent stream needs scgpt_dir, gene_vocab_tsv and latent_stats (or set latent.enabled: false)"
@@ -74,18 +71,13 @@ def scgpt_targets(
     mapping = read_gene_vocab(gene_vocab_tsv)
     check_gene_order(mapping, data.genes, str(gene_vocab_tsv))
     vocab_ids = vocab_id_array(mapping)
-    extractor = ScGPTFeatureExtractor(
-        scgpt_dir,
-        vocab_ids,
-        device,
-        latent_section.get("max_tokens_per_cell"),
-        seed,
-        zero_tokens=bool(latent_section.get("zero_tokens", False)),
-    )
+    extractor = ScGPTFeatureExtractor(scgpt_dir, vocab_ids, device, ExtractorSettings.from_latent(latent, request.seed))
     stats = LatentStats.load(latent_stats)
-    if bool(stats.metadata.get("zero_tokens", False)) != extractor.zero_tokens:
+    # A file without the key predates zero tokens: it was calibrated without them.
+    calibrated_with = bool(stats.metadata.get("zero_tokens", False))
+    if calibrated_with != extractor.zero_tokens:
         raise ValueError(
-            f"{latent_stats} was calibrated with latent.zero_tokens={stats.metadata.get('zero_tokens', False)}, "
+            f"{latent_stats} was calibrated with latent.zero_tokens={calibrated_with}, "
             f"training runs with {extractor.zero_tokens}; rerun calibrate_latent"
         )
     stats.check_compatible(extractor.model_id, genes_hash(data.genes, vocab_ids))
@@ -94,7 +86,7 @@ def scgpt_targets(
             f"{latent_stats} has {stats.mean.shape[0]} dims, the scGPT model {extractor.dim}; rerun calibrate_latent"
         )
     target_rows = np.unique(np.concatenate([data.rows_of(label) for label in train_labels] or [np.zeros(0, np.int64)]))
-    mode = latent_section.get("cache", "auto")
+    mode = latent["cache"]
     if mode == "auto" and draws < target_rows.size:
         # A cache costs one extraction per training cell; a short run that draws fewer cells
         # than that is cheaper on the fly.
@@ -103,10 +95,10 @@ def scgpt_targets(
     source = make_latent_source(
         mode,
         extractor,
-        processed_h5ad,
+        request.processed_h5ad,
         target_rows,
-        Path(resume_dir) / FEATURE_CACHE_DIR,
-        float(latent_section.get("cache_max_gb", 20)),
+        Path(request.resume_dir) / FEATURE_CACHE_DIR,
+        float(latent["cache_max_gb"]),
         dist=dist,
     )
     meta = {key: stats.metadata.get(key) for key in ("model_id", "genes_hash", "n_cells")}

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ccfm.distributed import launch
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_text_atomic
 from ccfm.model.request import TrainRequest
 
 # The request every worker reads, in the run's resume directory.
@@ -23,6 +23,5 @@ def train_distributed(
     """
     payload = {**json.loads(request.to_json()), "threads_per_process": int(threads_per_process)}
     request_json = Path(request.resume_dir) / LAUNCH_REQUEST
-    with atomic_output(request_json) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
+    write_text_atomic(request_json, json.dumps(payload, indent=2))
     launch(n_processes, request_json, log_path)

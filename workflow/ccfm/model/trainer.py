@@ -11,12 +11,13 @@ Everything is loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,8 @@ from ccfm import CONTROL_LABEL
 from ccfm.config import section_defaults, settings_from
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.distributed import DistContext, gather_rows, sum_over_ranks
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_binary_atomic, write_table_atomic
 from ccfm.model.batches import Batch, LatentTargets, PerturbationBatchSampler
-from ccfm.model.checkpoint import atomic_torch_save
 from ccfm.model.denoiser import BatchShard, CascadedDenoiser
 from ccfm.model.expression import ExpressionData
 from ccfm.model.fingerprint import mismatch_reason
@@ -85,27 +85,45 @@ class TrainResult:
     extract_seconds: float  # time inside the latent-target callable (scGPT)
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the loop learns from: the cells, the perturbations trained on, their vocabulary, the
+    latent targets (scGPT features) of a latent run and the mean model of an anchored flow."""
+
+    data: ExpressionData
+    train_labels: Sequence[str]
+    vocab: PerturbationVocab
+    latent_targets: LatentTargets | None = None
+    mean_model: MeanModel | None = None
+    control_label: str = CONTROL_LABEL
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where the run checkpoints (``resume_dir/checkpoint.pt``) and which run a checkpoint must
+    belong to: its fingerprint and the per-part hashes that name what changed
+    (:func:`ccfm.model.fingerprint.part_hashes`)."""
+
+    resume_dir: str | Path
+    fingerprint: str = ""
+    fingerprint_parts: Mapping[str, str] = field(default_factory=dict)
+
+
 class Trainer:
     """Runs (and resumes) the loop for one model; see the module docstring."""
 
     def __init__(
         self,
         denoiser: CascadedDenoiser,
-        data: ExpressionData,
-        train_labels: Sequence[str],
-        vocab: PerturbationVocab,
+        training: TrainingSet,
         settings: TrainSettings,
+        resume: ResumePoint,
         *,
         seed: int,
-        resume_dir: str | Path,
-        latent_targets: LatentTargets | None = None,
         device: str | torch.device = "cpu",
-        run_fingerprint: str = "",
-        control_label: str = CONTROL_LABEL,
         dist: DistContext | None = None,
-        fingerprint_parts: Mapping[str, str] | None = None,
-        mean_model: MeanModel | None = None,
     ) -> None:
+        data, latent_targets = training.data, training.latent_targets
         if denoiser.latent_enabled and latent_targets is None:
             raise ValueError("the model has a latent stream but no latent_targets were given (scGPT features)")
         self.dist = dist or DistContext(device=torch.device(device))
@@ -121,28 +139,28 @@ class Trainer:
                 self.denoiser, device_ids=[device] if torch.device(device).type == "cuda" else None
             )
         self.data = data
-        self.vocab = vocab
+        self.vocab = training.vocab
         self.settings = settings
         self.seed = seed
         self.device = torch.device(device)
-        self.resume_path = Path(resume_dir) / CHECKPOINT_NAME
+        self.resume_path = Path(resume.resume_dir) / CHECKPOINT_NAME
         self.latent_targets = latent_targets if denoiser.latent_enabled else None
-        self.run_fingerprint = run_fingerprint
+        self.run_fingerprint = resume.fingerprint
         # Per-part hashes (:func:`ccfm.model.fingerprint.part_hashes`): saved so a later mismatch names what changed.
-        self.fingerprint_parts = dict(fingerprint_parts or {})
+        self.fingerprint_parts = dict(resume.fingerprint_parts)
         # Anchored flow: each label's predicted mean shift (fixed during training), cached.
-        self.mean_model = mean_model
+        self.mean_model = training.mean_model
         self._anchor_cache: dict[str, np.ndarray | None] = {}
         self.np_rng = np.random.default_rng(seed)
         flow = denoiser.settings
         anchored = flow.source == "control"
         self.sampler = PerturbationBatchSampler(
             data,
-            train_labels,
+            training.train_labels,
             settings.batch_size,
             settings.infer_top_gene,
             self.np_rng,
-            control_label,
+            training.control_label,
             separate_starts=anchored and flow.condition_cell == "separate",
         )
         self.ot_coupling = anchored and flow.coupling == "ot"
@@ -181,7 +199,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes (all ranks hold the same state); the others wait until it is in place."""
         if self.dist.is_main:
-            atomic_torch_save(self._state(), self.resume_path)
+            write_binary_atomic(self.resume_path, functools.partial(torch.save, self._state()))
             log.info("checkpoint at step %d -> %s", self.step, self.resume_path)
         self.dist.barrier()
 
@@ -358,5 +376,4 @@ def write_loss_tsv(history: Sequence[Sequence[float]], path: str | Path) -> None
     """Loss log, columns :data:`LOSS_COLUMNS`, written atomically."""
     frame = pd.DataFrame([list(row) for row in history], columns=list(LOSS_COLUMNS))
     frame["step"] = frame["step"].astype(int)
-    with atomic_output(path) as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    write_table_atomic(frame, path, sep="\t", index=False, float_format="%.6g")

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ccfm import CONTROL_LABEL
-from ccfm.config import settings_from
+from ccfm.config import section_defaults, settings_from
 from ccfm.data.perturbations import PerturbationVocab
 from ccfm.data.validation import check_batch_size
 from ccfm.distributed import DistContext, pick_device
@@ -48,7 +48,9 @@ from ccfm.model.request import TrainRequest
 from ccfm.model.trainer import (
     CHECKPOINT_NAME,
     LOSS_COLUMNS,
+    ResumePoint,
     Trainer,
+    TrainingSet,
     TrainResult,
     TrainSettings,
     warmup_cosine,
@@ -62,10 +64,12 @@ __all__ = [
     "Batch",
     "LatentTargets",
     "PerturbationBatchSampler",
+    "ResumePoint",
     "TrainRequest",
     "TrainResult",
     "TrainSettings",
     "Trainer",
+    "TrainingSet",
     "build_denoiser",
     "fingerprint",
     "fit_mean_model",
@@ -93,13 +97,18 @@ def build_denoiser(
     latent_dim: int,
     vocab: PerturbationVocab,
     seed: int,
+    *,
+    mean_settings: MeanModelSettings | None = None,
 ) -> CascadedDenoiser:
     """Seeded construction of the denoiser from config sections (``latent_dim=0``: no latent).
 
     ``model.anchor: additive`` (the default) makes the expression flow start from the anchored
     control cell with a zero-initialised expression head; ``none`` is the plan's Gaussian flow.
+    ``mean_settings``: the run's mean-model settings when the caller has built them already.
     """
-    anchored = MeanModelSettings.from_sections(model_section, train_section).anchor == "additive"
+    if mean_settings is None:
+        mean_settings = MeanModelSettings.from_sections(model_section, train_section)
+    anchored = mean_settings.anchor == "additive"
     config = settings_from(
         ModelConfig,
         "model",
@@ -186,8 +195,10 @@ def train_from_files(
             request, data, train_labels, device, draws=settings.steps * settings.batch_size, dist=dist
         )
     seed = request.seed
-    denoiser = build_denoiser(data.n_genes, request.model_section, request.train_section, latent_dim, vocab, seed)
     mean_settings = MeanModelSettings.from_sections(request.model_section, request.train_section)
+    denoiser = build_denoiser(
+        data.n_genes, request.model_section, request.train_section, latent_dim, vocab, seed, mean_settings=mean_settings
+    )
     mean_model = fit_mean_model(data, train_labels, mean_settings, seed) if mean_settings.anchor == "additive" else None
     n_params = sum(p.numel() for p in denoiser.parameters())
     log.info(
@@ -199,18 +210,12 @@ def train_from_files(
     )
     trainer = Trainer(
         denoiser,
-        data,
-        train_labels,
-        vocab,
+        TrainingSet(data, train_labels, vocab, latent_targets, mean_model),
         settings,
+        ResumePoint(request.resume_dir, fingerprint(parts), part_hashes(parts)),
         seed=seed,
-        resume_dir=request.resume_dir,
-        latent_targets=latent_targets,
         device=device,
-        run_fingerprint=fingerprint(parts),
         dist=dist,
-        fingerprint_parts=part_hashes(parts),
-        mean_model=mean_model,
     )
     result = trainer.run(progress=progress)
     _log_result(result, trainer)
@@ -240,7 +245,7 @@ def _training_device(
         return dist.device
     if device is not None:
         return torch.device(device)
-    return pick_device(int(train_section.get("gpus", 1)))
+    return pick_device(int({**section_defaults("train"), **train_section}["gpus"]))
 
 
 def _perturbation_vocab(

@@ -10,6 +10,7 @@ so the result does not depend on how the stream is cut into batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,11 +25,16 @@ import torch
 from tqdm import tqdm
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.config import section_defaults
 from ccfm.data.moments import RunningMoments
-from ccfm.io.h5ad import atomic_output, backed_matrix, read_obs_labels, read_var
+from ccfm.io.atomic import write_binary_atomic
+from ccfm.io.h5ad import backed_matrix, read_obs_labels, read_var
 from ccfm.io.splits import read_split
 
 log = logging.getLogger(__name__)
+
+# The schema's `latent.target_std` default (one home for it).
+TARGET_STD: float = section_defaults("latent")["target_std"]
 
 NORM_EPS = 1e-6
 
@@ -50,7 +56,7 @@ class LatentStats:
 
     mean: torch.Tensor  # (D,)
     var: torch.Tensor  # (D,)
-    target_std: float = 1.0
+    target_std: float = TARGET_STD
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,8 +94,7 @@ class LatentStats:
             "target_std": float(self.target_std),
             "metadata_json": json.dumps(self.metadata, sort_keys=True),
         }
-        with atomic_output(path) as tmp:
-            torch.save(payload, tmp)
+        write_binary_atomic(path, functools.partial(torch.save, payload))
 
     @classmethod
     def load(cls, path: str | Path) -> LatentStats:
@@ -165,7 +170,7 @@ def calibrate(
     batch_size: int,
     max_cells: int | None,
     seed: int,
-    target_std: float = 1.0,
+    target_std: float = TARGET_STD,
     genes: Sequence[str] | None = None,
 ) -> LatentStats:
     """Stream (a seeded subsample of) ``cell_indices`` through ``extractor``; return the stats."""
@@ -240,20 +245,13 @@ def calibrate_to_files(
     ``scgpt_model`` is the checkpoint's ``best_model.pt``; ``latent`` the dataset's ``latent`` section.
     """
     from ccfm.distributed import pick_device
-    from ccfm.scgpt.extractor import ScGPTFeatureExtractor
+    from ccfm.scgpt.extractor import ExtractorSettings, ScGPTFeatureExtractor
     from ccfm.scgpt.vocab import read_gene_vocab, vocab_id_array
 
     torch.set_num_threads(int(threads))
     mapping = read_gene_vocab(gene_vocab_tsv)
-    extractor = ScGPTFeatureExtractor(
-        Path(scgpt_model).parent,
-        vocab_id_array(mapping),
-        device=str(pick_device()),
-        max_tokens_per_cell=latent["max_tokens_per_cell"],
-        seed=seed,
-        batching=latent.get("batching", "auto"),
-        zero_tokens=bool(latent["zero_tokens"]),
-    )
+    settings = ExtractorSettings.from_latent(latent, seed)
+    extractor = ScGPTFeatureExtractor(Path(scgpt_model).parent, vocab_id_array(mapping), str(pick_device()), settings)
     cells = training_cell_indices(processed_h5ad, split_json)
     log.info("%s: %d training cells (training perturbations + controls)", split_json, len(cells))
     stats = calibrate(

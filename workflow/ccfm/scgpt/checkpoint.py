@@ -14,6 +14,7 @@ heads the extractor never runs (listed in :data:`HEAD_PREFIXES`, and logged by n
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_binary_atomic, write_text_atomic
 from ccfm.scgpt.compat import census_vocab_path, transformer_model_class
 
 log = logging.getLogger(__name__)
@@ -112,19 +113,6 @@ _LAYER_KEY = re.compile(r"^transformer_encoder\.layers\.(\d+)\.")
 
 class CheckpointError(ValueError):
     """A checkpoint directory is incomplete or its files do not agree with each other."""
-
-
-# ----------------------------------------------------------------------------- file helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def check_checkpoint_dir(model_dir: Path) -> dict[str, Path]:
@@ -264,9 +252,9 @@ def build_tiny_checkpoint(
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("cls_decoder.")}
     state["flag_encoder.weight"] = flag_encoder
     state = to_flash_attention_names(state)
-    _atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, indent=1))
-    _atomic_write_text(out_dir / "args.json", json.dumps(args, indent=2))
-    _atomic_torch_save(state, out_dir / "best_model.pt")
+    write_text_atomic(out_dir / "vocab.json", json.dumps(vocab, indent=1))
+    write_text_atomic(out_dir / "args.json", json.dumps(args, indent=2))
+    write_binary_atomic(out_dir / "best_model.pt", functools.partial(torch.save, state))
     log.info("built tiny scGPT (%d layers, width %d, %d tokens) in %s", nlayers, embsize, len(vocab), out_dir)
     return out_dir
 

@@ -26,20 +26,23 @@ import contextlib
 import logging
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from ccfm.config import section_defaults
 from ccfm.scgpt.checkpoint import load_scgpt
 
 log = logging.getLogger(__name__)
 
 Batching = Literal["auto", "single", "padded", "sorted"]
 BATCHING_CHOICES = ("auto", "single", "padded", "sorted")
+
+_LATENT = section_defaults("latent")
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,15 @@ def default_batching(device: torch.device) -> str:
     return "sorted" if device.type == "cuda" else "single"
 
 
-class ScGPTFeatureExtractor:
-    """Frozen scGPT producing per-gene features for a fixed gene panel.
+@dataclass(frozen=True)
+class ExtractorSettings:
+    """How the extractor tokenises and batches cells.
 
-    Args:
-        model_dir: scGPT checkpoint directory (best_model.pt, vocab.json, args.json).
-        gene_vocab_ids: (G,) vocab id of each gene column, -1 where the gene is not in the vocab.
-        device: torch device for the transformer.
+    The config-backed fields default to the schema's ``latent`` defaults (one home for them);
+    the pipeline builds its settings from the dataset's merged ``latent`` section with
+    :meth:`from_latent`. ``max_tokens_per_cell=None`` keeps every token.
+
+    Attributes:
         max_tokens_per_cell: keep at most this many genes per cell (highest expressed first).
         zero_tokens: also tokenise the cell's zero-valued mapped genes (value 0), so that every
             mapped gene gets a contextual feature.
@@ -120,18 +125,43 @@ class ScGPTFeatureExtractor:
         autocast_bf16: run the transformer under bf16 autocast (CUDA only; off by default).
     """
 
+    max_tokens_per_cell: int | None = _LATENT["max_tokens_per_cell"]
+    zero_tokens: bool = _LATENT["zero_tokens"]
+    seed: int = 0
+    batching: Batching = _LATENT["batching"]
+    micro_batch_size: int = 16
+    autocast_bf16: bool = False
+
+    @classmethod
+    def from_latent(cls, latent: Mapping[str, Any], seed: int) -> ExtractorSettings:
+        """Settings of the merged ``latent`` section (schema defaults under the given keys)."""
+        merged = {**_LATENT, **latent}
+        return cls(
+            max_tokens_per_cell=merged["max_tokens_per_cell"],
+            zero_tokens=bool(merged["zero_tokens"]),
+            seed=int(seed),
+            batching=merged["batching"],
+        )
+
+
+class ScGPTFeatureExtractor:
+    """Frozen scGPT producing per-gene features for a fixed gene panel.
+
+    Args:
+        model_dir: scGPT checkpoint directory (best_model.pt, vocab.json, args.json).
+        gene_vocab_ids: (G,) vocab id of each gene column, -1 where the gene is not in the vocab.
+        device: torch device for the transformer.
+        settings: tokenisation and batching (:class:`ExtractorSettings`).
+    """
+
     def __init__(
         self,
         model_dir: str | Path,
         gene_vocab_ids: np.ndarray,
         device: str | torch.device = "cpu",
-        max_tokens_per_cell: int | None = None,
-        seed: int = 0,
-        batching: Batching = "auto",
-        micro_batch_size: int = 16,
-        autocast_bf16: bool = False,
-        zero_tokens: bool = False,
+        settings: ExtractorSettings = ExtractorSettings(),
     ) -> None:
+        max_tokens_per_cell, batching = settings.max_tokens_per_cell, settings.batching
         if batching not in BATCHING_CHOICES:
             raise ValueError(f"batching must be one of {BATCHING_CHOICES}, got {batching!r}")
         if max_tokens_per_cell is not None and max_tokens_per_cell < 1:
@@ -154,12 +184,12 @@ class ScGPTFeatureExtractor:
         self.binned = self.args["input_style"] == "binned"
         self.n_bins = int(self.args["n_bins"])
         self.max_tokens_per_cell = max_tokens_per_cell
-        self.seed = int(seed)
+        self.seed = int(settings.seed)
         self.batching = default_batching(self.device) if batching == "auto" else batching
-        self.micro_batch_size = int(micro_batch_size)
-        self.autocast_bf16 = bool(autocast_bf16) and self.device.type == "cuda"
+        self.micro_batch_size = int(settings.micro_batch_size)
+        self.autocast_bf16 = bool(settings.autocast_bf16) and self.device.type == "cuda"
         self.n_capped_cells = 0
-        self.zero_tokens = bool(zero_tokens)
+        self.zero_tokens = bool(settings.zero_tokens)
         self.model_id = self.model_dir.resolve().name
 
     # ------------------------------------------------------------------ tokenisation

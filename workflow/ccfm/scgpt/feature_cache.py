@@ -30,7 +30,8 @@ import scipy.sparse as sp
 import torch
 
 from ccfm.distributed import DistContext
-from ccfm.io.h5ad import atomic_output, backed_matrix, file_identity
+from ccfm.io.atomic import write_text_atomic
+from ccfm.io.h5ad import backed_matrix, file_identity
 from ccfm.scgpt.calibration import iter_expression_batches
 from ccfm.scgpt.extractor import ScGPTFeatureExtractor, TokenizedCell, scatter_features
 
@@ -179,11 +180,6 @@ def _manifest_matches(cache_dir: Path, manifest: dict[str, Any]) -> bool:
         return False
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-
-
 def build_feature_cache(
     extractor: ScGPTFeatureExtractor,
     processed_h5ad: Path,
@@ -242,7 +238,7 @@ def build_feature_cache(
         np.save(tmp["offsets.npy"], offsets)
         for name in CACHE_FILES:
             os.replace(tmp[name], cache_dir / name)
-        _write_json_atomic(cache_dir / MANIFEST, manifest)
+        write_text_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2))
         log.info(
             "feature cache for %d cells (%d tokens, %.3f GB) written to %s",
             len(cells),

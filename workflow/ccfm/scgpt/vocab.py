@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ccfm.data.validation import ENSEMBL_COLUMNS, SYMBOL_COLUMNS, is_ensembl_id
-from ccfm.io.h5ad import atomic_output
+from ccfm.io.atomic import write_table_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +113,12 @@ def coverage_table(mapping: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 def write_coverage_table(mapping: pd.DataFrame, path: str | Path, dataset: str) -> None:
     """Write :func:`coverage_table` as TSV, atomically."""
-    _write_tsv_atomic(coverage_table(mapping, dataset), Path(path))
-
-
-def _write_tsv_atomic(table: pd.DataFrame, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="")
+    write_table_atomic(coverage_table(mapping, dataset), path, sep="\t", index=False)
 
 
 def write_gene_vocab(mapping: pd.DataFrame, path: str | Path) -> None:
     """Write the TSV contract (empty ``vocab_id`` cell when unmapped), atomically."""
-    _write_tsv_atomic(mapping.loc[:, list(TSV_COLUMNS)], Path(path))
+    write_table_atomic(mapping.loc[:, list(TSV_COLUMNS)], path, sep="\t", index=False)
 
 
 def read_gene_vocab(path: str | Path) -> pd.DataFrame:

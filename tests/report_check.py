@@ -3,7 +3,7 @@
 Not a rule script: a check for users, CI and the end-to-end test, run after
 ``snakemake --report report.html``::
 
-    python -m ccfm.evaluate.report_check report.html --screenshot report.png \
+    python tests/report_check.py report.html --screenshot report.png \
         --expect-category Metrics --expect-file results/demo/metrics_summary.tsv
 
 Two levels:
