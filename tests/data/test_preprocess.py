@@ -26,7 +26,8 @@ from ccfm.data.preprocess import (
 from ccfm.data.splits import SplitSettings
 from ccfm.data.validation import InvalidValuesError
 from ccfm.data.writing import InputMatrix
-from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, read_obs, read_var
+from ccfm.io.atomic import atomic_output
+from ccfm.io.h5ad import CSRH5adWriter, iter_row_chunks, read_obs, read_var
 
 
 def _reference_log1p(adata: ad.AnnData, target_sum: float = 1e4) -> ad.AnnData:

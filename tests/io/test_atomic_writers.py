@@ -163,7 +163,7 @@ def test_checkpoint_on_a_full_disk_names_device_and_file(full_disk: Path) -> Non
 
 
 def test_h5ad_and_table_on_a_full_disk_name_device_and_file(full_disk: Path) -> None:
-    from ccfm.io.h5ad import OutputWriteError  # the name the data, adapt and state modules import
+    from ccfm.io.atomic import OutputWriteError
 
     out = full_disk / "pred.h5ad"
     predicted = {"A": np.ones((2, 3), dtype=np.float32)}

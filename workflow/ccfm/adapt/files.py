@@ -16,7 +16,8 @@ from torch import Tensor
 from ccfm.adapt.adaptable import AdaptableModel
 from ccfm.adapt.shift import SHIFT_TENSOR_NAME, AdaptSettings, ShiftResult, learn_shift
 from ccfm.adapt.sources import read_source_controls
-from ccfm.io.h5ad import atomic_output, read_control_cells
+from ccfm.io.atomic import atomic_output
+from ccfm.io.h5ad import read_control_cells
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from ccfm.evaluate.baselines import condition_means, predict_baseline
 from ccfm.evaluate.celleval import run_cell_eval
 from ccfm.evaluate.metrics import TOP_DE, compact_metrics
 from ccfm.evaluate.vcc import cell_mean_baseline, challenge_score
+from ccfm.io.atomic import write_table_atomic
 from ccfm.io.h5ad import CHUNK_SIZE, read_obs, read_rows_with_labels
-from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad, write_table_atomic
+from ccfm.io.predictions import build_prediction_anndata, read_expression_h5ad
 
 log = logging.getLogger(__name__)
 

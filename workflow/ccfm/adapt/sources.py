@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
+from ccfm.data.target import TargetSettings
 from ccfm.io.h5ad import (
     CHUNK_SIZE,
     LabelledRows,
@@ -59,8 +60,8 @@ def read_source_file_controls(
     perturbation_column: str = PERT_COLUMN,
     control_label: str = CONTROL_LABEL,
     input_scale: str = "auto",
-    target_sum: float = 10000.0,
-    min_shared_genes: float = 0.5,
+    target_sum: float = TargetSettings.target_sum,
+    min_shared_genes: float = TargetSettings.min_shared_genes,
     chunk_size: int = CHUNK_SIZE,
 ) -> LabelledRows:
     """The control cells of one extra source file on ``genes`` (log1p, CSR float32; module docstring)."""

@@ -37,8 +37,9 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.adapt.requests import control_rows_per_label
-from ccfm.io.h5ad import CHUNK_SIZE, atomic_output, iter_row_chunks, read_obs_labels, read_var
-from ccfm.io.predictions import read_expression_h5ad, write_table_atomic
+from ccfm.io.atomic import atomic_output, write_table_atomic
+from ccfm.io.h5ad import CHUNK_SIZE, iter_row_chunks, read_obs_labels, read_var
+from ccfm.io.predictions import read_expression_h5ad
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ccfm.io.h5ad import OutputWriteError, describe_write_fault, is_write_fault
+from ccfm.io.atomic import OutputWriteError, describe_write_fault, is_write_fault
 
 log = logging.getLogger(__name__)
 

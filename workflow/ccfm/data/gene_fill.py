@@ -46,6 +46,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.data.gene_selection import normalize_log1p
+from ccfm.io.atomic import write_table_atomic
 from ccfm.io.h5ad import (
     CHUNK_SIZE,
     MODELLED_COLUMN,
@@ -55,7 +56,6 @@ from ccfm.io.h5ad import (
     read_var,
     write_h5ad_atomic,
 )
-from ccfm.io.predictions import write_table_atomic
 
 log = logging.getLogger(__name__)
 

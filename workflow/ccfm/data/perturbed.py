@@ -17,9 +17,7 @@ from ccfm.data.validation import (
     validate_drug_predict_entries,
     validate_predict_entries,
 )
-from ccfm.io.h5ad import (
-    atomic_output,
-)
+from ccfm.io.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from ccfm.data.simulate_world import (
     SimulationSizes,
     build_world,
 )
-from ccfm.io.h5ad import atomic_output, write_h5ad_atomic
+from ccfm.io.atomic import atomic_output
+from ccfm.io.h5ad import write_h5ad_atomic
 
 __all__ = [
     "OTHER_SYMBOLS",

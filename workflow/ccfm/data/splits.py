@@ -47,10 +47,10 @@ from ccfm.data.validation import (
     scoring_profile,
     warn_doubles_missing_singles,
 )
+from ccfm.io.atomic import atomic_output
 from ccfm.io.h5ad import (
     CHUNK_SIZE,
     CSRH5adWriter,
-    atomic_output,
     iter_row_chunks,
     matrix_shape,
     read_obs_labels,

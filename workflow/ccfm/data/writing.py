@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from ccfm.data.gene_selection import normalize_log1p
 from ccfm.data.validation import check_chunk_values
-from ccfm.io.h5ad import CSRH5adWriter, atomic_output, iter_row_chunks, matrix_shape
+from ccfm.io.atomic import atomic_output
+from ccfm.io.h5ad import CSRH5adWriter, iter_row_chunks, matrix_shape
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,7 @@ import scipy.sparse as sp
 
 from ccfm import CONTROL_LABEL, PERT_COLUMN
 from ccfm.config import section_defaults
-from ccfm.io.atomic import (  # noqa: F401  (re-exported: the data, adapt and state modules import them from here)
-    WRITE_FAULT_ERRNOS,
-    OutputWriteError,
-    atomic_output,
-    describe_write_fault,
-    device_of,
-    is_write_fault,
-    stale_temporaries,
-)
+from ccfm.io.atomic import atomic_output
 
 log = logging.getLogger(__name__)
 
