@@ -224,3 +224,22 @@ def test_anchored_prediction_centres_on_the_controls_it_starts_from(tmp_path: Pa
     cells = predict_label(loaded, controls, rows, "G2+G3", settings, 3, torch.device("cpu"), other_context)
     expected = np.maximum(other_context + loaded.mean_model.delta("G2+G3").numpy(), 0)
     np.testing.assert_allclose(cells.mean(axis=0), expected, atol=1e-4)
+
+
+def test_network_residual_depends_on_the_seed_not_on_the_global_rng() -> None:
+    torch.manual_seed(123)
+    first, _, held, _ = _module_screen(1, "network")
+    torch.manual_seed(999)  # another global state when the mean model is built
+    second, _, _, _ = _module_screen(1, "network")
+    label = next(iter(held))
+    assert torch.equal(first.delta(label), second.delta(label))
+
+
+def test_network_with_a_single_training_double_stays_additive() -> None:
+    rng = np.random.default_rng(0)
+    genes, control = [f"g{i}" for i in range(8)], rng.gamma(2.0, 1.0, size=8)
+    train = {"A": control + 1.0, "B": control - 0.5, "A+B": control + 0.7}
+    settings = MeanModelSettings(interaction="network", interaction_min_doubles=1, shrink_singles=False)
+    model, report = build_mean_model(genes, control, train, rng.normal(size=(20, 8)), settings, 0)
+    assert report is None  # nothing to hold back: r stays zero instead of failing
+    assert torch.allclose(model.delta("A+B"), model.delta("A") + model.delta("B"))

@@ -21,8 +21,11 @@ output layers start at zero, so an unfitted ``r`` is exactly additive; it is fit
 decay and early stopping on held-back training doubles, then refitted on all of them for the
 chosen number of epochs. With too few training doubles ``r`` stays zero (and says so).
 
-Singles seen in training are anchored on their own observed mean; unseen singles (and doubles
-with an unseen partner) have no anchor and fall back to the flow's gene-embedding path.
+Singles seen in training are anchored on their own observed mean. An unseen single (no training
+cells) is anchored on the mean training single effect (``model.unseen: meanpert``, the default)
+or has no anchor and falls back to the flow's gene-embedding path (``unseen: embedding``); a
+double with an unseen partner is the sum of its partners' anchors, without ``r``, which needs
+both partners' observed responses.
 """
 
 from __future__ import annotations
@@ -335,9 +338,17 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     target = torch.stack(targets)
     if s.interaction == "kernel":
         return _fit_kernel(model, pairs, target)
+    if len(pairs) < 2:
+        log.info("interaction residual off: the network needs 2 training doubles (one held back), got %d", len(pairs))
+        return None
+    # The network's starting weights come from the run's seed, not from whatever the global RNG
+    # held when the mean model was built.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model.residual = InteractionResidual(len(model.genes), model.basis.shape[1], s.interaction_hidden)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pairs))
-    n_hold = max(1, int(round(s.interaction_holdout * len(pairs))))
+    n_hold = min(len(pairs) - 1, max(1, int(round(s.interaction_holdout * len(pairs)))))
     hold, fit = np.sort(order[:n_hold]), np.sort(order[n_hold:])
     initial = copy.deepcopy(model.residual.state_dict())
 
