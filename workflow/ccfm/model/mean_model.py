@@ -166,12 +166,16 @@ class MeanModel(nn.Module):
                 if name in self._single_index:
                     coexp[self._single_index[name]] = torch.as_tensor(np.asarray(row, dtype=np.float32))
         self.register_buffer("coexpression", coexp)
-        self.residual = InteractionResidual(len(self.genes), basis.shape[1], settings.interaction_hidden)
+        self.residual = self.new_residual()
         self.fitted_epochs = 0
         # Kernel learner: the training doubles (single indices), their residuals and (power, shrinkage).
         self.register_buffer("kernel_pairs", torch.zeros((0, 2), dtype=torch.long))
         self.register_buffer("kernel_residuals", torch.zeros((0, len(self.genes))))
         self.register_buffer("kernel_params", torch.zeros(2))
+
+    def new_residual(self) -> InteractionResidual:
+        """A fresh ``r`` for these genes and principal directions (zero output: exactly additive)."""
+        return InteractionResidual(len(self.genes), self.basis.shape[1], self.settings.interaction_hidden)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -345,7 +349,7 @@ def fit_interaction(model: MeanModel, double_means: Mapping[str, np.ndarray], se
     # held when the mean model was built.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model.residual = InteractionResidual(len(model.genes), model.basis.shape[1], s.interaction_hidden)
+        model.residual = model.new_residual()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pairs))
     n_hold = min(len(pairs) - 1, max(1, int(round(s.interaction_holdout * len(pairs)))))
