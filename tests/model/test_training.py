@@ -67,6 +67,22 @@ def _trainer(processed: Path, split: Path, resume: Path, steps: int, latent_dim:
     )
 
 
+def _request(processed: Path, split: Path, out: Path, train: dict) -> TrainRequest:
+    """A no-latent training request writing into ``out`` (model, loss log, resume folder)."""
+    return TrainRequest(
+        processed_h5ad=processed,
+        split_json=split,
+        out_model=out / "model.pt",
+        out_loss=out / "loss.tsv",
+        resume_dir=out / "resume",
+        model_section=MODEL,
+        train_section=train,
+        latent_section={},
+        seed=3,
+        use_latent=False,
+    )
+
+
 def test_load_expression_keeps_csr(dataset) -> None:
     data = load_expression(dataset[0])
     assert sp.issparse(data.matrix) and data.matrix.dtype == np.float32
@@ -276,18 +292,7 @@ def test_train_from_files_samples_only_training_and_control_cells(dataset, tmp_p
     train = {"steps": 30, "batch_size": 8, "warmup_steps": 2, "log_every": 10, "checkpoint_every": 100}
     out = tmp_path / "run"
     result = train_from_files(
-        TrainRequest(
-            processed_h5ad=processed,
-            split_json=split,
-            out_model=out / "model.pt",
-            out_loss=out / "loss.tsv",
-            resume_dir=out / "resume",
-            model_section=MODEL,
-            train_section=train,
-            latent_section={},
-            seed=3,
-            use_latent=False,
-        ),
+        _request(processed, split, out, train),
         device="cpu",
         progress=False,
     )
@@ -368,18 +373,7 @@ def test_a_run_builds_its_mean_model_settings_once(dataset, tmp_path, monkeypatc
     processed, split = dataset
     train = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "infer_top_gene": 10, "checkpoint_every": 5}
     result = train_from_files(
-        TrainRequest(
-            processed_h5ad=processed,
-            split_json=split,
-            out_model=tmp_path / "model.pt",
-            out_loss=tmp_path / "loss.tsv",
-            resume_dir=tmp_path / "resume",
-            model_section=MODEL,
-            train_section=train,
-            latent_section={},
-            seed=3,
-            use_latent=False,
-        ),
+        _request(processed, split, tmp_path, train),
         device="cpu",
         progress=False,
     )
